@@ -1,0 +1,76 @@
+"""The one place that talks to CUDA.
+
+Everything else asks this module for the device, the backend and RNG state, so the same code
+runs on a CPU with gloo and on GPUs with NCCL (DESIGN.md principle 4).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megalith.errors import ConfigError
+
+KNOWN_BACKENDS = ("gloo", "nccl")
+
+
+def cuda_available() -> bool:
+    """True when a usable CUDA device is present."""
+    return torch.cuda.is_available()
+
+
+def default_backend() -> str:
+    """nccl where CUDA is available, gloo otherwise."""
+    return "nccl" if cuda_available() else "gloo"
+
+
+def check_backend(backend: str) -> str:
+    """Validate a backend name before any process group is created."""
+    if backend not in KNOWN_BACKENDS:
+        raise ConfigError(
+            f"unknown distributed backend {backend!r}; use one of {', '.join(KNOWN_BACKENDS)}"
+        )
+    if backend == "nccl" and not cuda_available():
+        raise ConfigError("backend 'nccl' needs CUDA, which is not available; use --distributed-backend gloo")
+    return backend
+
+
+def device_for(backend: str, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK under NCCL, cpu under gloo."""
+    if backend == "nccl":
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def bind_device(device: torch.device) -> None:
+    """Make `device` the current device of this process (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def get_rng_state(device: torch.device) -> torch.Tensor:
+    """The RNG state of the generator that drives random ops on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    """Restore an RNG state captured by get_rng_state."""
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def manual_seed(seed: int, device: torch.device) -> None:
+    """Seed the generator of `device` only (leaves the other generators alone)."""
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on `device` (for timing); CPU work is already done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

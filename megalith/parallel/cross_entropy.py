@@ -1,0 +1,107 @@
+"""Cross-entropy over vocab-parallel logits, without ever gathering the logits.
+
+Each rank holds `[..., V/tp]` logits. Two all-reduces (a max, then one stacked sum) give the
+log-sum-exp, the target logit and, for label smoothing, the sum of all logits — so the loss
+equals `torch.nn.functional.cross_entropy(..., label_smoothing=eps)` on the full logits for any
+tp. (Megatron's smoothing term averages over the local shard only and so changes with tp.)
+
+Columns past the real vocabulary (Megatron's padding) are excluded from the softmax, so the
+loss does not depend on how much padding a layout needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megalith.errors import ConfigError
+from megalith.parallel import comm
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing):
+        tp_size, tp_rank = comm.group_size(group), comm.group_rank(group)
+        local_vocab = logits.shape[-1]
+        start = tp_rank * local_vocab
+        real_local = max(0, min(local_vocab, vocab_size - start))  # columns that are not padding
+
+        z = logits.float()
+        if real_local < local_vocab:
+            z = z.clone()
+            z[..., real_local:] = float("-inf")
+        z_max = z.max(dim=-1).values
+        if tp_size > 1:
+            dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
+        z = z - z_max.unsqueeze(-1)
+        exp = z.exp()
+
+        local_target = target - start
+        in_shard = (local_target >= 0) & (local_target < local_vocab)
+        local_target = local_target.masked_fill(~in_shard, 0)
+        target_logit = z.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(~in_shard, 0.0)
+
+        sums = [exp.sum(dim=-1), target_logit]
+        if label_smoothing > 0:
+            sums.append(z[..., :real_local].sum(dim=-1))
+        sums = torch.stack(sums)
+        if tp_size > 1:
+            dist.all_reduce(sums, group=group)
+        log_sum_exp = sums[0].log()
+        loss = log_sum_exp - sums[1]
+        if label_smoothing > 0:
+            mean_neg_log_prob = log_sum_exp - sums[2] / vocab_size
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * mean_neg_log_prob
+        valid = target != ignore_index
+        loss = loss.masked_fill(~valid, 0.0)
+
+        softmax = exp.div_(sums[0].unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_target, in_shard, valid)
+        ctx.real_local = real_local
+        ctx.vocab_size = vocab_size
+        ctx.label_smoothing = label_smoothing
+        ctx.logits_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_target, in_shard, valid = ctx.saved_tensors
+        eps = ctx.label_smoothing
+        grad = softmax.clone()  # (clone: backward may run twice with retain_graph)
+        # d loss / d z = softmax - (1 - eps) onehot - eps / V over real columns
+        hit = in_shard.to(grad.dtype) * (1.0 - eps)
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
+        if eps > 0:
+            grad[..., : ctx.real_local] -= eps / ctx.vocab_size
+        grad.mul_((grad_loss * valid).unsqueeze(-1))
+        return grad.to(ctx.logits_dtype), None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tp_group,
+    *,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-token loss (fp32, shape of `target`) from this rank's slice of the logits.
+
+    `vocab_size` is the real vocabulary (defaults to all columns, i.e. no padding); targets
+    equal to `ignore_index` get loss 0 and no gradient.
+    """
+    total_columns = logits.shape[-1] * comm.group_size(tp_group)
+    vocab_size = total_columns if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= total_columns:
+        raise ConfigError(
+            f"vocab size {vocab_size} must be between 1 and the {total_columns} logit columns over tp; "
+            "pass the unpadded vocabulary size"
+        )
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError(f"label smoothing {label_smoothing} must be in [0, 1)")
+    if target.shape != logits.shape[:-1]:
+        raise ConfigError(
+            f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)} minus the vocab dim"
+        )
+    return _VocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size, ignore_index, label_smoothing)

@@ -1,0 +1,187 @@
+"""ParallelState: the process groups of one layout, passed explicitly to whatever communicates.
+
+Built from a RankGrid once torch.distributed is up. `ParallelState.initialize` brings it up
+from torchrun's or Slurm's environment; `ParallelState.from_grid` only adds the groups (the
+multi-rank harness uses it to try many layouts over one world).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from megalith import device as device_helper
+from megalith.errors import ConfigError
+from megalith.parallel.grid import RankCoords, RankGrid
+from megalith.parallel.launch_env import LaunchEnv, read_launch_env
+
+DEFAULT_GLOO_TIMEOUT_S = 60.0
+DEFAULT_NCCL_TIMEOUT_S = 600.0
+
+
+def default_timeout_s(backend: str) -> float:
+    """Short on CPU so a dead peer is noticed within about a minute; NCCL start-up needs longer."""
+    return DEFAULT_NCCL_TIMEOUT_S if backend == "nccl" else DEFAULT_GLOO_TIMEOUT_S
+
+
+def _build_groups(grid: RankGrid, rank: int, kinds: tuple[str, ...]) -> dict:
+    """Create every group of every kind (a collective call), keep the ones holding `rank`."""
+    mine = {}
+    for kind in kinds:
+        mine[kind] = None
+        for ranks in grid.groups(kind):
+            group = dist.new_group(ranks)  # every rank must create every group, in the same order
+            if rank in ranks:
+                mine[kind] = group
+    return mine
+
+
+@dataclass(eq=False)
+class ParallelState:
+    """This rank's place in the layout and its process groups.
+
+    Group attributes: tp_group, pp_group, dp_group, cp_group, mp_group (tp x pp), dp_cp_group,
+    embedding_group (None on ranks that hold no embedding).
+    """
+
+    grid: RankGrid
+    rank: int
+    device: torch.device
+    backend: str
+    groups: dict = field(repr=False)
+    launch_env: LaunchEnv | None = None
+
+    @classmethod
+    def from_grid(cls, grid: RankGrid, *, backend: str | None = None, device: torch.device | None = None):
+        """Create the groups of `grid` over the already initialised default process group."""
+        if not dist.is_initialized():
+            raise ConfigError("torch.distributed is not initialised; use ParallelState.initialize(...)")
+        if dist.get_world_size() != grid.world_size:
+            raise ConfigError(
+                f"layout {grid} needs {grid.world_size} processes but the job has {dist.get_world_size()}; "
+                "make the parallel sizes multiply to the number of processes"
+            )
+        backend = backend or dist.get_backend()
+        rank = dist.get_rank()
+        groups = _build_groups(grid, rank, RankGrid.GROUP_KINDS)
+        return cls(grid, rank, device or torch.device("cpu"), backend, groups)
+
+    @classmethod
+    def initialize(
+        cls,
+        tp: int = 1,
+        pp: int = 1,
+        cp: int = 1,
+        dp: int | None = None,
+        *,
+        backend: str | None = None,
+        timeout_s: float | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> "ParallelState":
+        """Join the job described by torchrun's or Slurm's environment and build the groups.
+
+        Every argument is checked before any process group is touched.
+        """
+        launch = read_launch_env(os.environ if env is None else env)
+        grid = RankGrid(launch.world_size, tp=tp, pp=pp, cp=cp, dp=dp)
+        backend = device_helper.check_backend(backend or device_helper.default_backend())
+        if timeout_s is not None and timeout_s <= 0:
+            raise ConfigError(f"communication timeout must be positive, got {timeout_s} s")
+        device = device_helper.device_for(backend, launch.local_rank)
+        device_helper.bind_device(device)
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timedelta(seconds=timeout_s or default_timeout_s(backend)),
+        )
+        state = cls.from_grid(grid, backend=backend, device=device)
+        state.launch_env = launch
+        return state
+
+    def destroy(self) -> None:
+        """Tear down every process group (the default one included)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # --- coordinates -------------------------------------------------------------------
+
+    @property
+    def coords(self) -> RankCoords:
+        return self.grid.coords(self.rank)
+
+    @property
+    def tp_size(self) -> int:
+        return self.grid.tp
+
+    @property
+    def pp_size(self) -> int:
+        return self.grid.pp
+
+    @property
+    def dp_size(self) -> int:
+        return self.grid.dp
+
+    @property
+    def cp_size(self) -> int:
+        return self.grid.cp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coords.tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coords.pp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords.dp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coords.cp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.grid.pp - 1
+
+    # --- groups ------------------------------------------------------------------------
+
+    @property
+    def tp_group(self):
+        return self.groups["tp"]
+
+    @property
+    def pp_group(self):
+        return self.groups["pp"]
+
+    @property
+    def dp_group(self):
+        return self.groups["dp"]
+
+    @property
+    def cp_group(self):
+        return self.groups["cp"]
+
+    @property
+    def mp_group(self):
+        return self.groups["mp"]
+
+    @property
+    def dp_cp_group(self):
+        return self.groups["dp_cp"]
+
+    @property
+    def embedding_group(self):
+        return self.groups["embedding"]

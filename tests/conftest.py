@@ -1,0 +1,29 @@
+"""Shared fixtures: one pool of ranks per world size for the whole session (starting ranks is slow)."""
+
+import pytest
+
+from megalith.parallel.spawn import RankPool
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", help="run the full layout matrices, not the sample")
+
+
+@pytest.fixture(scope="session")
+def full_matrix(request) -> bool:
+    return request.config.getoption("--full")
+
+
+@pytest.fixture(scope="session")
+def rank_pools():
+    """pools(n) -> a RankPool of n ranks, started on first use and reused by every test."""
+    pools: dict[int, RankPool] = {}
+
+    def get(world_size: int) -> RankPool:
+        if world_size not in pools:
+            pools[world_size] = RankPool(world_size, call_timeout_s=240)
+        return pools[world_size]
+
+    yield get
+    for pool in pools.values():
+        pool.close()
