@@ -23,6 +23,11 @@ import torch.distributed as dist
 from megalith.errors import ConfigError
 
 
+# torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def group_size(group) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
@@ -64,7 +69,7 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_single(out, x, group=group)
     if dim == 0:
         return out
     return torch.cat(out.chunk(size, dim=0), dim=dim)
@@ -77,7 +82,7 @@ def _reduce_scatter(x: torch.Tensor, group, what: str) -> torch.Tensor:
         return x
     chunk = _check_divisible(x, 0, size, what)
     out = torch.empty((chunk,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    _reduce_scatter_single(out, x.contiguous(), group=group)
     return out
 
 

@@ -256,3 +256,28 @@ class VocabParallelEmbedding(nn.Module):
             f"{self.num_embeddings} (padded {self.padded_num_embeddings}, per rank "
             f"{self.num_embeddings_per_partition}), {self.embedding_dim}, sequence_parallel={self.sequence_parallel}"
         )
+
+
+def parallel_lm_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group, *, sequence_parallel: bool = False):
+    """Logits over this rank's slice of the vocabulary, from a vocab-parallel (tied) weight.
+
+    `hidden` is `[s, b, h]` (or `[s/tp, b, h]` under sequence parallelism, gathered here); the
+    result is `[s, b, V/tp]`, ready for vocab_parallel_cross_entropy without a gather.
+    """
+    if sequence_parallel:
+        hidden = comm.gather_from_sequence_parallel(hidden, tp_group, tensor_parallel_output_grad=True)
+    else:
+        hidden = comm.copy_to_tp(hidden, tp_group)
+    return F.linear(hidden, weight)
+
+
+def mark_sequence_parallel(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Flag a replicated module's parameters (a norm) as needing a tp gradient sum under SP."""
+    for param in module.parameters():
+        param.sequence_parallel = enabled
+    return module
+
+
+def sequence_parallel_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters whose gradients must be summed over tp after backward."""
+    return [p for p in module.parameters() if getattr(p, "sequence_parallel", False)]

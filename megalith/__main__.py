@@ -1,0 +1,5 @@
+import sys
+
+from megalith.cli import main
+
+sys.exit(main())
