@@ -157,6 +157,8 @@ class RankPool:
         """Fork the ranks and wait until all have joined the process group."""
         if self.started:
             return
+        import torch.distributed  # noqa: F401  (imported once here, inherited by every fork)
+
         context = mp.get_context("fork")
         port = free_port()
         for rank in range(self.world_size):
