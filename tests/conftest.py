@@ -9,9 +9,14 @@ def pytest_addoption(parser):
     parser.addoption("--full", action="store_true", help="run the full layout matrices, not the sample")
 
 
-@pytest.fixture(scope="session")
-def full_matrix(request) -> bool:
-    return request.config.getoption("--full")
+def pytest_collection_modifyitems(config, items):
+    """Without --full, leave out (deselect, not skip) the tests marked slow."""
+    if config.getoption("--full"):
+        return
+    kept = [item for item in items if item.get_closest_marker("slow") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
 
 
 @pytest.fixture(scope="session")

@@ -110,10 +110,10 @@ def _input(full: torch.Tensor, sequence_parallel: bool, tp: int, r: int) -> torc
 
 
 def column_checks(ctx, tp: int, sequence_parallel: bool, gather_output: bool, skip_bias_add: bool) -> dict:
-    """ColumnParallelLinear(7 -> 12) against F.linear with the same weights."""
+    """ColumnParallelLinear(7 -> 16) against F.linear with the same weights."""
     state = ctx.parallel_state(tp=tp)
     g, r = state.tp_group, state.tp_rank
-    in_size, out_size, seed = 7, 12, 11
+    in_size, out_size, seed = 7, 16, 11
     weight, bias = full_weight(seed, out_size, in_size), randn(2, out_size)
     torch.manual_seed(seed)
     layer = ColumnParallelLinear(
@@ -143,10 +143,10 @@ def column_checks(ctx, tp: int, sequence_parallel: bool, gather_output: bool, sk
 
 
 def row_checks(ctx, tp: int, sequence_parallel: bool, input_is_parallel: bool, skip_bias_add: bool) -> dict:
-    """RowParallelLinear(12 -> 7) against F.linear with the same weights."""
+    """RowParallelLinear(16 -> 7) against F.linear with the same weights."""
     state = ctx.parallel_state(tp=tp)
     g, r = state.tp_group, state.tp_rank
-    in_size, out_size, seed = 12, 7, 21
+    in_size, out_size, seed = 16, 7, 21
     weight, bias = full_weight(seed, out_size, in_size), randn(5, out_size)
     torch.manual_seed(seed)
     layer = RowParallelLinear(
