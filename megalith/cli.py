@@ -7,33 +7,46 @@ import sys
 
 from megalith.errors import ConfigError
 
-DEFAULT_DEMO_LAYOUTS = ["tp2", "tp2.sp", "tp4", "tp4.sp"]
+DEFAULT_VERIFY_LAYOUTS = ["tp2", "tp2.sp", "tp4", "tp4.sp", "tp2.sp.recompute-full", "tp2.sp.recompute-selective"]
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+def _model_config(args: argparse.Namespace):
+    from megalith.config import ModelConfig, config_from_arguments
 
+    return config_from_arguments(args, ModelConfig)
+
+
+def _verify(args: argparse.Namespace) -> int:
     from megalith.config import parse_layout
-    from megalith.demo import DemoSettings, format_table, run_demo
+    from megalith.verify import VerifySettings, check_layouts, format_table, run_verify
 
     layouts = [parse_layout(text) for text in args.layouts]
-    defaults = DemoSettings()
-    model = replace(
-        defaults.model,
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_layers=args.num_layers,
-        seq_length=args.seq_length,
-    )
-    settings = DemoSettings(model=model, batch_size=args.micro_batch_size, steps=args.steps, lr=args.lr, seed=args.seed)
-    print(f"training a tiny tensor-parallel LM for {settings.steps} AdamW steps under each layout "
-          f"and one process (fp32, CPU ranks over gloo)", flush=True)
-    results = run_demo(layouts, settings)
+    config = _model_config(args)
+    settings = VerifySettings(model=args.model, config=config, steps=args.steps, micro_batches=args.micro_batches,
+                              micro_batch_size=args.micro_batch_size, lr=args.lr, adam_eps=args.adam_eps,
+                              seed=args.seed)
+    check_layouts(settings, layouts)
+    print(f"verify {args.model}: {config.num_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_attention_heads} heads ({config.num_query_groups} query groups), {config.params_dtype}; "
+          f"{settings.steps} AdamW steps of {settings.micro_batches} x {settings.micro_batch_size} sequences of "
+          f"{config.seq_length} tokens, each layout against one process", flush=True)
+    if config.hidden_dropout > 0 or config.attention_dropout > 0:
+        print("note: dropout > 0 cannot match one process under tp (streams differ by design); expect FAIL")
+    results = run_verify(settings, layouts)
     print(format_table(results))
     failed = [r.layout for r in results if not r.passed]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
+
+
+def _bench_overhead(args: argparse.Namespace) -> int:
+    from megalith.overhead import format_overhead, measure_overhead
+
+    config = _model_config(args)
+    result = measure_overhead(config, micro_batch_size=args.micro_batch_size, repeats=args.repeats,
+                              warmup=args.warmup, seed=args.seed)
+    print(format_overhead(result, config))
+    return 0
 
 
 def _topology(args: argparse.Namespace) -> int:
@@ -42,8 +55,8 @@ def _topology(args: argparse.Namespace) -> int:
     grid = RankGrid(args.world_size, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                     cp=args.context_parallel_size)
     print(f"layout {grid}, order {grid.ORDER}")
-    kinds = [kind for kind in grid.GROUP_KINDS if kind not in ("tp_cp",)]
-    print("rank  tp cp dp pp  " + "  ".join(f"{kind}" for kind in kinds))
+    kinds = [kind for kind in grid.GROUP_KINDS if kind != "tp_cp"]
+    print("rank  tp cp dp pp  " + "  ".join(kinds))
     for rank in range(grid.world_size):
         c = grid.coords(rank)
         groups = "  ".join(str(grid.group_of(kind, rank) or "-").replace(" ", "") for kind in kinds)
@@ -51,27 +64,53 @@ def _topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser, overrides: dict) -> None:
+    from megalith.config import ModelConfig, add_config_arguments
+
+    add_config_arguments(parser.add_argument_group("model (Megatron's flag names)"), ModelConfig, overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megalith", description=__doc__.strip('"` \n'))
+    from megalith.models.registry import BUILTIN_MODELS
+    from megalith.overhead import DEFAULT_BENCH_CONFIG
+
+    parser = argparse.ArgumentParser(prog="megalith", description="Megatron-style 3D-parallel transformer training.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser(
-        "demo", help="train a tiny tensor-parallel LM under several layouts and check each against one process",
-        description="Train a tiny tensor-parallel language model under each layout on CPU ranks and compare "
-        "losses and final parameters with one process (PASS below 1e-5 relative). Exit status 1 on any FAIL.",
+    verify = commands.add_parser(
+        "verify", help="train a model under several layouts and check each against one process",
+        description="Train a small model for a few AdamW steps under one process and under each layout (CPU "
+        "ranks spawned here) and print, per layout, the largest relative difference of the per-step losses "
+        "and of the final parameters; PASS below 1e-5. Exit status 1 on any FAIL.",
     )
-    demo.add_argument("--layouts", nargs="+", default=DEFAULT_DEMO_LAYOUTS, metavar="LAYOUT",
-                      help="dotted tokens: tpN, sp (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=10, help="AdamW steps (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=1234)
-    demo.add_argument("--lr", type=float, default=1e-2)
-    demo.add_argument("--micro-batch-size", type=int, default=4)
-    demo.add_argument("--vocab-size", type=int, default=97)
-    demo.add_argument("--hidden-size", type=int, default=32)
-    demo.add_argument("--ffn-hidden-size", type=int, default=64)
-    demo.add_argument("--num-layers", type=int, default=2)
-    demo.add_argument("--seq-length", type=int, default=16)
-    demo.set_defaults(run=_demo)
+    verify.add_argument("--model", default="gpt", choices=list(BUILTIN_MODELS), help="registry name (default: gpt)")
+    verify.add_argument("--layouts", nargs="+", default=DEFAULT_VERIFY_LAYOUTS, metavar="LAYOUT",
+                        help="dotted tokens: tpN, sp, recompute-full, recompute-selective (default: %(default)s)")
+    verify.add_argument("--steps", type=int, default=3, help="AdamW steps (default: %(default)s)")
+    verify.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step (default: %(default)s)")
+    verify.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch (default: %(default)s)")
+    verify.add_argument("--lr", type=float, default=1e-3)
+    verify.add_argument("--adam-eps", type=float, default=1e-6,
+                        help="AdamW epsilon (default: %(default)s; at 1e-8 Adam amplifies fp32 rounding noise of "
+                        "near-zero gradients past the 1e-5 tolerance in any layout)")
+    verify.add_argument("--seed", type=int, default=1234)
+    _add_model_arguments(verify, BUILTIN_MODELS["gpt"].defaults)
+    verify.set_defaults(run=_verify)
+
+    bench = commands.add_parser(
+        "bench-overhead", help="time megalith's GPT against a plain-PyTorch GPT of the same architecture",
+        description="Time one training step (forward, backward, AdamW) of megalith's GPT (one process, tp=1) and "
+        "of a plain-PyTorch GPT with the same weights, interleaved, and print the medians and their ratio.",
+    )
+    bench.add_argument("--micro-batch-size", type=int, default=4)
+    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--seed", type=int, default=0)
+    bench_defaults = {name: getattr(DEFAULT_BENCH_CONFIG, name) for name in
+                      ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
+                       "hidden_dropout", "attention_dropout")}
+    _add_model_arguments(bench, bench_defaults)
+    bench.set_defaults(run=_bench_overhead)
 
     topology = commands.add_parser("topology", help="print every rank's coordinates and process groups",
                                    description="Print the rank grid (order tp-cp-dp-pp) of a layout: no processes started.")

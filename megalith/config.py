@@ -6,7 +6,10 @@ clear line at start-up instead of a shape error (or a hang) deep inside a collec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+from dataclasses import dataclass, fields, replace
+
+import torch
 
 from megalith.errors import ConfigError
 from megalith.parallel.grid import RankGrid
@@ -72,15 +75,16 @@ class ParallelConfig:
             )
 
 
-LAYOUT_TOKENS = ("tpN", "sp")
+LAYOUT_TOKENS = ("tpN", "sp", "recompute-full", "recompute-selective")
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A layout written as dotted tokens, e.g. `tp2.sp` (later issues add pp, dp, ...)."""
+    """A layout written as dotted tokens, e.g. `tp2.sp.recompute-full` (later: pp, dp, ...)."""
 
     tp: int = 1
     sequence_parallel: bool = False
+    recompute: str | None = None  # Megatron's --recompute-granularity: "full" or "selective"
 
     @property
     def world_size(self) -> int:
@@ -89,8 +93,18 @@ class Layout:
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(tensor_model_parallel_size=self.tp, sequence_parallel=self.sequence_parallel)
 
+    def apply_to(self, config: "ModelConfig") -> "ModelConfig":
+        """The model config under this layout: a recompute token sets the granularity (full keeps
+        the config's --recompute-method and --recompute-num-layers); no token leaves it as is."""
+        if self.recompute == "selective":
+            return replace(config, recompute_granularity="selective", recompute_method=None, recompute_num_layers=None)
+        if self.recompute == "full":
+            return replace(config, recompute_granularity="full")
+        return config
+
     def __str__(self) -> str:
-        return f"tp{self.tp}" + (".sp" if self.sequence_parallel else "")
+        tokens = [f"tp{self.tp}"] + (["sp"] if self.sequence_parallel else [])
+        return ".".join(tokens + ([f"recompute-{self.recompute}"] if self.recompute else []))
 
 
 def parse_layout(text: str) -> Layout:
@@ -101,6 +115,8 @@ def parse_layout(text: str) -> Layout:
             key, value = "tp", int(token[2:])
         elif token == "sp":
             key, value = "sequence_parallel", True
+        elif token in ("recompute-full", "recompute-selective"):
+            key, value = "recompute", token.split("-", 1)[1]
         else:
             raise ConfigError(
                 f"unknown layout token {token!r} in {text!r}; known tokens: {', '.join(LAYOUT_TOKENS)} (e.g. tp2.sp)"
@@ -109,3 +125,186 @@ def parse_layout(text: str) -> Layout:
             raise ConfigError(f"layout {text!r} gives {key} twice; write each token once")
         values[key] = value
     return Layout(**values)
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+ATTENTION_BACKENDS = ("sdpa", "unfused")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A transformer's shape and options, with Megatron's names. Derived sizes are filled in.
+
+    ffn_hidden_size defaults to 4 * hidden_size, num_query_groups to the number of heads (plain
+    multi-head attention), kv_channels to hidden_size / heads, max_position_embeddings to
+    seq_length. Full recompute without a method means uniform over 1 layer, as a user of
+    `--recompute-granularity full` expects.
+    """
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    seq_length: int = 32
+    max_position_embeddings: int | None = None
+    vocab_size: int = 512
+    make_vocab_size_divisible_by: int = 128
+    position_embedding_type: str = "learned_absolute"
+    rotary_base: int = 10000
+    normalization: str = "LayerNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    untie_embeddings_and_output_weights: bool = False
+    disable_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    attention_softmax_in_fp32: bool = False
+    attention_backend: str = "sdpa"
+    params_dtype: str = "fp32"
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
+                     "make_vocab_size_divisible_by", "rotary_base"):
+            _positive(name, getattr(self, name))
+        derived = {
+            "ffn_hidden_size": 4 * self.hidden_size,
+            "num_query_groups": self.num_attention_heads,
+            "max_position_embeddings": self.seq_length,
+        }
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ConfigError(
+                    f"hidden size {self.hidden_size} is not divisible by the number of attention heads "
+                    f"{self.num_attention_heads}; change one of them or set --kv-channels"
+                )
+            derived["kv_channels"] = self.hidden_size // self.num_attention_heads
+        if self.recompute_granularity == "full":
+            derived["recompute_method"] = "uniform"
+            derived["recompute_num_layers"] = 1
+        for name, value in derived.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "max_position_embeddings"):
+            _positive(name, getattr(self, name))
+        self._check_choices()
+        self._check_shapes()
+        self._check_recompute()
+
+    def _check_choices(self) -> None:
+        _choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
+        _choice("normalization", self.normalization, NORMALIZATIONS)
+        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choice("params_dtype", self.params_dtype, tuple(PRECISIONS))
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be in [0, 1)")
+        if self.init_method_std <= 0 or self.norm_epsilon <= 0:
+            raise ConfigError("--init-method-std and --norm-epsilon must be positive")
+
+    def _check_shapes(self) -> None:
+        if self.num_attention_heads % self.num_query_groups != 0:
+            raise ConfigError(
+                f"number of attention heads {self.num_attention_heads} is not divisible by the number of query "
+                f"groups {self.num_query_groups}; use a --num-query-groups that divides it"
+            )
+        if self.position_embedding_type == "learned_absolute" and self.seq_length > self.max_position_embeddings:
+            raise ConfigError(
+                f"sequence length {self.seq_length} exceeds --max-position-embeddings {self.max_position_embeddings}; "
+                "raise --max-position-embeddings"
+            )
+        if self.position_embedding_type == "rope" and self.kv_channels % 2 != 0:
+            raise ConfigError(f"rotary embeddings need an even head size, got kv_channels {self.kv_channels}")
+
+    def _check_recompute(self) -> None:
+        if self.recompute_granularity is None:
+            if self.recompute_method is not None or self.recompute_num_layers is not None:
+                raise ConfigError("--recompute-method and --recompute-num-layers need --recompute-granularity full")
+            return
+        _choice("recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
+        if self.recompute_granularity == "selective":
+            if self.recompute_method is not None or self.recompute_num_layers is not None:
+                raise ConfigError(
+                    "--recompute-method and --recompute-num-layers apply to --recompute-granularity full only"
+                )
+            return
+        _choice("recompute_method", self.recompute_method, RECOMPUTE_METHODS)
+        lowest = 1 if self.recompute_method == "uniform" else 0
+        if not lowest <= self.recompute_num_layers <= self.num_layers:
+            raise ConfigError(
+                f"--recompute-num-layers {self.recompute_num_layers} must be between {lowest} and the "
+                f"{self.num_layers} layers with --recompute-method {self.recompute_method}"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return PRECISIONS[self.params_dtype]
+
+    @property
+    def add_bias_linear(self) -> bool:
+        return not self.disable_bias_linear
+
+    def check_parallel(self, parallel: ParallelConfig) -> None:
+        """The rules that tie this model to a layout (heads, groups, ffn and sequence vs tp)."""
+        parallel.check_model_shapes(
+            hidden_size=self.num_attention_heads * self.kv_channels,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            ffn_hidden_size=self.ffn_hidden_size,
+            seq_length=self.seq_length,
+        )
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+CHOICES = {
+    "position_embedding_type": POSITION_EMBEDDING_TYPES,
+    "normalization": NORMALIZATIONS,
+    "attention_backend": ATTENTION_BACKENDS,
+    "params_dtype": tuple(PRECISIONS),
+    "recompute_granularity": RECOMPUTE_GRANULARITIES,
+    "recompute_method": RECOMPUTE_METHODS,
+}
+
+
+def add_config_arguments(parser, cls, overrides: dict | None = None) -> None:
+    """One `--flag-name` per dataclass field (Megatron's spelling); defaults from the class or `overrides`."""
+    overrides = overrides or {}
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = overrides.get(f.name, f.default)
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            continue
+        convert = int if "int" in kind else float if "float" in kind else str
+        parser.add_argument(flag, type=convert, default=default, choices=CHOICES.get(f.name), metavar=f.name.upper(),
+                            help="default: %(default)s" + (" (derived)" if default is None else ""))
+
+
+def config_from_arguments(args, cls):
+    """Build the dataclass from the parsed flags that add_config_arguments added."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})

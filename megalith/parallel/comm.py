@@ -11,8 +11,8 @@ tensor-parallel layer computes the same gradient as one process would:
     gather_from_sequence_parallel  all-gather dim 0    | reduce-scatter dim 0 (or split)
     reduce_scatter_to_sequence_parallel  reduce-scatter dim 0 | all-gather dim 0
 
-Every function takes its process group explicitly; with a group of one rank each is the
-identity. Activations are sequence-first `[s, b, h]`, so sequence parallelism works on dim 0.
+Every function takes its process group explicitly; with a group of one rank, or None (one
+process, no torch.distributed needed), each is the identity. Activations are sequence-first `[s, b, h]`, so sequence parallelism works on dim 0.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 def group_size(group) -> int:
-    return dist.get_world_size(group) if dist.is_initialized() else 1
+    """Ranks in `group`. None means one process with no communication (not torch's world group):
+    megalith always names its groups, so a model built without one is a plain single-process model."""
+    return 1 if group is None else dist.get_world_size(group)
 
 
 def group_rank(group) -> int:
-    return dist.get_rank(group) if dist.is_initialized() else 0
+    return 0 if group is None else dist.get_rank(group)
 
 
 def _check_divisible(tensor: torch.Tensor, dim: int, size: int, what: str) -> int:

@@ -23,14 +23,14 @@ from megalith.parallel import comm
 InitMethod = Callable[[torch.Tensor], object]
 
 
-def normal_init(std: float = 0.02) -> InitMethod:
-    """Megatron's default: N(0, std) on the full weight."""
-    return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=std)
+def normal_init(std: float = 0.02, generator: torch.Generator | None = None) -> InitMethod:
+    """Megatron's default: N(0, std) on the full weight, from `generator` (default: torch's)."""
+    return lambda tensor: tensor.normal_(mean=0.0, std=std, generator=generator)
 
 
-def scaled_normal_init(std: float, num_layers: int) -> InitMethod:
-    """Megatron's output-layer init: N(0, std / sqrt(2 * num_layers))."""
-    return normal_init(std / math.sqrt(2.0 * num_layers))
+def scaled_normal_init(std: float, num_layers: int, generator: torch.Generator | None = None) -> InitMethod:
+    """Megatron's init for layers that write into the residual: N(0, std / sqrt(2 * num_layers))."""
+    return normal_init(std / math.sqrt(2.0 * num_layers), generator)
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int, make_vocab_size_divisible_by: int = 128) -> int:
@@ -60,30 +60,58 @@ def _sharded_parameter(
     dtype: torch.dtype,
     device: torch.device | None,
     valid_rows: int | None = None,
+    stride: int = 1,
 ) -> nn.Parameter:
     """Initialise the full tensor as one process would, keep this rank's slice along `dim`.
 
     With `valid_rows`, only the first rows are drawn from `init_method` (the rest are padding,
-    zero), so the random stream does not depend on how much padding the layout needs.
+    zero), so the random stream does not depend on how much padding the layout needs. With
+    `stride` > 1 the dimension is `stride` equal parts (e.g. SwiGLU's [gate; up]) and each
+    rank keeps its slice of every part, so the parts still line up on every rank.
     """
     full = torch.zeros(full_shape, dtype=torch.float32)
     init_method(full if valid_rows is None else full[:valid_rows])
-    shard = full.chunk(comm.group_size(group), dim=dim)[comm.group_rank(group)]
-    param = nn.Parameter(shard.to(dtype=dtype, device=device).contiguous())
+    param = nn.Parameter(_slice(full, dim, stride, group).to(dtype=dtype, device=device).contiguous())
     param.tensor_parallel_dim = dim
+    param.tensor_parallel_stride = stride
     return param
 
 
-def _bias(size: int, dtype: torch.dtype, device: torch.device | None, sharded_dim: int | None) -> nn.Parameter:
+def _slice(full: torch.Tensor, dim: int, stride: int, group) -> torch.Tensor:
+    parts = full.unflatten(dim, (stride, -1))
+    return parts.chunk(comm.group_size(group), dim=dim + 1)[comm.group_rank(group)].flatten(dim, dim + 1)
+
+
+def gather_full_parameter(param: torch.Tensor, group, tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """The full tensor one process would hold, from every tp rank's shard (a collective).
+
+    `tensor` (default: the parameter itself) may be anything sharded like it, e.g. its gradient.
+    """
+    tensor = (param if tensor is None else tensor).detach()
+    dim = getattr(param, "tensor_parallel_dim", None)
+    size = comm.group_size(group)
+    if dim is None or size == 1:
+        return tensor.clone()
+    shards = [torch.empty_like(tensor) for _ in range(size)]
+    torch.distributed.all_gather(shards, tensor.contiguous(), group=group)
+    stride = getattr(param, "tensor_parallel_stride", 1)
+    parts = [shard.unflatten(dim, (stride, -1)) for shard in shards]
+    return torch.cat(parts, dim=dim + 1).flatten(dim, dim + 1)
+
+
+def _bias(size: int, dtype: torch.dtype, device: torch.device | None, sharded_dim: int | None, stride: int = 1):
     bias = nn.Parameter(torch.zeros(size, dtype=dtype, device=device))  # Megatron zeroes biases
     bias.tensor_parallel_dim = sharded_dim
+    bias.tensor_parallel_stride = stride
     return bias
 
 
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by columns: each rank computes output_size / tp features.
 
-    Input: `[s, b, in]` (or `[s/tp, b, in]` with sequence_parallel, gathered here).
+    Input: `[s, b, in]` (or `[s/tp, b, in]` with sequence_parallel, gathered here). With
+    `stride` k the output is k equal parts (fused [gate; up] for SwiGLU) and each rank keeps its
+    slice of each part.
     Output: `[s, b, out/tp]`, or `[s, b, out]` with gather_output. With skip_bias_add the bias
     is returned instead of added: `(output, bias)`, so a caller can fuse it; with
     gather_output the returned bias is gathered too.
@@ -102,21 +130,24 @@ class ColumnParallelLinear(nn.Module):
         init_method: InitMethod | None = None,
         params_dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
+        stride: int = 1,
     ) -> None:
         super().__init__()
         tp_size = comm.group_size(tp_group)
-        self.output_size_per_partition = _check_split(output_size, tp_size, "column-parallel output size")
+        self.output_size_per_partition = _check_split(output_size, tp_size * stride, "column-parallel output size") * stride
         if gather_output and sequence_parallel:
             raise ConfigError("gather_output cannot be combined with sequence_parallel; leave the output sharded")
+        if gather_output and stride > 1:
+            raise ConfigError("gather_output cannot be combined with stride > 1; leave the output sharded")
         self.input_size, self.output_size = input_size, output_size
         self.tp_group = tp_group
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
         self.skip_bias_add = skip_bias_add
         self.weight = _sharded_parameter(
-            (output_size, input_size), 0, tp_group, init_method or normal_init(), params_dtype, device
+            (output_size, input_size), 0, tp_group, init_method or normal_init(), params_dtype, device, stride=stride
         )
-        self.bias = _bias(self.output_size_per_partition, params_dtype, device, 0) if bias else None
+        self.bias = _bias(self.output_size_per_partition, params_dtype, device, 0, stride) if bias else None
 
     def forward(self, x: torch.Tensor):
         if self.sequence_parallel:

@@ -1,0 +1,33 @@
+"""What a model needs to know about the layout it runs in, bundled so it is passed once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megalith.parallel import comm
+from megalith.parallel.rng import TP_LOCAL, TP_SHARED, RNGStatesTracker
+
+
+@dataclass
+class ParallelContext:
+    """The tensor-parallel group (None: one process), sequence parallelism, RNG streams, device."""
+
+    tp_group: object = None
+    sequence_parallel: bool = False
+    rng_tracker: RNGStatesTracker | None = None
+    device: torch.device | None = None
+
+    @property
+    def tp_size(self) -> int:
+        return comm.group_size(self.tp_group)
+
+    @property
+    def tp_rank(self) -> int:
+        return comm.group_rank(self.tp_group)
+
+    @property
+    def hidden_stream(self) -> str:
+        """Dropout on hidden states: the same mask on every tp rank unless each holds its own tokens."""
+        return TP_LOCAL if self.sequence_parallel else TP_SHARED

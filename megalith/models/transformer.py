@@ -1,0 +1,232 @@
+"""The transformer layer and block, built from the tensor-parallel layers.
+
+Activations are sequence-first `[s, b, h]` (`[s/tp, b, h]` between layers under sequence
+parallelism). Parameter names follow Megatron-Core (`self_attention.linear_qkv`,
+`mlp.linear_fc1`, `input_layernorm`, ...) so checkpoints and conversion scripts line up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megalith.config import ModelConfig
+from megalith.models.parallel_context import ParallelContext
+from megalith.parallel.layers import (
+    ColumnParallelLinear,
+    InitMethod,
+    RowParallelLinear,
+    mark_sequence_parallel,
+)
+from megalith.parallel.rng import TP_LOCAL, checkpoint
+
+
+def build_norm(config: ModelConfig, ctx: ParallelContext) -> nn.Module:
+    """LayerNorm or RMSNorm over the hidden size; replicated over tp (summed gradients under SP)."""
+    kind = nn.LayerNorm if config.normalization == "LayerNorm" else nn.RMSNorm
+    norm = kind(config.hidden_size, eps=config.norm_epsilon, dtype=config.torch_dtype, device=ctx.device)
+    return mark_sequence_parallel(norm, ctx.sequence_parallel)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool, ctx: ParallelContext, stream: str) -> torch.Tensor:
+    """Dropout drawn from one of the tracker's streams (so tp ranks agree or differ on purpose)."""
+    if p == 0.0 or not training:
+        return x
+    with ctx.rng_tracker.fork(stream):
+        return F.dropout(x, p=p, training=True)
+
+
+def rotary_cos_sin(seq_length: int, dim: int, base: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `[s, 1, 1, d]` (fp32) for rotary embeddings over positions 0..s-1."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    freqs = torch.outer(torch.arange(seq_length, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `[s, b, n, d]` by position (non-interleaved halves, as Megatron and GPT-NeoX), in fp32."""
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+def core_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    config: ModelConfig,
+    ctx: ParallelContext,
+    training: bool,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for this rank's heads: q `[s, b, nh, d]`, k and v
+    `[s, b, ng, d]` -> `[s, b, nh * d]`. Causal; `attention_mask` (bool, broadcastable to
+    `[b, 1, s, s]`, True = masked out, Megatron's convention) adds padding masks.
+
+    Two paths compute the same thing: PyTorch's scaled_dot_product_attention ("sdpa") and an
+    explicit matmul-softmax-matmul ("unfused") that is easy to read and to check.
+    """
+    s, b, heads, d = q.shape
+    repeat = heads // k.shape[2]
+    dtype = q.dtype
+    if config.attention_softmax_in_fp32:
+        q, k, v = q.float(), k.float(), v.float()
+    q = q.permute(1, 2, 0, 3)  # [b, nh, s, d]
+    k = k.permute(1, 2, 0, 3).repeat_interleave(repeat, dim=1)
+    v = v.permute(1, 2, 0, 3).repeat_interleave(repeat, dim=1)
+    p = config.attention_dropout if training else 0.0
+
+    additive = None
+    if attention_mask is not None:
+        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+        masked = attention_mask | causal
+        # a large negative number, not -inf: a fully masked row stays finite on both paths
+        additive = torch.zeros(masked.shape, dtype=q.dtype, device=q.device).masked_fill(
+            masked, torch.finfo(q.dtype).min
+        )
+
+    # heads are split over tp: each rank draws its own attention-dropout mask
+    streams = ctx.rng_tracker.fork(TP_LOCAL) if p > 0 else contextlib.nullcontext()
+    with streams:
+        if config.attention_backend == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=p, is_causal=additive is None)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
+            if additive is None:
+                causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + additive
+            probs = torch.softmax(scores, dim=-1)
+            out = torch.matmul(F.dropout(probs, p=p, training=p > 0), v)
+    return out.permute(2, 0, 1, 3).reshape(s, b, heads * d).to(dtype)
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV (column-parallel, heads split over tp), core attention, output projection (row-parallel).
+
+    QKV rows use Megatron's grouped layout: for each key/value group, its query heads, then its
+    key head, then its value head — so a contiguous tp slice holds whole groups.
+    """
+
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod) -> None:
+        super().__init__()
+        self.config, self.ctx = config, ctx
+        d, heads, groups = config.kv_channels, config.num_attention_heads, config.num_query_groups
+        self.heads_per_group = heads // groups
+        self.groups_per_rank = groups // ctx.tp_size
+        common = dict(tp_group=ctx.tp_group, sequence_parallel=ctx.sequence_parallel,
+                      params_dtype=config.torch_dtype, device=ctx.device)
+        self.linear_qkv = ColumnParallelLinear(
+            config.hidden_size, (heads + 2 * groups) * d, bias=config.add_bias_linear or config.add_qkv_bias,
+            init_method=init, **common,
+        )
+        self.linear_proj = RowParallelLinear(
+            heads * d, config.hidden_size, bias=config.add_bias_linear, input_is_parallel=True,
+            init_method=output_init, **common,
+        )
+
+    def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        qkv = self.linear_qkv(x)
+        s, b = qkv.shape[:2]
+        d = self.config.kv_channels
+        qkv = qkv.view(s, b, self.groups_per_rank, self.heads_per_group + 2, d)
+        q = qkv[:, :, :, : self.heads_per_group].reshape(s, b, -1, d)
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        kwargs = dict(config=self.config, ctx=self.ctx, training=self.training)
+        if self.config.recompute_granularity == "selective":
+            context = checkpoint(_core_attention_call, q, k, v, attention_mask, kwargs, rng_tracker=self.ctx.rng_tracker)
+        else:
+            context = core_attention(q, k, v, attention_mask, **kwargs)
+        return self.linear_proj(context)
+
+
+def _core_attention_call(q, k, v, attention_mask, kwargs):
+    return core_attention(q, k, v, attention_mask, **kwargs)
+
+
+class MLP(nn.Module):
+    """fc1 (column-parallel) -> GELU or SwiGLU -> fc2 (row-parallel); nothing communicated between."""
+
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod) -> None:
+        super().__init__()
+        self.swiglu = config.swiglu
+        common = dict(tp_group=ctx.tp_group, sequence_parallel=ctx.sequence_parallel, bias=config.add_bias_linear,
+                      params_dtype=config.torch_dtype, device=ctx.device)
+        parts = 2 if config.swiglu else 1  # SwiGLU's fc1 is [gate; up], each part split over tp
+        self.linear_fc1 = ColumnParallelLinear(
+            config.hidden_size, parts * config.ffn_hidden_size, stride=parts, init_method=init, **common
+        )
+        self.linear_fc2 = RowParallelLinear(
+            config.ffn_hidden_size, config.hidden_size, input_is_parallel=True, init_method=output_init, **common
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.linear_fc2(h)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm: x + dropout(attention(norm(x))), then + dropout(mlp(norm(x)))."""
+
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod) -> None:
+        super().__init__()
+        self.config, self.ctx = config, ctx
+        self.input_layernorm = build_norm(config, ctx)
+        self.self_attention = SelfAttention(config, ctx, init, output_init)
+        self.pre_mlp_layernorm = build_norm(config, ctx)
+        self.mlp = MLP(config, ctx, init, output_init)
+
+    def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        p, stream = self.config.hidden_dropout, self.ctx.hidden_stream
+        x = x + dropout(self.self_attention(self.input_layernorm(x), rotary, attention_mask), p, self.training, self.ctx, stream)
+        return x + dropout(self.mlp(self.pre_mlp_layernorm(x)), p, self.training, self.ctx, stream)
+
+
+class TransformerBlock(nn.Module):
+    """The layers and the final norm, with Megatron's full-recompute policies.
+
+    uniform: checkpoint every consecutive group of recompute_num_layers layers.
+    block:   checkpoint each of the first recompute_num_layers layers, run the rest normally.
+    """
+
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, layers: list[TransformerLayer]) -> None:
+        super().__init__()
+        self.config, self.ctx = config, ctx
+        self.layers = nn.ModuleList(layers)
+        self.final_layernorm = build_norm(config, ctx)
+
+    def _run(self, x, rotary, attention_mask, start: int, end: int):
+        for layer in self.layers[start:end]:
+            x = layer(x, rotary, attention_mask)
+        return x
+
+    def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        config, count = self.config, len(self.layers)
+        if config.recompute_granularity != "full" or not self.training:
+            return self.final_layernorm(self._run(x, rotary, attention_mask, 0, count))
+        n, tracker = config.recompute_num_layers, self.ctx.rng_tracker
+        if config.recompute_method == "uniform":
+            for start in range(0, count, n):
+                x = checkpoint(self._run, x, rotary, attention_mask, start, min(start + n, count), rng_tracker=tracker)
+        else:
+            for index in range(count):
+                if index < n:
+                    x = checkpoint(self._run, x, rotary, attention_mask, index, index + 1, rng_tracker=tracker)
+                else:
+                    x = self._run(x, rotary, attention_mask, index, index + 1)
+        return self.final_layernorm(x)
