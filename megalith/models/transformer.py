@@ -78,9 +78,9 @@ def core_attention(
     dtype = q.dtype
     if config.attention_softmax_in_fp32:
         q, k, v = q.float(), k.float(), v.float()
-    q = q.permute(1, 2, 0, 3)  # [b, nh, s, d]
-    k = k.permute(1, 2, 0, 3).repeat_interleave(repeat, dim=1)
-    v = v.permute(1, 2, 0, 3).repeat_interleave(repeat, dim=1)
+    q, k, v = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, n, s, d]
+    if repeat > 1 and config.attention_backend == "unfused":
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     p = config.attention_dropout if training else 0.0
 
     additive = None
@@ -96,7 +96,9 @@ def core_attention(
     streams = ctx.rng_tracker.fork(TP_LOCAL) if p > 0 else contextlib.nullcontext()
     with streams:
         if config.attention_backend == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=p, is_causal=additive is None)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=additive, dropout_p=p, is_causal=additive is None, enable_gqa=repeat > 1
+            )
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
             if additive is None:

@@ -26,24 +26,24 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         start = tp_rank * local_vocab
         real_local = max(0, min(local_vocab, vocab_size - start))  # columns that are not padding
 
-        z = logits.float()
-        if real_local < local_vocab:
-            z = z.clone()
-            z[..., real_local:] = float("-inf")
-        z_max = z.max(dim=-1).values
+        z_max = logits[..., :real_local].max(dim=-1).values.float() if real_local else None
+        if z_max is None:  # a rank holding only padding
+            z_max = torch.full(logits.shape[:-1], float("-inf"), device=logits.device)
         if tp_size > 1:
             dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
-        z = z - z_max.unsqueeze(-1)
-        exp = z.exp()
+        z = logits.float() - z_max.unsqueeze(-1)  # a new fp32 tensor: the rest works in place on it
+        if real_local < local_vocab:
+            z[..., real_local:] = float("-inf")
 
         local_target = target - start
         in_shard = (local_target >= 0) & (local_target < local_vocab)
         local_target = local_target.masked_fill(~in_shard, 0)
         target_logit = z.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(~in_shard, 0.0)
-
-        sums = [exp.sum(dim=-1), target_logit]
+        sums = [None, target_logit]
         if label_smoothing > 0:
             sums.append(z[..., :real_local].sum(dim=-1))
+        exp = z.exp_()
+        sums[0] = exp.sum(dim=-1)
         sums = torch.stack(sums)
         if tp_size > 1:
             dist.all_reduce(sums, group=group)
@@ -55,8 +55,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         valid = target != ignore_index
         loss = loss.masked_fill(~valid, 0.0)
 
-        softmax = exp.div_(sums[0].unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, in_shard, valid)
+        # the softmax is exp / sum: divided in backward, fused with the incoming gradient
+        ctx.save_for_backward(exp, sums[0], local_target, in_shard, valid)
         ctx.real_local = real_local
         ctx.vocab_size = vocab_size
         ctx.label_smoothing = label_smoothing
@@ -65,15 +65,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local_target, in_shard, valid = ctx.saved_tensors
+        exp, sum_exp, local_target, in_shard, valid = ctx.saved_tensors
         eps = ctx.label_smoothing
-        grad = softmax.clone()  # (clone: backward may run twice with retain_graph)
-        # d loss / d z = softmax - (1 - eps) onehot - eps / V over real columns
-        hit = in_shard.to(grad.dtype) * (1.0 - eps)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
+        scale = (grad_loss * valid).unsqueeze(-1)
+        # d loss / d z = softmax - (1 - eps) onehot - eps / V over real columns, times grad_loss
+        grad = exp * (scale / sum_exp.unsqueeze(-1))  # a new tensor: backward may run twice
+        hit = in_shard.to(grad.dtype).unsqueeze(-1) * (1.0 - eps) * scale
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit)
         if eps > 0:
-            grad[..., : ctx.real_local] -= eps / ctx.vocab_size
-        grad.mul_((grad_loss * valid).unsqueeze(-1))
+            grad[..., : ctx.real_local] -= scale * (eps / ctx.vocab_size)
         return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 

@@ -212,6 +212,10 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor):
         if not self.input_is_parallel:
             x = comm.scatter_to_tp(x, self.tp_group)
+        add_bias = self.bias is not None and not self.skip_bias_add
+        if comm.group_size(self.tp_group) == 1:  # nothing to reduce: let the matmul add the bias
+            y = F.linear(x, self.weight, self.bias if add_bias else None)
+            return (y, self.bias) if self.skip_bias_add else y
         y = F.linear(x, self.weight)
         if self.sequence_parallel:
             y = comm.reduce_scatter_to_sequence_parallel(y, self.tp_group)
@@ -219,7 +223,7 @@ class RowParallelLinear(nn.Module):
             y = comm.reduce_from_tp(y, self.tp_group)
         if self.skip_bias_add:
             return y, self.bias
-        return y if self.bias is None else y + self.bias
+        return y + self.bias if add_bias else y
 
     def extra_repr(self) -> str:
         return (
