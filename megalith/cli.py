@@ -24,7 +24,9 @@ def _verify(args: argparse.Namespace) -> int:
     config = _model_config(args)
     settings = VerifySettings(model=args.model, config=config, steps=args.steps, micro_batches=args.micro_batches,
                               micro_batch_size=args.micro_batch_size, lr=args.lr, adam_eps=args.adam_eps,
-                              seed=args.seed)
+                              seed=args.seed, schedule=args.schedule,
+                              decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+                              decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers)
     check_layouts(settings, layouts)
     print(f"verify {args.model}: {config.num_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_attention_heads} heads ({config.num_query_groups} query groups), {config.params_dtype}; "
@@ -70,9 +72,21 @@ def _add_model_arguments(parser: argparse.ArgumentParser, overrides: dict) -> No
     add_config_arguments(parser.add_argument_group("model (Megatron's flag names)"), ModelConfig, overrides)
 
 
+def _schedule(args: argparse.Namespace) -> int:
+    from megalith.parallel.pipeline.schedules import validate_schedule_args
+    from megalith.parallel.pipeline.timeline import describe_schedule
+
+    validate_schedule_args(args.schedule, args.pp, args.vpp, args.micro_batches)
+    print(describe_schedule(args.schedule, args.pp, args.vpp, args.micro_batches, forward_cost=args.forward_cost,
+                            backward_cost=args.backward_cost, p2p_cost=args.p2p_cost,
+                            trace_path=args.trace, png_path=args.png))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megalith.models.registry import BUILTIN_MODELS
     from megalith.overhead import DEFAULT_BENCH_CONFIG
+    from megalith.parallel.pipeline.schedules import SCHEDULES
 
     parser = argparse.ArgumentParser(prog="megalith", description="Megatron-style 3D-parallel transformer training.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -85,9 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--model", default="gpt", choices=list(BUILTIN_MODELS), help="registry name (default: gpt)")
     verify.add_argument("--layouts", nargs="+", default=DEFAULT_VERIFY_LAYOUTS, metavar="LAYOUT",
-                        help="dotted tokens: tpN, sp, recompute-full, recompute-selective (default: %(default)s)")
+                        help="dotted tokens: tpN, ppN, vppN, mbN (micro-batches), sp, recompute-full, "
+                        "recompute-selective (default: %(default)s)")
+    verify.add_argument("--schedule", choices=SCHEDULES, default=None,
+                        help="pipeline schedule (default: no-pipelining at pp 1, 1f1b, interleaved-1f1b with vpp)")
+    verify.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                        help="layers on the first pipeline stage (the rest split evenly)")
+    verify.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                        help="layers on the last pipeline stage (the rest split evenly)")
     verify.add_argument("--steps", type=int, default=3, help="AdamW steps (default: %(default)s)")
-    verify.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step (default: %(default)s)")
+    verify.add_argument("--micro-batches", type=int, default=2,
+                        help="micro-batches per step in the reference; the global batch is micro-batches x "
+                        "micro-batch-size sequences (default: %(default)s)")
     verify.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch (default: %(default)s)")
     verify.add_argument("--lr", type=float, default=1e-3)
     verify.add_argument("--adam-eps", type=float, default=1e-6,
@@ -111,6 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "hidden_dropout", "attention_dropout")}
     _add_model_arguments(bench, bench_defaults)
     bench.set_defaults(run=_bench_overhead)
+
+    schedule = commands.add_parser(
+        "schedule", help="check and simulate a pipeline schedule; write its timeline (JSON for Perfetto, PNG)",
+        description="Build every rank's action list of a pipeline schedule, check it (matched sends and receives, "
+        "no deadlock), simulate it with a cost model and print the predicted bubble beside the formula.",
+    )
+    schedule.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
+    schedule.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=4)
+    schedule.add_argument("--virtual-pipeline-model-parallel-size", "--vpp", dest="vpp", type=int, default=1)
+    schedule.add_argument("--micro-batches", type=int, default=8)
+    schedule.add_argument("--forward-cost", type=float, default=1.0, help="time of one stage's forward")
+    schedule.add_argument("--backward-cost", type=float, default=2.0, help="time of one stage's backward")
+    schedule.add_argument("--p2p-cost", type=float, default=0.0, help="time for a message to arrive")
+    schedule.add_argument("--trace", metavar="PATH", help="write a Chrome-trace JSON (opens in Perfetto)")
+    schedule.add_argument("--png", metavar="PATH", help="write a Gantt chart, one row per rank")
+    schedule.set_defaults(run=_schedule)
 
     topology = commands.add_parser("topology", help="print every rank's coordinates and process groups",
                                    description="Print the rank grid (order tp-cp-dp-pp) of a layout: no processes started.")

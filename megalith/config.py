@@ -75,23 +75,31 @@ class ParallelConfig:
             )
 
 
-LAYOUT_TOKENS = ("tpN", "sp", "recompute-full", "recompute-selective")
+LAYOUT_TOKENS = ("tpN", "ppN", "vppN", "mbN", "sp", "recompute-full", "recompute-selective")
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A layout written as dotted tokens, e.g. `tp2.sp.recompute-full` (later: pp, dp, ...)."""
+    """A layout written as dotted tokens, e.g. `tp2.pp2.vpp2.sp.recompute-full` (later: dp, ...).
+
+    `mbN` splits the global batch into N micro-batches under this layout (default: as the
+    reference does); the step's loss does not depend on it.
+    """
 
     tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    microbatches: int | None = None
     sequence_parallel: bool = False
     recompute: str | None = None  # Megatron's --recompute-granularity: "full" or "selective"
 
     @property
     def world_size(self) -> int:
-        return self.tp
+        return self.tp * self.pp
 
     def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(tensor_model_parallel_size=self.tp, sequence_parallel=self.sequence_parallel)
+        return ParallelConfig(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+                              sequence_parallel=self.sequence_parallel)
 
     def apply_to(self, config: "ModelConfig") -> "ModelConfig":
         """The model config under this layout: a recompute token sets the granularity (full keeps
@@ -103,16 +111,25 @@ class Layout:
         return config
 
     def __str__(self) -> str:
-        tokens = [f"tp{self.tp}"] + (["sp"] if self.sequence_parallel else [])
+        tokens = [f"tp{self.tp}"] if self.tp > 1 or self.pp == 1 else []
+        tokens += [f"pp{self.pp}"] if self.pp > 1 else []
+        tokens += [f"vpp{self.vpp}"] if self.vpp > 1 else []
+        tokens += [f"mb{self.microbatches}"] if self.microbatches else []
+        tokens += ["sp"] if self.sequence_parallel else []
         return ".".join(tokens + ([f"recompute-{self.recompute}"] if self.recompute else []))
+
+
+_NUMBERED_TOKENS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "mb": "microbatches"}
 
 
 def parse_layout(text: str) -> Layout:
     """`tp4.sp` -> Layout(tp=4, sequence_parallel=True); one clear line for anything else."""
     values: dict = {}
     for token in text.split("."):
-        if token.startswith("tp") and token[2:].isdigit() and int(token[2:]) >= 1:
-            key, value = "tp", int(token[2:])
+        prefix = token.rstrip("0123456789")
+        number = token[len(prefix):]
+        if prefix in _NUMBERED_TOKENS and number.isdigit() and int(number) >= 1:
+            key, value = _NUMBERED_TOKENS[prefix], int(number)
         elif token == "sp":
             key, value = "sequence_parallel", True
         elif token in ("recompute-full", "recompute-selective"):

@@ -11,7 +11,7 @@ from megalith.models.parallel_context import ParallelContext
 from megalith.models.registry import BUILTIN_MODELS
 from megalith.parallel.rng import model_parallel_rng_tracker
 from megalith.testing import relative_error
-from megalith.verify import VerifySettings, _train_on_rank, compare, run_verify
+from megalith.verify import VerifySettings, _train_on_rank, compare, merge_ranks, run_verify
 
 BASE = ModelConfig(**BUILTIN_MODELS["gpt"].defaults)
 ISSUE_LAYOUTS = ["tp2", "tp2.sp", "tp4", "tp4.sp", "tp2.sp.recompute-full", "tp2.sp.recompute-selective"]
@@ -57,7 +57,7 @@ def test_negative_control_a_missing_gradient_sum_fails(rank_pools):
     """Under SP, norm gradients not summed over tp must show up as FAIL in the gradient column."""
     pool, settings = rank_pools(4), VerifySettings("gpt", BASE, steps=1)
     reference = pool.run(_train_on_rank, settings, None)[0]
-    broken = compare("tp2.sp", reference, pool.run(train_without_sp_grad_sync, settings)[0])
+    broken = compare("tp2.sp", reference, merge_ranks(pool.run(train_without_sp_grad_sync, settings)))
     assert not broken.passed
     assert broken.grad_error > 0.1
     assert any(part in broken.worst_grad for part in ("layernorm", "position_embeddings", "proj.bias", "fc2.bias"))

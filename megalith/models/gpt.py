@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from megalith.config import ModelConfig, ParallelConfig
-from megalith.models.parallel_context import ParallelContext
+from megalith.models.parallel_context import ParallelContext, StageSpec
 from megalith.models.transformer import TransformerBlock, TransformerLayer, dropout, rotary_cos_sin
 from megalith.parallel import comm
 from megalith.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -22,6 +22,7 @@ from megalith.parallel.layers import (
     VocabParallelEmbedding,
     mark_sequence_parallel,
     normal_init,
+    padded_vocab_size,
     parallel_lm_logits,
     scaled_normal_init,
     sequence_parallel_parameters,
@@ -72,59 +73,106 @@ class GPTEmbedding(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """A decoder-only language model. `forward(input_ids [b, s], labels [b, s])` -> per-token
-    loss `[b, s]` (fp32); without labels, this rank's logits `[s, b, padded_vocab / tp]`.
+    """A decoder-only language model, or one pipeline stage of it.
+
+    Whole model: `forward(input_ids [b, s], labels [b, s])` -> per-token loss `[b, s]` (fp32);
+    without labels, this rank's logits `[s, b, padded_vocab / tp]`. A stage (`stage=StageSpec`)
+    holds the embedding if it is the first, its layers, and the final norm, output layer and
+    loss if it is the last; `hidden` carries the activations `[s, b, h]` (`[s/tp, b, h]` under
+    SP) from the previous stage. With tied embeddings and more than one stage, the last stage
+    holds `word_embeddings_for_head`, a copy of the word embedding that starts equal and stays
+    equal because `finish_grad_sync` sums both copies' gradients over the embedding group.
 
     `attention_mask` (bool, True = masked out, broadcastable to `[b, 1, s, s]`) adds padding
     masks to the causal one.
     """
 
-    def __init__(self, config: ModelConfig, ctx: ParallelContext | None = None, init_seed: int = 1234) -> None:
+    def __init__(self, config: ModelConfig, ctx: ParallelContext | None = None, init_seed: int = 1234,
+                 stage: StageSpec | None = None) -> None:
         super().__init__()
         ctx = ctx or ParallelContext()
+        stage = stage or StageSpec(layers=tuple(range(config.num_layers)))
         config.check_parallel(ParallelConfig(ctx.tp_size, sequence_parallel=ctx.sequence_parallel))
         if ctx.rng_tracker is None:
             ctx.rng_tracker = model_parallel_rng_tracker(init_seed, ctx.tp_rank, ctx.device or "cpu")
-        self.config, self.ctx = config, ctx
-        self.embedding = GPTEmbedding(config, ctx, init_generator(init_seed, EMBEDDING_STREAM))
-        layers = []
-        for index in range(config.num_layers):
+        self.config, self.ctx, self.stage = config, ctx, stage
+        self.embedding = GPTEmbedding(config, ctx, init_generator(init_seed, EMBEDDING_STREAM)) if stage.is_first else None
+        layers = {}
+        for index in stage.layers:
             generator = init_generator(init_seed, FIRST_LAYER_STREAM + index)
-            layers.append(TransformerLayer(
+            layers[index] = TransformerLayer(
                 config, ctx, normal_init(config.init_method_std, generator),
                 scaled_normal_init(config.init_method_std, config.num_layers, generator),
-            ))
-        self.decoder = TransformerBlock(config, ctx, layers)
-        self.output_layer = None
-        if config.untie_embeddings_and_output_weights:
+            )
+        self.decoder = TransformerBlock(config, ctx, layers, final_norm=stage.is_last)
+        self.output_layer = self.word_embeddings_for_head = None
+        if stage.is_last and config.untie_embeddings_and_output_weights:
             self.output_layer = ColumnParallelLinear(
-                config.hidden_size, self.embedding.word_embeddings.padded_num_embeddings, tp_group=ctx.tp_group,
-                bias=False, sequence_parallel=ctx.sequence_parallel,
+                config.hidden_size, padded_vocab_size(config.vocab_size, ctx.tp_size, config.make_vocab_size_divisible_by),
+                tp_group=ctx.tp_group, bias=False, sequence_parallel=ctx.sequence_parallel,
                 init_method=normal_init(config.init_method_std, init_generator(init_seed, OUTPUT_STREAM)),
                 params_dtype=config.torch_dtype, device=ctx.device,
             )
+        elif stage.is_last and not stage.is_first:  # drawn from the embedding's generator: equal at start
+            self.word_embeddings_for_head = GPTEmbedding(
+                config, ctx, init_generator(init_seed, EMBEDDING_STREAM)
+            ).word_embeddings
+        if stage.count > 1 and not config.untie_embeddings_and_output_weights:
+            for module in (self.embedding and self.embedding.word_embeddings, self.word_embeddings_for_head):
+                if module is not None:
+                    module.weight.shared_embedding = True
 
     def output_weight(self) -> torch.Tensor:
         if self.output_layer is not None:
             return self.output_layer.weight
+        if self.word_embeddings_for_head is not None:
+            return self.word_embeddings_for_head.weight
         return self.embedding.word_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
         config = self.config
         if input_ids.shape[1] > config.seq_length and config.position_embedding_type == "learned_absolute":
             raise ValueError(f"input of {input_ids.shape[1]} tokens exceeds seq_length {config.seq_length}")
-        h = self.embedding(input_ids)
+        h = self.embedding(input_ids) if self.stage.is_first else hidden
         rotary = None
         if config.position_embedding_type == "rope":
             rotary = rotary_cos_sin(input_ids.shape[1], config.kv_channels, config.rotary_base, input_ids.device)
         h = self.decoder(h, rotary, attention_mask)
+        if not self.stage.is_last:
+            return h
         logits = parallel_lm_logits(h, self.output_weight(), self.ctx.tp_group, sequence_parallel=self.ctx.sequence_parallel)
         if labels is None:
             return logits
         loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ctx.tp_group, vocab_size=config.vocab_size)
         return loss.t()
 
+    # --- the pipeline engine's interface ------------------------------------------------
+
+    @property
+    def outputs_freeable(self) -> bool:
+        """A stage's output is a residual sum (or the embedding), which autograd does not keep,
+        so the engine may drop its storage once sent; a layerless middle stage passes its input on."""
+        return bool(self.stage.layers) or self.stage.is_first
+
+    def pipeline_forward(self, inputs: tuple[torch.Tensor, ...] | None, batch: dict):
+        """One stage's step: the tensors received (None on the first stage) -> the tensors to
+        send on, or the per-token loss on the last stage."""
+        out = self(batch["input_ids"], batch.get("labels"), batch.get("attention_mask"),
+                   hidden=inputs[0] if inputs else None)
+        return out if self.stage.is_last else (out,)
+
+    def pipeline_shapes(self, micro_batch_size: int) -> list[tuple[int, ...]]:
+        """Shapes of the tensors passed between stages, known before any data flows."""
+        seq = self.config.seq_length // (self.ctx.tp_size if self.ctx.sequence_parallel else 1)
+        return [(seq, micro_batch_size, self.config.hidden_size)]
+
     def finish_grad_sync(self) -> None:
-        """Sum over tp the gradients that each rank computed from its tokens only (SP)."""
+        """Sum over tp the gradients each rank computed from its tokens only (SP), then the tied
+        embedding's two copies over the embedding group."""
         comm.all_reduce_grads(sequence_parallel_parameters(self), self.ctx.tp_group)
+        shared = [p for p in self.parameters() if getattr(p, "shared_embedding", False)]
+        if shared:
+            if self.ctx.embedding_group is None:
+                raise RuntimeError("a tied embedding split over pipeline stages needs ctx.embedding_group")
+            comm.all_reduce_grads(shared, self.ctx.embedding_group)

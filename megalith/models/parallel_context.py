@@ -18,6 +18,7 @@ class ParallelContext:
     sequence_parallel: bool = False
     rng_tracker: RNGStatesTracker | None = None
     device: torch.device | None = None
+    embedding_group: object = None  # first + last pipeline stage: sums the tied embedding's gradients
 
     @property
     def tp_size(self) -> int:
@@ -31,3 +32,21 @@ class ParallelContext:
     def hidden_stream(self) -> str:
         """Dropout on hidden states: the same mask on every tp rank unless each holds its own tokens."""
         return TP_LOCAL if self.sequence_parallel else TP_SHARED
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which part of a model this module is: global pipeline stage `index` of `count`, holding
+    the global layers `layers` (None: all of them)."""
+
+    index: int = 0
+    count: int = 1
+    layers: tuple[int, ...] | None = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.count - 1

@@ -1,8 +1,10 @@
 """Models by name: how to build one, and what a batch for it looks like.
 
 `megalith verify --model NAME` and (later) `megalith pretrain --model NAME` look models up
-here. A model's forward takes the batch (less `loss_mask`) and returns the per-token loss
-`[b, s]`; `finish_grad_sync()` sums what sequence parallelism left partial.
+here. `build(config, ctx, init_seed, stage)` gives one pipeline stage (StageSpec) of the model:
+a module with the pipeline engine's interface (`pipeline_forward`, `pipeline_shapes`) whose
+last stage returns the per-token loss `[b, s]`, and `finish_grad_sync()` for what sequence
+parallelism and tied embeddings leave to be summed.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from torch import nn
 from megalith.config import ModelConfig
 from megalith.errors import ConfigError
 from megalith.models.gpt import GPTModel
-from megalith.models.parallel_context import ParallelContext
+from megalith.models.parallel_context import ParallelContext, StageSpec
 
-BuildModel = Callable[[ModelConfig, ParallelContext, int], nn.Module]
+BuildModel = Callable[[ModelConfig, ParallelContext, int, StageSpec], nn.Module]
 MakeBatch = Callable[[ModelConfig, int, torch.Generator], dict]
 
 
@@ -47,8 +49,8 @@ def gpt_batch(config: ModelConfig, batch_size: int, generator: torch.Generator) 
     return {"input_ids": stream[:, :-1], "labels": stream[:, 1:], "loss_mask": loss_mask}
 
 
-def _build_gpt(config: ModelConfig, ctx: ParallelContext, init_seed: int) -> nn.Module:
-    return GPTModel(config, ctx, init_seed)
+def _build_gpt(config: ModelConfig, ctx: ParallelContext, init_seed: int, stage: StageSpec) -> nn.Module:
+    return GPTModel(config, ctx, init_seed, stage)
 
 
 BUILTIN_MODELS = MappingProxyType({
@@ -57,7 +59,7 @@ BUILTIN_MODELS = MappingProxyType({
         description="decoder-only GPT (learned or rotary positions, GQA, GELU or SwiGLU, LayerNorm or RMSNorm)",
         build=_build_gpt,
         make_batch=gpt_batch,
-        defaults=dict(num_layers=2, hidden_size=64, num_attention_heads=8, seq_length=32, vocab_size=300,
+        defaults=dict(num_layers=8, hidden_size=64, num_attention_heads=8, seq_length=32, vocab_size=300,
                       hidden_dropout=0.0, attention_dropout=0.0),
     ),
 })

@@ -200,35 +200,41 @@ class TransformerLayer(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """The layers and the final norm, with Megatron's full-recompute policies.
+    """The layers of one pipeline stage (keyed by global index) and, on the last stage, the final
+    norm; with Megatron's full-recompute policies over this stage's layers:
 
     uniform: checkpoint every consecutive group of recompute_num_layers layers.
     block:   checkpoint each of the first recompute_num_layers layers, run the rest normally.
     """
 
-    def __init__(self, config: ModelConfig, ctx: ParallelContext, layers: list[TransformerLayer]) -> None:
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, layers: dict[int, TransformerLayer],
+                 final_norm: bool = True) -> None:
         super().__init__()
         self.config, self.ctx = config, ctx
-        self.layers = nn.ModuleList(layers)
-        self.final_layernorm = build_norm(config, ctx)
+        self.layers = nn.ModuleDict({str(index): layer for index, layer in layers.items()})
+        self.final_layernorm = build_norm(config, ctx) if final_norm else None
 
     def _run(self, x, rotary, attention_mask, start: int, end: int):
-        for layer in self.layers[start:end]:
+        for layer in list(self.layers.values())[start:end]:
             x = layer(x, rotary, attention_mask)
         return x
 
-    def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _layers(self, x, rotary, attention_mask):
         config, count = self.config, len(self.layers)
         if config.recompute_granularity != "full" or not self.training:
-            return self.final_layernorm(self._run(x, rotary, attention_mask, 0, count))
-        n, tracker = config.recompute_num_layers, self.ctx.rng_tracker
+            return self._run(x, rotary, attention_mask, 0, count)
+        n, tracker = min(config.recompute_num_layers, count), self.ctx.rng_tracker
         if config.recompute_method == "uniform":
-            for start in range(0, count, n):
+            for start in range(0, count, max(n, 1)):
                 x = checkpoint(self._run, x, rotary, attention_mask, start, min(start + n, count), rng_tracker=tracker)
-        else:
-            for index in range(count):
-                if index < n:
-                    x = checkpoint(self._run, x, rotary, attention_mask, index, index + 1, rng_tracker=tracker)
-                else:
-                    x = self._run(x, rotary, attention_mask, index, index + 1)
-        return self.final_layernorm(x)
+            return x
+        for index in range(count):
+            if index < n:
+                x = checkpoint(self._run, x, rotary, attention_mask, index, index + 1, rng_tracker=tracker)
+            else:
+                x = self._run(x, rotary, attention_mask, index, index + 1)
+        return x
+
+    def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self._layers(x, rotary, attention_mask)
+        return x if self.final_layernorm is None else self.final_layernorm(x)

@@ -1,0 +1,75 @@
+"""The vocabulary of pipeline schedules: what one rank does, in order, during one step.
+
+Rank r of a pipeline of `pp` ranks holds `v` model chunks; chunk c of rank r is global stage
+`c * pp + r` (Megatron's interleaved assignment; with v = 1, stage = rank). Activations flow
+from stage s to s + 1 and gradients back from s + 1 to s.
+
+Compute actions: FORWARD and BACKWARD of (chunk, micro-batch). BACKWARD_INPUT and
+BACKWARD_WEIGHT split a backward into its input-gradient and weight-gradient parts, for
+zero-bubble schedules; no generator emits them yet.
+
+Communication actions name the tensor they move, never a peer: RECV_FORWARD(c, i) receives
+the input of this rank's chunk c for micro-batch i (from stage s - 1), SEND_FORWARD sends its
+output (to s + 1), RECV_BACKWARD receives the gradient of that output (from s + 1),
+SEND_BACKWARD sends the gradient of its input (to s - 1). Consecutive communication actions
+form one batch, posted together without blocking (batch_isend_irecv); a compute action waits
+only for the receive it consumes. Sends are never waited on before the end of the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Kind(str, Enum):
+    FORWARD = "F"
+    BACKWARD = "B"
+    BACKWARD_INPUT = "BI"
+    BACKWARD_WEIGHT = "BW"
+    SEND_FORWARD = "SF"
+    RECV_FORWARD = "RF"
+    SEND_BACKWARD = "SB"
+    RECV_BACKWARD = "RB"
+
+    @property
+    def is_compute(self) -> bool:
+        return self in (Kind.FORWARD, Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT)
+
+    @property
+    def is_send(self) -> bool:
+        return self in (Kind.SEND_FORWARD, Kind.SEND_BACKWARD)
+
+    @property
+    def is_recv(self) -> bool:
+        return self in (Kind.RECV_FORWARD, Kind.RECV_BACKWARD)
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: Kind
+    chunk: int
+    microbatch: int
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}{self.chunk}.{self.microbatch}"
+
+
+def stage_of(rank: int, chunk: int, pp: int) -> int:
+    """Global stage held by (rank, chunk)."""
+    return chunk * pp + rank
+
+
+def holder_of(stage: int, pp: int) -> tuple[int, int]:
+    """(rank, chunk) holding a global stage."""
+    return stage % pp, stage // pp
+
+
+def peer_of(action: Action, rank: int, pp: int) -> tuple[int, int]:
+    """(peer rank, peer chunk) that a communication action talks to."""
+    stage = stage_of(rank, action.chunk, pp)
+    if action.kind in (Kind.SEND_FORWARD, Kind.RECV_BACKWARD):
+        return holder_of(stage + 1, pp)
+    if action.kind in (Kind.RECV_FORWARD, Kind.SEND_BACKWARD):
+        return holder_of(stage - 1, pp)
+    raise ValueError(f"{action} is not a communication action")

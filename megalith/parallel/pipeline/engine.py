@@ -1,0 +1,237 @@
+"""Executes one rank's schedule (a list of Actions) on its model chunks.
+
+The engine knows nothing about which schedule it runs: warm-up, steady state and interleaving
+are all in the action list. Consecutive communication actions are posted as one batch of
+non-blocking point-to-point operations (batch_isend_irecv, which works on gloo and NCCL); a
+forward or backward waits only for the receive it consumes. Tensor shapes come from the
+chunks (`pipeline_shapes`), so no shape handshake precedes a message. Once a sent
+activation has left, its storage is released (only the gradient is needed for backward) if
+the chunk says its outputs are not saved by autograd (`outputs_freeable`).
+
+A chunk is a module with `pipeline_forward(inputs, batch)` (inputs: the received tensors, None
+on the first stage; returns the tensors to send, or the per-token loss on the last stage) and
+`pipeline_shapes(micro_batch_size)`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megalith.parallel.comm import group_size
+from megalith.parallel.pipeline.actions import Action, Kind, peer_of, stage_of
+from megalith.parallel.pipeline.timeline import TimelineEvent
+
+
+@dataclass
+class StepResult:
+    loss: float  # the step's loss, the same number on every rank of the pipeline
+    events: list[TimelineEvent] = field(default_factory=list)  # compute actions, when recorded
+
+
+def _release(tensor: torch.Tensor) -> None:
+    """Drop a tensor's storage but keep its autograd node (Megatron's deallocate_output_tensor)."""
+    tensor.data = torch.empty((1,), dtype=tensor.dtype, device=tensor.device)
+
+
+def _backward(outputs: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...]) -> None:
+    """Backward from outputs whose storage may have been released (shapes then differ from grads)."""
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+    # the public torch.autograd.backward would compare the released output's shape with the grad's
+    torch.autograd.Variable._execution_engine.run_backward(
+        tuple(o for o, _ in pairs), tuple(g for _, g in pairs), False, False, (), True, True
+    )
+
+
+class PipelineEngine:
+    """Runs schedules for pipeline rank `rank` of `pp` with `chunks[c]` as its chunk c."""
+
+    def __init__(
+        self,
+        chunks: list[nn.Module],
+        *,
+        rank: int,
+        pp: int,
+        pp_group,
+        micro_batch_size: int,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+        record: bool = False,
+    ) -> None:
+        if pp > 1 and group_size(pp_group) != pp:
+            raise ValueError(f"the pipeline group has {group_size(pp_group)} ranks, expected {pp}")
+        self.chunks, self.rank, self.pp, self.pp_group = chunks, rank, pp, pp_group
+        self.micro_batch_size, self.dtype = micro_batch_size, dtype
+        self.device = device or torch.device("cpu")
+        self.record = record
+        self.num_stages = pp * len(chunks)
+
+    def _global_rank(self, pipeline_rank: int) -> int:
+        return dist.get_global_rank(self.pp_group, pipeline_rank)
+
+    def _buffers(self, chunk: int) -> list[torch.Tensor]:
+        shapes = self.chunks[chunk].pipeline_shapes(self.micro_batch_size)
+        return [torch.empty(shape, dtype=self.dtype, device=self.device) for shape in shapes]
+
+    def step(
+        self,
+        actions: list[Action],
+        get_batch: Callable[[int], dict],
+        loss_fn: Callable[[torch.Tensor, dict], torch.Tensor],
+    ) -> StepResult:
+        """Run one step. `loss_fn(per_token_loss, batch)` gives a micro-batch's share of the step
+        loss (already divided as the step's loss definition wants); backward starts from it."""
+        run = _StepRun(self, get_batch, loss_fn)
+        index = 0
+        while index < len(actions):
+            if actions[index].kind.is_compute:
+                run.compute(actions[index])
+                index += 1
+                continue
+            end = index
+            while end < len(actions) and not actions[end].kind.is_compute:
+                end += 1
+            run.communicate(actions[index:end])
+            index = end
+        run.finish_sends()
+        return StepResult(self._report(run.loss_sum), run.events)
+
+    def _report(self, loss_sum: torch.Tensor) -> float:
+        """The last stage's loss, broadcast so every pipeline rank can log it."""
+        if self.pp == 1:
+            return float(loss_sum)
+        value = loss_sum.detach().reshape(1).to(torch.float64)
+        dist.broadcast(value, src=self._global_rank(self.pp - 1), group=self.pp_group)
+        return float(value)
+
+
+class _StepRun:
+    """The per-step state: activations, gradients and pending messages of every (chunk, mb)."""
+
+    def __init__(self, engine: PipelineEngine, get_batch, loss_fn) -> None:
+        self.engine, self.get_batch, self.loss_fn = engine, get_batch, loss_fn
+        self.batches: dict[int, dict] = {}
+        self.inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.outputs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self.output_grads: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.losses: dict[tuple[int, int], torch.Tensor] = {}
+        self.receiving: dict[tuple[Kind, int, int], list] = {}
+        self.sending: list[tuple[list, list[torch.Tensor], bool]] = []
+        self.loss_sum = torch.zeros((), dtype=torch.float64)
+        self.events: list[TimelineEvent] = []
+
+    def _stage(self, chunk: int) -> int:
+        return stage_of(self.engine.rank, chunk, self.engine.pp)
+
+    def _batch(self, microbatch: int) -> dict:
+        if microbatch not in self.batches:
+            self.batches[microbatch] = self.get_batch(microbatch)
+        return self.batches[microbatch]
+
+    def _wait(self, kind: Kind, chunk: int, microbatch: int) -> None:
+        for work in self.receiving.pop((kind, chunk, microbatch), []):
+            work.wait()
+
+    # --- communication ------------------------------------------------------------------
+
+    def communicate(self, actions: list[Action]) -> None:
+        engine = self.engine
+        ops, receives, sends = [], [], []  # receives and sends: (what, index range of their ops)
+        for action in actions:
+            key = (action.chunk, action.microbatch)
+            peer = engine._global_rank(peer_of(action, engine.rank, engine.pp)[0])
+            if action.kind is Kind.RECV_FORWARD:
+                tensors = self.inputs[key] = engine._buffers(action.chunk)
+            elif action.kind is Kind.RECV_BACKWARD:
+                tensors = self.output_grads[key] = engine._buffers(action.chunk)
+            elif action.kind is Kind.SEND_FORWARD:
+                tensors = [t.detach() for t in self.outputs[key]]
+                sends.append((tensors, getattr(engine.chunks[action.chunk], "outputs_freeable", False)))
+            elif action.kind is Kind.SEND_BACKWARD:
+                tensors = [t.grad for t in self.inputs.pop(key)]
+                sends.append((tensors, False))
+            else:
+                raise ValueError(f"{action} is not a communication action")
+            op = dist.irecv if action.kind.is_recv else dist.isend
+            span = (len(ops), len(ops) + len(tensors))
+            ops.extend(dist.P2POp(op, t, peer, engine.pp_group) for t in tensors)
+            if action.kind.is_recv:
+                receives.append(((action.kind, *key), span))
+            else:
+                sends[-1] = (*sends[-1], span)
+        works = dist.batch_isend_irecv(ops) if ops else []
+
+        def works_of(span):
+            # one work per operation (gloo) lets a receive be waited for alone; a coalesced batch
+            # (one work, NCCL) completes as a whole
+            return works[span[0]:span[1]] if len(works) == len(ops) else works
+
+        for key, span in receives:
+            self.receiving[key] = works_of(span)
+        for tensors, freeable, span in sends:
+            self.sending.append((works_of(span), tensors, freeable))
+
+    def _collect_finished_sends(self, wait: bool = False) -> None:
+        pending = []
+        for works, tensors, freeable in self.sending:
+            if wait:
+                for work in works:
+                    work.wait()
+            elif not all(work.is_completed() for work in works):
+                pending.append((works, tensors, freeable))
+                continue
+            if freeable:
+                for tensor in tensors:
+                    _release(tensor)
+        self.sending = pending
+
+    def finish_sends(self) -> None:
+        self._collect_finished_sends(wait=True)
+        self.receiving.clear()
+
+    # --- compute ------------------------------------------------------------------------
+
+    def compute(self, action: Action) -> None:
+        start = time.perf_counter()
+        if action.kind is Kind.FORWARD:
+            self._forward(action.chunk, action.microbatch)
+        elif action.kind is Kind.BACKWARD:
+            self._backward(action.chunk, action.microbatch)
+        else:
+            raise NotImplementedError(f"{action.kind.name} actions need a zero-bubble capable engine")
+        if self.engine.record:
+            self.events.append(TimelineEvent(self.engine.rank, action.kind.value, action.chunk, action.microbatch,
+                                             start, time.perf_counter()))
+        self._collect_finished_sends()
+
+    def _forward(self, chunk: int, microbatch: int) -> None:
+        key, stage = (chunk, microbatch), self._stage(chunk)
+        inputs = None
+        if stage > 0:
+            self._wait(Kind.RECV_FORWARD, chunk, microbatch)
+            inputs = self.inputs[key]
+            for tensor in inputs:
+                tensor.requires_grad_(True)
+        batch = self._batch(microbatch)
+        out = self.engine.chunks[chunk].pipeline_forward(tuple(inputs) if inputs else None, batch)
+        if stage == self.engine.num_stages - 1:
+            loss = self.loss_fn(out, batch)
+            self.losses[key] = loss
+            self.loss_sum += loss.detach().double()
+        else:
+            self.outputs[key] = tuple(out)
+
+    def _backward(self, chunk: int, microbatch: int) -> None:
+        key, stage = (chunk, microbatch), self._stage(chunk)
+        if stage == self.engine.num_stages - 1:
+            self.losses.pop(key).backward()
+        else:
+            self._wait(Kind.RECV_BACKWARD, chunk, microbatch)
+            _backward(self.outputs.pop(key), tuple(self.output_grads.pop(key)))
+        if stage == 0:
+            self.inputs.pop(key, None)

@@ -1,0 +1,100 @@
+"""Pipeline schedules as data: (schedule, pp, vpp, micro-batches, rank) -> that rank's actions.
+
+Each generator only decides the order of forwards and backwards; `_with_comm` surrounds
+them with the receives and sends their stage needs, so a new schedule (zero-bubble, say) is
+just another ordering function.
+"""
+
+from __future__ import annotations
+
+from megalith.errors import ConfigError
+from megalith.parallel.pipeline.actions import Action, Kind, stage_of
+
+SCHEDULES = ("no-pipelining", "gpipe", "1f1b", "interleaved-1f1b")
+
+
+def validate_schedule_args(name: str, pp: int, vpp: int, microbatches: int) -> None:
+    """One line for every combination a schedule cannot run, before any process starts."""
+    if name not in SCHEDULES:
+        raise ConfigError(f"unknown pipeline schedule {name!r}; use one of {', '.join(SCHEDULES)}")
+    for flag, value in (("pipeline size", pp), ("virtual pipeline size", vpp), ("number of micro-batches", microbatches)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+    if name == "no-pipelining" and (pp > 1 or vpp > 1):
+        raise ConfigError(f"no-pipelining runs one stage, not pp {pp} x vpp {vpp}; use 1f1b or interleaved-1f1b")
+    if name in ("gpipe", "1f1b") and vpp > 1:
+        raise ConfigError(f"{name} runs one model chunk per rank, got vpp {vpp}; use interleaved-1f1b or drop vpp")
+    if name == "interleaved-1f1b":
+        if pp < 2 or vpp < 2:
+            raise ConfigError(f"interleaved-1f1b needs pp >= 2 and vpp >= 2, got pp {pp} and vpp {vpp}; use 1f1b")
+        if microbatches % pp != 0:
+            options = ", ".join(str(pp * k) for k in range(1, 4))
+            raise ConfigError(
+                f"interleaved-1f1b needs the number of micro-batches to be a multiple of pipeline size {pp}, "
+                f"got {microbatches}; use {options}"
+            )
+
+
+def build_schedule(name: str, pp: int, vpp: int, microbatches: int, rank: int) -> list[Action]:
+    """Rank `rank`'s ordered actions for one step."""
+    validate_schedule_args(name, pp, vpp, microbatches)
+    if not 0 <= rank < pp:
+        raise ConfigError(f"pipeline rank {rank} is outside 0..{pp - 1}")
+    order = _ORDERS[name](pp, vpp, microbatches, rank)
+    return _with_comm(order, pp, vpp, rank)
+
+
+def _no_pipelining(pp, vpp, m, rank):
+    return [(Kind.FORWARD if half == 0 else Kind.BACKWARD, 0, i) for i in range(m) for half in (0, 1)]
+
+
+def _gpipe(pp, vpp, m, rank):
+    return [(Kind.FORWARD, 0, i) for i in range(m)] + [(Kind.BACKWARD, 0, i) for i in range(m)]
+
+
+def _one_f_one_b(pp, vpp, m, rank):
+    """Megatron's 1F1B: pp - rank - 1 warm-up forwards, then one forward + one backward, then the rest."""
+    warmup = min(pp - rank - 1, m)
+    order = [(Kind.FORWARD, 0, i) for i in range(warmup)]
+    for k in range(m - warmup):
+        order += [(Kind.FORWARD, 0, warmup + k), (Kind.BACKWARD, 0, k)]
+    return order + [(Kind.BACKWARD, 0, i) for i in range(m - warmup, m)]
+
+
+def _virtual(k: int, pp: int, vpp: int, forward: bool) -> tuple[int, int]:
+    """(chunk, micro-batch) of a rank's k-th forward or backward in the interleaved order:
+    groups of pp micro-batches go through chunk 0, 1, ... (backward: the last chunk first)."""
+    group, within = divmod(k, pp * vpp)
+    chunk = within // pp
+    return (chunk if forward else vpp - 1 - chunk), group * pp + within % pp
+
+
+def _interleaved(pp, vpp, m, rank):
+    """Megatron's interleaved 1F1B: (pp - rank - 1) * 2 + (vpp - 1) * pp warm-up forwards."""
+    total = m * vpp
+    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+    order = [(Kind.FORWARD, *_virtual(k, pp, vpp, True)) for k in range(warmup)]
+    for k in range(total - warmup):
+        order += [(Kind.FORWARD, *_virtual(warmup + k, pp, vpp, True)), (Kind.BACKWARD, *_virtual(k, pp, vpp, False))]
+    return order + [(Kind.BACKWARD, *_virtual(k, pp, vpp, False)) for k in range(total - warmup, total)]
+
+
+_ORDERS = {"no-pipelining": _no_pipelining, "gpipe": _gpipe, "1f1b": _one_f_one_b, "interleaved-1f1b": _interleaved}
+
+
+def _with_comm(order, pp: int, vpp: int, rank: int) -> list[Action]:
+    """Receive just before the compute that consumes it, send right after the one that produces it."""
+    last = pp * vpp - 1
+    actions = []
+    for kind, chunk, microbatch in order:
+        stage = stage_of(rank, chunk, pp)
+        if kind is Kind.FORWARD:
+            before, after = (Kind.RECV_FORWARD if stage > 0 else None), (Kind.SEND_FORWARD if stage < last else None)
+        else:
+            before, after = (Kind.RECV_BACKWARD if stage < last else None), (Kind.SEND_BACKWARD if stage > 0 else None)
+        if before:
+            actions.append(Action(before, chunk, microbatch))
+        actions.append(Action(kind, chunk, microbatch))
+        if after:
+            actions.append(Action(after, chunk, microbatch))
+    return actions

@@ -1,0 +1,103 @@
+"""Run all ranks' action lists against a cost model, without processes.
+
+Semantics match the engine: consecutive communication actions are posted at once and never
+block; a forward or backward starts when its rank is free and the message it consumes has
+arrived (posted by the peer, plus the p2p cost). If no rank can move, the schedule deadlocks.
+With p2p cost 0 and equal stage costs, the bubble equals the textbook formula exactly
+(use ints or Fractions for exact arithmetic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from megalith.errors import ConfigError
+from megalith.parallel.pipeline.actions import Action, Kind, stage_of
+from megalith.parallel.pipeline.timeline import TimelineEvent
+
+
+class ScheduleError(ConfigError):
+    """A schedule that is malformed, mismatched or deadlocks."""
+
+
+@dataclass
+class SimulationResult:
+    events: list[TimelineEvent]
+    makespan: float
+    busy_per_rank: list[float]
+    bubble_fraction: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        mean_busy = sum(self.busy_per_rank) / len(self.busy_per_rank)
+        self.bubble_fraction = (self.makespan - mean_busy) / mean_busy if mean_busy else 0
+
+
+def message_of(action: Action, rank: int, pp: int) -> tuple[str, int, int]:
+    """(direction, receiving stage, micro-batch): what a send or receive carries."""
+    stage = stage_of(rank, action.chunk, pp)
+    if action.kind is Kind.SEND_FORWARD:
+        return "F", stage + 1, action.microbatch
+    if action.kind is Kind.SEND_BACKWARD:
+        return "B", stage - 1, action.microbatch
+    if action.kind is Kind.RECV_FORWARD:
+        return "F", stage, action.microbatch
+    if action.kind is Kind.RECV_BACKWARD:
+        return "B", stage, action.microbatch
+    raise ValueError(f"{action} moves no message")
+
+
+def simulate(schedules: list[list[Action]], pp: int, vpp: int, microbatches: int,
+             forward_cost=1, backward_cost=2, p2p_cost=0) -> SimulationResult:
+    """Times of every compute action; raises ScheduleError naming the stuck ranks on a deadlock."""
+    last = pp * vpp - 1
+    position = [0] * pp
+    clock = [0] * pp
+    busy = [0] * pp
+    arrival: dict[tuple[str, int, int], object] = {}
+    events: list[TimelineEvent] = []
+    done = 0
+    total = sum(len(s) for s in schedules)
+    while done < total:
+        moved = False
+        for rank in range(pp):
+            actions = schedules[rank]
+            while position[rank] < len(actions):
+                action = actions[position[rank]]
+                if not action.kind.is_compute:
+                    if action.kind.is_send:
+                        arrival[message_of(action, rank, pp)] = clock[rank] + p2p_cost
+                    position[rank] += 1
+                    done += 1
+                    moved = True
+                    continue
+                stage = stage_of(rank, action.chunk, pp)
+                needs = None
+                if action.kind is Kind.FORWARD and stage > 0:
+                    needs = ("F", stage, action.microbatch)
+                elif action.kind is Kind.BACKWARD and stage < last:
+                    needs = ("B", stage, action.microbatch)
+                if needs is not None and needs not in arrival:
+                    break
+                start = max(clock[rank], arrival[needs]) if needs is not None else clock[rank]
+                cost = forward_cost if action.kind is Kind.FORWARD else backward_cost
+                clock[rank] = start + cost
+                busy[rank] += cost
+                events.append(TimelineEvent(rank, action.kind.value, action.chunk, action.microbatch, start, start + cost))
+                position[rank] += 1
+                done += 1
+                moved = True
+        if not moved:
+            stuck = ", ".join(f"rank {r} at {schedules[r][position[r]]}" for r in range(pp)
+                              if position[r] < len(schedules[r]))
+            raise ScheduleError(f"the schedule deadlocks: {stuck} wait for messages never sent")
+    return SimulationResult(events, max(clock), busy)
+
+
+def predicted_bubble(name: str, pp: int, vpp: int, microbatches: int) -> Fraction:
+    """The textbook bubble: (p-1)/m for GPipe and 1F1B, (p-1)/(v m) interleaved, 0 without a pipeline."""
+    if name == "no-pipelining":
+        return Fraction(0)
+    if name == "interleaved-1f1b":
+        return Fraction(pp - 1, vpp * microbatches)
+    return Fraction(pp - 1, microbatches)
