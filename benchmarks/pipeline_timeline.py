@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--out", default="pipeline_timeline")
     args = parser.parse_args()
 
-    config = replace(ModelConfig(**BUILTIN_MODELS["gpt"].defaults), hidden_size=128, seq_length=64)
+    config = ModelConfig(**{**BUILTIN_MODELS["gpt"].defaults, "hidden_size": 128, "seq_length": 64})
     settings = VerifySettings("gpt", config, steps=args.steps, micro_batches=args.micro_batches, micro_batch_size=2)
     layout = f"pp{args.pp}" + (f".vpp{args.vpp}" if args.vpp > 1 else "")
     with RankPool(args.pp) as pool:
@@ -56,7 +56,7 @@ def main() -> None:
     simulated = simulate(actions, args.pp, args.vpp, args.micro_batches, forward, backward)
 
     write_chrome_trace(events, f"{args.out}.json", time_unit_us=1e3)
-    draw_gantt(events, f"{args.out}.png", f"GPT {layout}, {schedule}, m={args.micro_batches} (recorded, ms)")
+    draw_gantt(events, f"{args.out}.png", f"GPT {layout}, {schedule}, m={args.micro_batches} (recorded on CPU)", "ms")
     print(f"{layout} {schedule} m={args.micro_batches}: median forward {forward:.2f} ms, backward {backward:.2f} ms")
     print(f"bubble: measured {measured_bubble(events):.3f}, simulated from measured costs "
           f"{float(simulated.bubble_fraction):.3f}, formula {float(predicted_bubble(schedule, args.pp, args.vpp, args.micro_batches)):.3f}")

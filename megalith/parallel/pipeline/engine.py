@@ -197,19 +197,18 @@ class _StepRun:
     # --- compute ------------------------------------------------------------------------
 
     def compute(self, action: Action) -> None:
-        start = time.perf_counter()
         if action.kind is Kind.FORWARD:
-            self._forward(action.chunk, action.microbatch)
+            start = self._forward(action.chunk, action.microbatch)
         elif action.kind is Kind.BACKWARD:
-            self._backward(action.chunk, action.microbatch)
+            start = self._backward(action.chunk, action.microbatch)
         else:
             raise NotImplementedError(f"{action.kind.name} actions need a zero-bubble capable engine")
-        if self.engine.record:
+        if self.engine.record:  # from the end of the wait for input: the compute itself
             self.events.append(TimelineEvent(self.engine.rank, action.kind.value, action.chunk, action.microbatch,
                                              start, time.perf_counter()))
         self._collect_finished_sends()
 
-    def _forward(self, chunk: int, microbatch: int) -> None:
+    def _forward(self, chunk: int, microbatch: int) -> float:
         key, stage = (chunk, microbatch), self._stage(chunk)
         inputs = None
         if stage > 0:
@@ -217,6 +216,7 @@ class _StepRun:
             inputs = self.inputs[key]
             for tensor in inputs:
                 tensor.requires_grad_(True)
+        start = time.perf_counter()
         batch = self._batch(microbatch)
         out = self.engine.chunks[chunk].pipeline_forward(tuple(inputs) if inputs else None, batch)
         if stage == self.engine.num_stages - 1:
@@ -225,13 +225,17 @@ class _StepRun:
             self.loss_sum += loss.detach().double()
         else:
             self.outputs[key] = tuple(out)
+        return start
 
-    def _backward(self, chunk: int, microbatch: int) -> None:
+    def _backward(self, chunk: int, microbatch: int) -> float:
         key, stage = (chunk, microbatch), self._stage(chunk)
         if stage == self.engine.num_stages - 1:
+            start = time.perf_counter()
             self.losses.pop(key).backward()
         else:
             self._wait(Kind.RECV_BACKWARD, chunk, microbatch)
+            start = time.perf_counter()
             _backward(self.outputs.pop(key), tuple(self.output_grads.pop(key)))
         if stage == 0:
             self.inputs.pop(key, None)
+        return start
