@@ -7,7 +7,8 @@ import sys
 
 from megalith.errors import ConfigError
 
-DEFAULT_VERIFY_LAYOUTS = ["tp2", "tp2.sp", "tp4", "tp4.sp", "tp2.sp.recompute-full", "tp2.sp.recompute-selective"]
+DEFAULT_VERIFY_LAYOUTS = ["tp2", "tp2.sp", "tp4", "tp4.sp", "tp2.sp.recompute-full", "tp2.sp.recompute-selective",
+                          "pp4", "pp2.vpp2", "tp2.pp2.sp"]
 
 
 def _model_config(args: argparse.Namespace):
