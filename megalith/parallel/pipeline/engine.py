@@ -141,29 +141,29 @@ class _StepRun:
 
     def communicate(self, actions: list[Action]) -> None:
         engine = self.engine
-        ops, receives, sends = [], [], []  # receives and sends: (what, index range of their ops)
+        ops, receives, sends = [], [], []  # each with the index range of its operations in `ops`
         for action in actions:
             key = (action.chunk, action.microbatch)
             peer = engine._global_rank(peer_of(action, engine.rank, engine.pp)[0])
+            freeable = False
             if action.kind is Kind.RECV_FORWARD:
                 tensors = self.inputs[key] = engine._buffers(action.chunk)
             elif action.kind is Kind.RECV_BACKWARD:
                 tensors = self.output_grads[key] = engine._buffers(action.chunk)
             elif action.kind is Kind.SEND_FORWARD:
                 tensors = [t.detach() for t in self.outputs[key]]
-                sends.append((tensors, getattr(engine.chunks[action.chunk], "outputs_freeable", False)))
+                freeable = getattr(engine.chunks[action.chunk], "outputs_freeable", False)
             elif action.kind is Kind.SEND_BACKWARD:
                 tensors = [t.grad for t in self.inputs.pop(key)]
-                sends.append((tensors, False))
             else:
                 raise ValueError(f"{action} is not a communication action")
-            op = dist.irecv if action.kind.is_recv else dist.isend
             span = (len(ops), len(ops) + len(tensors))
+            op = dist.irecv if action.kind.is_recv else dist.isend
             ops.extend(dist.P2POp(op, t, peer, engine.pp_group) for t in tensors)
             if action.kind.is_recv:
                 receives.append(((action.kind, *key), span))
             else:
-                sends[-1] = (*sends[-1], span)
+                sends.append((tensors, freeable, span))
         works = dist.batch_isend_irecv(ops) if ops else []
 
         def works_of(span):
