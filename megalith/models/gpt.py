@@ -37,6 +37,16 @@ def init_generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + stream)
 
 
+def word_embeddings(config: ModelConfig, ctx: ParallelContext, generator: torch.Generator) -> VocabParallelEmbedding:
+    """The vocab-parallel word embedding: the first draw from the embedding's generator."""
+    return VocabParallelEmbedding(
+        config.vocab_size, config.hidden_size, tp_group=ctx.tp_group,
+        make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
+        sequence_parallel=ctx.sequence_parallel, init_method=normal_init(config.init_method_std, generator),
+        params_dtype=config.torch_dtype, device=ctx.device,
+    )
+
+
 class GPTEmbedding(nn.Module):
     """Word embeddings (vocab-parallel) plus learned positions; output `[s, b, h]` (SP: `[s/tp, b, h]`)."""
 
@@ -44,12 +54,7 @@ class GPTEmbedding(nn.Module):
         super().__init__()
         self.config, self.ctx = config, ctx
         init = normal_init(config.init_method_std, generator)
-        self.word_embeddings = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, tp_group=ctx.tp_group,
-            make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
-            sequence_parallel=ctx.sequence_parallel, init_method=init,
-            params_dtype=config.torch_dtype, device=ctx.device,
-        )
+        self.word_embeddings = word_embeddings(config, ctx, generator)
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute":
             self.position_embeddings = nn.Embedding(
@@ -114,9 +119,7 @@ class GPTModel(nn.Module):
                 params_dtype=config.torch_dtype, device=ctx.device,
             )
         elif stage.is_last and not stage.is_first:  # drawn from the embedding's generator: equal at start
-            self.word_embeddings_for_head = GPTEmbedding(
-                config, ctx, init_generator(init_seed, EMBEDDING_STREAM)
-            ).word_embeddings
+            self.word_embeddings_for_head = word_embeddings(config, ctx, init_generator(init_seed, EMBEDDING_STREAM))
         if stage.count > 1 and not config.untie_embeddings_and_output_weights:
             for module in (self.embedding and self.embedding.word_embeddings, self.word_embeddings_for_head):
                 if module is not None:
