@@ -59,12 +59,27 @@ def test_bubble_with_p2p_cost_is_larger():
     (("no-pipelining", 2, 1, 4), "no-pipelining runs one stage"),
     (("zero-bubble", 2, 1, 4), "unknown pipeline schedule 'zero-bubble'"),
     (("1f1b", 2, 1, 0), "number of micro-batches must be a positive integer"),
+    (("1f1b", True, 1, 4), "pipeline size must be a positive integer"),
 ])
 def test_unsupported_combinations(args, fragment):
     with pytest.raises(ConfigError) as info:
         build_schedule(*args, rank=0)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_rank_outside_the_pipeline():
+    with pytest.raises(ConfigError, match="pipeline rank 4 is outside 0..3"):
+        build_schedule("1f1b", 4, 1, 8, rank=4)
+
+
+def test_interleaved_chunk_order_follows_megatron():
+    """Groups of pp micro-batches per chunk: forwards through chunks ascending, backwards descending."""
+    actions = build_schedule("interleaved-1f1b", 2, 2, 4, rank=1)
+    forwards = [(a.chunk, a.microbatch) for a in actions if a.kind is Kind.FORWARD]
+    backwards = [(a.chunk, a.microbatch) for a in actions if a.kind is Kind.BACKWARD]
+    assert forwards == [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
+    assert backwards == [(1, 0), (1, 1), (0, 0), (0, 1), (1, 2), (1, 3), (0, 2), (0, 3)]
 
 
 def _good(pp=2, m=2):
@@ -81,11 +96,26 @@ def test_checker_rejects_a_backward_before_its_forward():
 
 
 def test_checker_rejects_sends_out_of_receive_order():
+    """Each send still follows its forward (structure is fine), but rank 0 sends micro-batch 1 before 0."""
+    schedules = [build_schedule("gpipe", 2, 1, 2, r) for r in range(2)]
+    actions = schedules[0]
+    assert actions[:4] == [Action(Kind.FORWARD, 0, 0), Action(Kind.SEND_FORWARD, 0, 0),
+                           Action(Kind.FORWARD, 0, 1), Action(Kind.SEND_FORWARD, 0, 1)]
+    actions[:4] = [actions[0], actions[2], actions[3], actions[1]]
+    with pytest.raises(ScheduleError, match="rank 0 sends to rank 1 in an order its receives do not follow"):
+        check_schedule(schedules, 2, 1, 2)
+
+
+def test_checker_rejects_a_receive_after_its_compute_and_a_missing_send():
     schedules = _good()
-    actions = schedules[0]  # rank 0 sends activations of micro-batch 0 and 1 to rank 1: swap the receives
-    r0, r1 = actions.index(Action(Kind.RECV_BACKWARD, 0, 0)), actions.index(Action(Kind.RECV_BACKWARD, 0, 1))
-    actions[r0], actions[r1] = actions[r1], actions[r0]
-    with pytest.raises(ScheduleError):
+    actions = schedules[1]
+    receive = actions.index(Action(Kind.RECV_FORWARD, 0, 0))
+    actions.insert(receive + 1, actions.pop(receive))
+    with pytest.raises(ScheduleError, match="rank 1: F0.0 comes before RF0.0"):
+        check_schedule(schedules, 2, 1, 2)
+    schedules = _good()
+    schedules[0].remove(Action(Kind.SEND_FORWARD, 0, 1))
+    with pytest.raises(ScheduleError, match="rank 0: missing SF0.1"):
         check_schedule(schedules, 2, 1, 2)
 
 

@@ -2,6 +2,10 @@
 
 import json
 
+import pytest
+
+from megalith.errors import ConfigError
+
 from megalith.cli import main
 from megalith.parallel.pipeline.timeline import (
     TimelineEvent,
@@ -31,6 +35,8 @@ def test_chrome_trace_has_one_complete_event_per_compute_and_a_row_per_rank(tmp_
 def test_measured_bubble():
     # span 4, busy 3 on each rank: (4 - 3) / 3
     assert abs(measured_bubble(EVENTS) - 1 / 3) < 1e-12
+    with pytest.raises(ConfigError, match="at least one timeline event"):
+        measured_bubble([])
 
 
 def test_gantt_png(tmp_path):

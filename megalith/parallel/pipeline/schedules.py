@@ -12,13 +12,15 @@ from megalith.parallel.pipeline.actions import Action, Kind, stage_of
 
 SCHEDULES = ("no-pipelining", "gpipe", "1f1b", "interleaved-1f1b")
 
+Step = tuple[Kind, int, int]  # (FORWARD or BACKWARD, chunk, micro-batch), before communication is added
+
 
 def validate_schedule_args(name: str, pp: int, vpp: int, microbatches: int) -> None:
     """One line for every combination a schedule cannot run, before any process starts."""
     if name not in SCHEDULES:
         raise ConfigError(f"unknown pipeline schedule {name!r}; use one of {', '.join(SCHEDULES)}")
     for flag, value in (("pipeline size", pp), ("virtual pipeline size", vpp), ("number of micro-batches", microbatches)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
     if name == "no-pipelining" and (pp > 1 or vpp > 1):
         raise ConfigError(f"no-pipelining runs one stage, not pp {pp} x vpp {vpp}; use 1f1b or interleaved-1f1b")
@@ -40,19 +42,29 @@ def build_schedule(name: str, pp: int, vpp: int, microbatches: int, rank: int) -
     validate_schedule_args(name, pp, vpp, microbatches)
     if not 0 <= rank < pp:
         raise ConfigError(f"pipeline rank {rank} is outside 0..{pp - 1}")
-    order = _ORDERS[name](pp, vpp, microbatches, rank)
+    match name:
+        case "no-pipelining":
+            order = _no_pipelining(microbatches)
+        case "gpipe":
+            order = _gpipe(microbatches)
+        case "1f1b":
+            order = _one_f_one_b(pp, microbatches, rank)
+        case _:
+            order = _interleaved(pp, vpp, microbatches, rank)
     return _with_comm(order, pp, vpp, rank)
 
 
-def _no_pipelining(pp, vpp, m, rank):
+def _no_pipelining(m: int) -> list[Step]:
+    """Gradient accumulation: each micro-batch's backward right after its forward."""
     return [(Kind.FORWARD if half == 0 else Kind.BACKWARD, 0, i) for i in range(m) for half in (0, 1)]
 
 
-def _gpipe(pp, vpp, m, rank):
+def _gpipe(m: int) -> list[Step]:
+    """All forwards, then all backwards: simple, but holds every micro-batch's activations."""
     return [(Kind.FORWARD, 0, i) for i in range(m)] + [(Kind.BACKWARD, 0, i) for i in range(m)]
 
 
-def _one_f_one_b(pp, vpp, m, rank):
+def _one_f_one_b(pp: int, m: int, rank: int) -> list[Step]:
     """Megatron's 1F1B: pp - rank - 1 warm-up forwards, then one forward + one backward, then the rest."""
     warmup = min(pp - rank - 1, m)
     order = [(Kind.FORWARD, 0, i) for i in range(warmup)]
@@ -69,7 +81,7 @@ def _virtual(k: int, pp: int, vpp: int, forward: bool) -> tuple[int, int]:
     return (chunk if forward else vpp - 1 - chunk), group * pp + within % pp
 
 
-def _interleaved(pp, vpp, m, rank):
+def _interleaved(pp: int, vpp: int, m: int, rank: int) -> list[Step]:
     """Megatron's interleaved 1F1B: (pp - rank - 1) * 2 + (vpp - 1) * pp warm-up forwards."""
     total = m * vpp
     warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
@@ -79,13 +91,13 @@ def _interleaved(pp, vpp, m, rank):
     return order + [(Kind.BACKWARD, *_virtual(k, pp, vpp, False)) for k in range(total - warmup, total)]
 
 
-_ORDERS = {"no-pipelining": _no_pipelining, "gpipe": _gpipe, "1f1b": _one_f_one_b, "interleaved-1f1b": _interleaved}
+def _with_comm(order: list[Step], pp: int, vpp: int, rank: int) -> list[Action]:
+    """Receive just before the compute that consumes it, send right after the one that produces it.
 
-
-def _with_comm(order, pp: int, vpp: int, rank: int) -> list[Action]:
-    """Receive just before the compute that consumes it, send right after the one that produces it."""
+    A send and the next receive are adjacent, so they form one batch (Megatron's
+    send_forward_recv_backward): the receive is posted as soon as the previous compute ends."""
     last = pp * vpp - 1
-    actions = []
+    actions: list[Action] = []
     for kind, chunk, microbatch in order:
         stage = stage_of(rank, chunk, pp)
         if kind is Kind.FORWARD:

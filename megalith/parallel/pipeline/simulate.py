@@ -16,6 +16,8 @@ from megalith.errors import ConfigError
 from megalith.parallel.pipeline.actions import Action, Kind, stage_of
 from megalith.parallel.pipeline.timeline import TimelineEvent
 
+Cost = int | float | Fraction  # ints and Fractions keep the simulated bubble exact
+
 
 class ScheduleError(ConfigError):
     """A schedule that is malformed, mismatched or deadlocks."""
@@ -24,9 +26,9 @@ class ScheduleError(ConfigError):
 @dataclass
 class SimulationResult:
     events: list[TimelineEvent]
-    makespan: float
-    busy_per_rank: list[float]
-    bubble_fraction: float = field(init=False)
+    makespan: Cost
+    busy_per_rank: list[Cost]
+    bubble_fraction: Cost = field(init=False)
 
     def __post_init__(self) -> None:
         mean_busy = sum(self.busy_per_rank) / len(self.busy_per_rank)
@@ -48,13 +50,18 @@ def message_of(action: Action, rank: int, pp: int) -> tuple[str, int, int]:
 
 
 def simulate(schedules: list[list[Action]], pp: int, vpp: int, microbatches: int,
-             forward_cost=1, backward_cost=2, p2p_cost=0) -> SimulationResult:
-    """Times of every compute action; raises ScheduleError naming the stuck ranks on a deadlock."""
+             forward_cost: Cost = 1, backward_cost: Cost = 2, p2p_cost: Cost = 0) -> SimulationResult:
+    """Times of every compute action; raises ScheduleError naming the stuck ranks on a deadlock.
+
+    Costs are per chunk: with vpp chunks per rank, pass f / vpp and b / vpp to keep the work of
+    the whole model the same as without interleaving."""
+    if len(schedules) != pp:
+        raise ScheduleError(f"{len(schedules)} rank schedules for pipeline size {pp}; give one per rank")
     last = pp * vpp - 1
     position = [0] * pp
     clock = [0] * pp
     busy = [0] * pp
-    arrival: dict[tuple[str, int, int], object] = {}
+    arrival: dict[tuple[str, int, int], Cost] = {}
     events: list[TimelineEvent] = []
     done = 0
     total = sum(len(s) for s in schedules)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from fractions import Fraction
 
 from megalith.errors import ConfigError
 
@@ -40,6 +41,8 @@ def write_chrome_trace(events: list[TimelineEvent], path, time_unit_us: float = 
 
 def measured_bubble(events: list[TimelineEvent]) -> float:
     """(span of the step - mean busy time per rank) / mean busy time: the simulator's definition."""
+    if not events:
+        raise ConfigError("measuring a bubble needs at least one timeline event, got none")
     ranks = sorted({e.rank for e in events})
     span = max(e.end for e in events) - min(e.start for e in events)
     mean_busy = sum(e.end - e.start for e in events) / len(ranks)
@@ -49,6 +52,8 @@ def measured_bubble(events: list[TimelineEvent]) -> float:
 def draw_gantt(events: list[TimelineEvent], path, title: str, time_unit: str = "time") -> None:
     """A PNG Gantt chart: one row per rank (rank 0 on top), forwards blue, backwards orange,
     later chunks darker, micro-batch numbers in the boxes."""
+    if not events:
+        raise ConfigError("drawing a Gantt chart needs at least one timeline event, got none")
     try:
         import matplotlib
     except ImportError as error:
@@ -58,27 +63,35 @@ def draw_gantt(events: list[TimelineEvent], path, title: str, time_unit: str = "
 
     ranks = sorted({e.rank for e in events})
     chunks = max(e.chunk for e in events) + 1
-    span = max(e.end for e in events) - min(e.start for e in events)
-    figure, axes = pyplot.subplots(figsize=(12, 0.6 * len(ranks) + 1.8))
+    begin, finish = float(min(e.start for e in events)), float(max(e.end for e in events))
+    span = (finish - begin) or 1.0
+    width_in, height_in, legend_in = 12.0, 0.6 * len(ranks) + 1.6, 0.35
+    inches_per_unit = (width_in - 1.5) / span  # the axes take the figure's width less the rank labels
+    figure, axes = pyplot.subplots(figsize=(width_in, height_in))
     palette = {"F": pyplot.get_cmap("Blues"), "B": pyplot.get_cmap("Oranges")}
+
+    def shade(chunk: int) -> float:
+        return 0.45 + 0.4 * (chunk / max(chunks - 1, 1))
+
     for e in events:
-        shade = 0.45 + 0.4 * (e.chunk / max(chunks - 1, 1))
-        colour = palette.get(e.kind, pyplot.get_cmap("Greys"))(shade)
+        colour = palette.get(e.kind, pyplot.get_cmap("Greys"))(shade(e.chunk))
         row = len(ranks) - 1 - ranks.index(e.rank)
         width = float(e.end - e.start)
         axes.barh(row, width, left=float(e.start), height=0.8, color=colour, edgecolor="black", linewidth=0.4)
-        if width > span / 60:
-            axes.text(float(e.start) + width / 2, row, str(e.microbatch), ha="center", va="center", fontsize=7)
+        label = str(e.microbatch)
+        if width * inches_per_unit > (len(label) * 0.6 + 0.6) * 7 / 72:  # 7-point digits with a little margin
+            axes.text(float(e.start) + width / 2, row, label, ha="center", va="center", fontsize=7)
     from matplotlib.patches import Patch
 
-    legend = [Patch(color=palette[kind](0.45 + 0.4 * (c / max(chunks - 1, 1))), label=f"{name} chunk {c}")
+    legend = [Patch(facecolor=palette[kind](shade(c)), edgecolor="black", linewidth=0.4, label=f"{name} chunk {c}" if chunks > 1 else name)
               for kind, name in (("F", "forward"), ("B", "backward")) for c in range(chunks)]
-    axes.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(len(legend), 8),
-                fontsize=8, frameon=False)
+    figure.legend(handles=legend, loc="lower center", ncol=min(len(legend), 8), fontsize=8, frameon=False)
+    axes.set_xlim(begin, begin + span * 1.01)
+    axes.set_ylim(-0.6, len(ranks) - 0.4)
     axes.set_yticks(range(len(ranks)), [f"rank {r}" for r in reversed(ranks)])
     axes.set_xlabel(time_unit)
     axes.set_title(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, legend_in / height_in, 1, 1))
     figure.savefig(path, dpi=120)
     pyplot.close(figure)
 
@@ -92,7 +105,9 @@ def describe_schedule(name: str, pp: int, vpp: int, microbatches: int, forward_c
 
     schedules = [build_schedule(name, pp, vpp, microbatches, rank) for rank in range(pp)]
     check_schedule(schedules, pp, vpp, microbatches)
-    result = simulate(schedules, pp, vpp, microbatches, forward_cost / vpp, backward_cost / vpp, p2p_cost)
+    # exact per-chunk costs (a float converts to Fraction exactly), so formula and simulation agree to the digit
+    result = simulate(schedules, pp, vpp, microbatches, Fraction(forward_cost) / vpp,
+                      Fraction(backward_cost) / vpp, Fraction(p2p_cost))
     lines = [
         f"{name}: pp {pp}, vpp {vpp}, {microbatches} micro-batches; forward {forward_cost:g}, backward "
         f"{backward_cost:g} per stage of the whole model, p2p {p2p_cost:g}",
