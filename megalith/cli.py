@@ -8,7 +8,7 @@ import sys
 from megalith.errors import ConfigError
 
 DEFAULT_VERIFY_LAYOUTS = ["tp2", "tp2.sp", "tp4", "tp4.sp", "tp2.sp.recompute-full", "tp2.sp.recompute-selective",
-                          "pp4", "pp2.vpp2", "tp2.pp2.sp"]
+                          "pp4", "pp2.vpp2", "tp2.pp2.sp", "dp2", "dp4.zero1", "tp2.dp2.sp.zero1", "pp2.dp2.zero1.bf16"]
 
 
 def _model_config(args: argparse.Namespace):
@@ -24,15 +24,19 @@ def _verify(args: argparse.Namespace) -> int:
     layouts = [parse_layout(text) for text in args.layouts]
     config = _model_config(args)
     settings = VerifySettings(model=args.model, config=config, steps=args.steps, micro_batches=args.micro_batches,
-                              micro_batch_size=args.micro_batch_size, lr=args.lr, adam_eps=args.adam_eps,
-                              seed=args.seed, schedule=args.schedule,
+                              micro_batch_size=args.micro_batch_size, lr=args.lr, min_lr=args.min_lr,
+                              lr_warmup_iters=args.lr_warmup_iters, lr_decay_style=args.lr_decay_style,
+                              weight_decay=args.weight_decay, clip_grad=args.clip_grad, adam_eps=args.adam_eps,
+                              optimizer=args.optimizer, ddp_bucket_size=args.ddp_bucket_size,
+                              initial_loss_scale=args.initial_loss_scale, seed=args.seed, schedule=args.schedule,
                               decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
                               decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers)
     check_layouts(settings, layouts)
     print(f"verify {args.model}: {config.num_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_attention_heads} heads ({config.num_query_groups} query groups), {config.params_dtype}; "
-          f"{settings.steps} AdamW steps of {settings.micro_batches} x {settings.micro_batch_size} sequences of "
-          f"{config.seq_length} tokens, each layout against one process", flush=True)
+          f"{settings.steps} {settings.optimizer} steps (clip {settings.clip_grad:g}, lr {settings.lr:g} "
+          f"{settings.lr_decay_style}) of {settings.global_batch_size} sequences of {config.seq_length} tokens, each "
+          "layout against one process in its precision", flush=True)
     if config.hidden_dropout > 0 or config.attention_dropout > 0:
         print("note: dropout > 0 cannot match one process under tp (streams differ by design); expect FAIL")
     results = run_verify(settings, layouts)
@@ -50,6 +54,14 @@ def _bench_overhead(args: argparse.Namespace) -> int:
                               warmup=args.warmup, seed=args.seed)
     print(format_overhead(result, config))
     return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from megalith.training.arguments import resolve_pretrain_config, world_size_from_env
+    from megalith.training.loop import run_pretrain
+
+    config = resolve_pretrain_config(args, world_size_from_env())  # every check before any process group
+    return run_pretrain(config)
 
 
 def _topology(args: argparse.Namespace) -> int:
@@ -94,32 +106,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser(
         "verify", help="train a model under several layouts and check each against one process",
-        description="Train a small model for a few AdamW steps under one process and under each layout (CPU "
-        "ranks spawned here) and print, per layout, the largest relative difference of the per-step losses "
-        "and of the final parameters; PASS below 1e-5. Exit status 1 on any FAIL.",
+        description="Train a small model for a few steps of the real optimizer (clipping, LR schedule, loss "
+        "scaling, ZeRO-1 with zero1) under one process and under each layout (CPU ranks spawned here) and print, "
+        "per layout, the largest relative difference of the per-step losses and grad norms, of the first step's "
+        "gradients and of the final parameters; PASS below 1e-5 in fp32 (bf16/fp16 layouts: against one process "
+        "in the same precision, with the bounds of megalith.testing.RELATIVE_TOLERANCES). Exit status 1 on any FAIL.",
     )
     verify.add_argument("--model", default="gpt", choices=list(BUILTIN_MODELS), help="registry name (default: gpt)")
     verify.add_argument("--layouts", nargs="+", default=DEFAULT_VERIFY_LAYOUTS, metavar="LAYOUT",
-                        help="dotted tokens: tpN, ppN, vppN, mbN (micro-batches), sp, recompute-full, "
-                        "recompute-selective (default: %(default)s)")
+                        help="dotted tokens: tpN, ppN, vppN, dpN, mbN (micro-batches per dp rank), sp, zero1 "
+                        "(distributed optimizer), recompute-full, recompute-selective, bf16, fp16 "
+                        "(default: %(default)s)")
     verify.add_argument("--schedule", choices=SCHEDULES, default=None,
                         help="pipeline schedule (default: no-pipelining at pp 1, 1f1b, interleaved-1f1b with vpp)")
     verify.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
                         help="layers on the first pipeline stage (the rest split evenly)")
     verify.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
                         help="layers on the last pipeline stage (the rest split evenly)")
-    verify.add_argument("--steps", type=int, default=3, help="AdamW steps (default: %(default)s)")
-    verify.add_argument("--micro-batches", type=int, default=2,
+    verify.add_argument("--steps", type=int, default=3, help="optimizer steps (default: %(default)s)")
+    verify.add_argument("--micro-batches", type=int, default=4,
                         help="micro-batches per step in the reference; the global batch is micro-batches x "
-                        "micro-batch-size sequences (default: %(default)s)")
-    verify.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch (default: %(default)s)")
-    verify.add_argument("--lr", type=float, default=1e-3)
+                        "micro-batch-size sequences, the same for every layout (default: %(default)s)")
+    verify.add_argument("--micro-batch-size", type=int, default=2,
+                        help="sequences per micro-batch, unless a layout's mbN token says otherwise (default: %(default)s)")
+    verify.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                        help="adam: decoupled weight decay (AdamW), as Megatron's adam (default: %(default)s)")
+    verify.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    verify.add_argument("--min-lr", type=float, default=1e-4, help="(default: %(default)s)")
+    verify.add_argument("--lr-warmup-iters", type=int, default=1, help="(default: %(default)s)")
+    verify.add_argument("--lr-decay-style", default="cosine",
+                        choices=("constant", "linear", "cosine", "inverse-square-root"), help="(default: %(default)s)")
+    verify.add_argument("--weight-decay", type=float, default=0.01,
+                        help="not applied to biases and norms (default: %(default)s)")
+    verify.add_argument("--clip-grad", type=float, default=1.0,
+                        help="clip by the global gradient norm; 0 turns it off (default: %(default)s)")
     verify.add_argument("--adam-eps", type=float, default=1e-6,
                         help="AdamW epsilon (default: %(default)s; at 1e-8 Adam amplifies fp32 rounding noise of "
                         "near-zero gradients past the 1e-5 tolerance in any layout)")
+    verify.add_argument("--ddp-bucket-size", type=int, default=20_000,
+                        help="data-parallel bucket size in elements; small so that the model has several buckets "
+                        "(default: %(default)s)")
+    verify.add_argument("--initial-loss-scale", type=float, default=2.0**12,
+                        help="fp16 layouts' dynamic loss scale at the start (default: %(default)s)")
     verify.add_argument("--seed", type=int, default=1234)
     _add_model_arguments(verify, BUILTIN_MODELS["gpt"].defaults)
     verify.set_defaults(run=_verify)
+
+    from megalith.training.arguments import PRETRAIN_DESCRIPTION, PRETRAIN_USAGE, add_pretrain_arguments
+
+    pretrain = commands.add_parser(
+        "pretrain", help="train a model with tensor, pipeline and data parallelism (under torchrun or srun)",
+        description=PRETRAIN_DESCRIPTION, usage=PRETRAIN_USAGE.replace("%(prog)s", "megalith pretrain"),
+    )
+    add_pretrain_arguments(pretrain)
+    pretrain.set_defaults(run=_pretrain)
 
     bench = commands.add_parser(
         "bench-overhead", help="time megalith's GPT against a plain-PyTorch GPT of the same architecture",

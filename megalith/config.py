@@ -7,7 +7,7 @@ clear line at start-up instead of a shape error (or a hang) deep inside a collec
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -75,35 +75,44 @@ class ParallelConfig:
             )
 
 
-LAYOUT_TOKENS = ("tpN", "ppN", "vppN", "mbN", "sp", "recompute-full", "recompute-selective")
+LAYOUT_TOKENS = ("tpN", "ppN", "vppN", "dpN", "mbN", "sp", "zero1", "recompute-full", "recompute-selective",
+                 "bf16", "fp16")
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A layout written as dotted tokens, e.g. `tp2.pp2.vpp2.sp.recompute-full` (later: dp, ...).
+    """A layout written as dotted tokens, e.g. `tp2.pp2.vpp2.dp2.sp.zero1.recompute-full.bf16`.
 
-    `mbN` splits the global batch into N micro-batches under this layout (default: as the
-    reference does); the step's loss does not depend on it.
+    `mbN` splits each data-parallel rank's share of the global batch into N micro-batches
+    (default: micro-batches of the reference's size); the step's loss does not depend on it.
+    `zero1` is the distributed optimizer; `bf16` / `fp16` set the parameters' precision (fp32
+    main weights in the optimizer either way).
     """
 
     tp: int = 1
     pp: int = 1
     vpp: int = 1
+    dp: int = 1
     microbatches: int | None = None
     sequence_parallel: bool = False
+    zero1: bool = False
     recompute: str | None = None  # Megatron's --recompute-granularity: "full" or "selective"
+    precision: str = "fp32"
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp
+        return self.tp * self.pp * self.dp
 
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-                              sequence_parallel=self.sequence_parallel)
+                              data_parallel_size=self.dp, sequence_parallel=self.sequence_parallel)
 
     def apply_to(self, config: "ModelConfig") -> "ModelConfig":
         """The model config under this layout: a recompute token sets the granularity (full keeps
-        the config's --recompute-method and --recompute-num-layers); no token leaves it as is."""
+        the config's --recompute-method and --recompute-num-layers), a precision token the
+        parameters' dtype; no token leaves the config as is."""
+        if self.precision != "fp32":
+            config = replace(config, params_dtype=self.precision)
         if self.recompute == "selective":
             return replace(config, recompute_granularity="selective", recompute_method=None, recompute_num_layers=None)
         if self.recompute == "full":
@@ -111,15 +120,18 @@ class Layout:
         return config
 
     def __str__(self) -> str:
-        tokens = [f"tp{self.tp}"] if self.tp > 1 or self.pp == 1 else []
+        tokens = [f"tp{self.tp}"] if self.tp > 1 or (self.pp == 1 and self.dp == 1) else []
         tokens += [f"pp{self.pp}"] if self.pp > 1 else []
         tokens += [f"vpp{self.vpp}"] if self.vpp > 1 else []
+        tokens += [f"dp{self.dp}"] if self.dp > 1 else []
         tokens += [f"mb{self.microbatches}"] if self.microbatches else []
         tokens += ["sp"] if self.sequence_parallel else []
-        return ".".join(tokens + ([f"recompute-{self.recompute}"] if self.recompute else []))
+        tokens += ["zero1"] if self.zero1 else []
+        tokens += [f"recompute-{self.recompute}"] if self.recompute else []
+        return ".".join(tokens + ([self.precision] if self.precision != "fp32" else []))
 
 
-_NUMBERED_TOKENS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "mb": "microbatches"}
+_NUMBERED_TOKENS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "dp": "dp", "mb": "microbatches"}
 
 
 def parse_layout(text: str) -> Layout:
@@ -132,6 +144,10 @@ def parse_layout(text: str) -> Layout:
             key, value = _NUMBERED_TOKENS[prefix], int(number)
         elif token == "sp":
             key, value = "sequence_parallel", True
+        elif token == "zero1":
+            key, value = "zero1", True
+        elif token in ("bf16", "fp16"):
+            key, value = "precision", token
         elif token in ("recompute-full", "recompute-selective"):
             key, value = "recompute", token.split("-", 1)[1]
         else:
@@ -163,6 +179,11 @@ def _positive(name: str, value) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
 
+def flag_field(default, help: str, choices: tuple | None = None):
+    """A dataclass field whose `--flag` (see add_config_arguments) gets this help text and choices."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A transformer's shape and options, with Megatron's names. Derived sizes are filled in.
@@ -173,33 +194,33 @@ class ModelConfig:
     `--recompute-granularity full` expects.
     """
 
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    ffn_hidden_size: int | None = None
-    num_query_groups: int | None = None
-    kv_channels: int | None = None
-    seq_length: int = 32
-    max_position_embeddings: int | None = None
-    vocab_size: int = 512
-    make_vocab_size_divisible_by: int = 128
-    position_embedding_type: str = "learned_absolute"
-    rotary_base: int = 10000
-    normalization: str = "LayerNorm"
-    norm_epsilon: float = 1e-5
-    swiglu: bool = False
-    untie_embeddings_and_output_weights: bool = False
-    disable_bias_linear: bool = False
-    add_qkv_bias: bool = False
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_method_std: float = 0.02
-    attention_softmax_in_fp32: bool = False
-    attention_backend: str = "sdpa"
-    params_dtype: str = "fp32"
-    recompute_granularity: str | None = None
-    recompute_method: str | None = None
-    recompute_num_layers: int | None = None
+    num_layers: int = flag_field(2, "transformer layers")
+    hidden_size: int = flag_field(64, "width of the hidden states")
+    num_attention_heads: int = flag_field(4, "attention heads")
+    ffn_hidden_size: int | None = flag_field(None, "MLP hidden size (None: 4 x hidden size)")
+    num_query_groups: int | None = flag_field(None, "key/value groups of grouped-query attention (None: one per head)")
+    kv_channels: int | None = flag_field(None, "size of one attention head (None: hidden size / heads)")
+    seq_length: int = flag_field(32, "tokens per sequence")
+    max_position_embeddings: int | None = flag_field(None, "rows of the learned position table (None: seq length)")
+    vocab_size: int = flag_field(512, "vocabulary size before padding")
+    make_vocab_size_divisible_by: int = flag_field(128, "pad the vocabulary to a multiple of this x tp")
+    position_embedding_type: str = flag_field("learned_absolute", "position encoding")
+    rotary_base: int = flag_field(10000, "base of the rotary frequencies")
+    normalization: str = flag_field("LayerNorm", "normalization layer")
+    norm_epsilon: float = flag_field(1e-5, "epsilon of the norms")
+    swiglu: bool = flag_field(False, "SwiGLU MLP instead of GELU")
+    untie_embeddings_and_output_weights: bool = flag_field(False, "own output layer instead of the word embedding")
+    disable_bias_linear: bool = flag_field(False, "no biases in the linear layers")
+    add_qkv_bias: bool = flag_field(False, "bias in the QKV projection even with --disable-bias-linear")
+    hidden_dropout: float = flag_field(0.1, "dropout on hidden states")
+    attention_dropout: float = flag_field(0.1, "dropout on attention probabilities")
+    init_method_std: float = flag_field(0.02, "standard deviation of the weight initialisation")
+    attention_softmax_in_fp32: bool = flag_field(False, "attention softmax in fp32 for bf16/fp16 models")
+    attention_backend: str = flag_field("sdpa", "core attention: torch SDPA or explicit matmuls")
+    params_dtype: str = flag_field("fp32", "parameter dtype (pretrain: follows --bf16 / --fp16)")
+    recompute_granularity: str | None = flag_field(None, "activation recompute (None: off)")
+    recompute_method: str | None = flag_field(None, "full recompute: uniform groups or the first N layers")
+    recompute_num_layers: int | None = flag_field(None, "layers per group (uniform) or recomputed (block)")
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
@@ -307,19 +328,57 @@ CHOICES = {
 }
 
 
+_EXPLICIT = "_megalith_explicit_flags"
+
+
+def _remember_explicit(namespace: argparse.Namespace, dest: str) -> None:
+    setattr(namespace, _EXPLICIT, explicit_flags(namespace) | {dest})
+
+
+class _StoreFlag(argparse.Action):
+    """Store the value and remember that the user gave it (so a config file does not override it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        _remember_explicit(namespace, self.dest)
+
+
+class _SwitchFlag(argparse.BooleanOptionalAction):
+    """`--flag` / `--no-flag`, remembered like _StoreFlag."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        _remember_explicit(namespace, self.dest)
+
+
+def explicit_flags(namespace: argparse.Namespace) -> set[str]:
+    """The fields (dest names) whose flags were given on the command line, not left at their default."""
+    return set(getattr(namespace, _EXPLICIT, ()))
+
+
 def add_config_arguments(parser, cls, overrides: dict | None = None) -> None:
-    """One `--flag-name` per dataclass field (Megatron's spelling); defaults from the class or `overrides`."""
+    """One `--flag-name` per dataclass field (Megatron's spelling); defaults from the class or `overrides`.
+
+    Help text and choices come from the field's metadata (see flag_field), else from CHOICES.
+    Flags the user gives are remembered on the namespace: see explicit_flags.
+    """
     overrides = overrides or {}
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = overrides.get(f.name, f.default)
+        choices = f.metadata.get("choices") or CHOICES.get(f.name)
+        parts = [f.metadata["help"].replace("%", "%%")] if f.metadata.get("help") else []
+        parts += [f"one of {', '.join(map(str, choices))}"] if choices else []
+        parts += ["default: %(default)s" + (" (derived)" if default is None and not parts else "")]
+        text = "; ".join(parts)
         kind = str(f.type)
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        if kind.startswith("bool"):
+            action = parser.add_argument(flag, action=_SwitchFlag, default=default, help=text)
+            action.help = text  # some Pythons append the default themselves; keep one
             continue
         convert = int if "int" in kind else float if "float" in kind else str
-        parser.add_argument(flag, type=convert, default=default, choices=CHOICES.get(f.name), metavar=f.name.upper(),
-                            help="default: %(default)s" + (" (derived)" if default is None else ""))
+        parser.add_argument(flag, action=_StoreFlag, type=convert, default=default, choices=choices,
+                            metavar=f.name.upper(), help=text)
 
 
 def config_from_arguments(args, cls):

@@ -24,22 +24,29 @@ its share, so pipeline micro-batching (and later data-parallel splitting) cannot
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from megalith.config import Layout, ModelConfig
 from megalith.errors import ConfigError
-from megalith.models.parallel_context import ParallelContext, StageSpec
+from megalith.models.parallel_context import ParallelContext
 from megalith.models.registry import ModelSpec, get_model_spec
+from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.parallel.layers import gather_full_parameter
-from megalith.parallel.pipeline.actions import stage_of
 from megalith.parallel.pipeline.engine import PipelineEngine
 from megalith.parallel.pipeline.schedules import build_schedule, validate_schedule_args
 from megalith.parallel.pipeline.split import split_layers
 from megalith.parallel.rng import model_parallel_rng_tracker
 from megalith.parallel.spawn import RankPool
-from megalith.testing import FP32_RELATIVE_TOLERANCE, relative_error
+from megalith.testing import RELATIVE_TOLERANCES, Tolerance, relative_error
+from megalith.training.batch import BatchPlan
+from megalith.training.config import OptimizerConfig
+from megalith.training.loss_scaler import make_loss_scaler
+from megalith.training.lr_schedule import LRSchedule
+from megalith.training.optimizer import ParallelOptimizer
+from megalith.training.step import StepRunner, build_chunks, sequence_mean_loss
 
 PADDED_VOCAB_PARAMETERS = ("word_embeddings.weight", "output_layer.weight", "word_embeddings_for_head.weight")
 ALIASES = {"word_embeddings_for_head.weight": "embedding.word_embeddings.weight"}  # the tied copy
@@ -50,10 +57,20 @@ class VerifySettings:
     model: str
     config: ModelConfig
     steps: int = 3
-    micro_batches: int = 2
+    micro_batches: int = 2  # of the reference; the global batch is micro_batches x micro_batch_size
     micro_batch_size: int = 2
     lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_warmup_iters: int = 1
+    lr_warmup_init: float = 1e-4
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
     adam_eps: float = 1e-6
+    optimizer: str = "adam"
+    ddp_bucket_size: int = 20_000  # small, so that a model has several buckets and overlap is exercised
+    initial_loss_scale: float = 2.0**12  # fp16: large enough to matter, small enough not to overflow here
+    hysteresis: int = 2
     seed: int = 1234
     schedule: str | None = None  # None: no-pipelining at pp 1, 1f1b, interleaved-1f1b with vpp > 1
     decoder_first_pipeline_num_layers: int | None = None
@@ -63,43 +80,68 @@ class VerifySettings:
     def global_batch_size(self) -> int:
         return self.micro_batches * self.micro_batch_size
 
+    def optimizer_config(self) -> OptimizerConfig:
+        return OptimizerConfig(optimizer=self.optimizer, lr=self.lr, min_lr=self.min_lr, weight_decay=self.weight_decay,
+                               adam_eps=self.adam_eps, clip_grad=self.clip_grad)
+
+    def lr_schedule(self) -> LRSchedule:
+        return LRSchedule(lr=self.lr, train_iters=self.steps, min_lr=self.min_lr,
+                          lr_warmup_iters=min(self.lr_warmup_iters, self.steps), lr_warmup_init=self.lr_warmup_init,
+                          lr_decay_style=self.lr_decay_style)
+
 
 @dataclass(frozen=True)
 class LayoutResult:
     layout: str
     losses: list[float]
     loss_error: float
+    norm_error: float
     grad_error: float
     worst_grad: str
     param_error: float
     worst_param: str
+    tolerance: Tolerance = RELATIVE_TOLERANCES["fp32"]
+    skipped_steps: int = 0
 
     @property
     def passed(self) -> bool:
-        return max(self.loss_error, self.grad_error, self.param_error) < FP32_RELATIVE_TOLERANCE
+        t = self.tolerance
+        return (self.loss_error < t.losses and self.norm_error < t.norms and self.grad_error < t.grads
+                and self.param_error < t.params)
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """How one layout runs: schedule, micro-batching and every stage's layers."""
+    """How one layout runs: schedule, batch split and every stage's layers."""
 
     layout: Layout
     schedule: str
-    microbatches: int
-    micro_batch_size: int
+    batch: BatchPlan
     stage_layers: list[list[int]]
+
+    @property
+    def microbatches(self) -> int:
+        return self.batch.num_micro_batches
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch.micro_batch_size
 
 
 def plan(settings: VerifySettings, layout: Layout) -> RunPlan:
     """Check a layout against the model and the batch before any rank starts; one line if it fails."""
     config = layout.apply_to(settings.config)
     config.check_parallel(layout.parallel_config())
-    microbatches = layout.microbatches or settings.micro_batches
-    if settings.global_batch_size % microbatches != 0:
-        raise ConfigError(
-            f"layout {layout}: the global batch of {settings.global_batch_size} sequences does not split into "
-            f"{microbatches} micro-batches; use an mb token that divides {settings.global_batch_size}"
-        )
+    size = settings.global_batch_size
+    micro_batch_size = settings.micro_batch_size
+    if layout.microbatches:
+        if size % (layout.dp * layout.microbatches) != 0:
+            raise ConfigError(
+                f"layout {layout}: the global batch of {size} sequences does not split into dp {layout.dp} x "
+                f"{layout.microbatches} micro-batches; use an mb token that divides {size // math.gcd(size, layout.dp)}"
+            )
+        micro_batch_size = size // (layout.dp * layout.microbatches)
+    batch = BatchPlan(size, micro_batch_size, layout.dp)
     uneven = layout.pp > 1
     stage_layers = split_layers(
         config.num_layers, layout.pp, layout.vpp,
@@ -107,8 +149,8 @@ def plan(settings: VerifySettings, layout: Layout) -> RunPlan:
         settings.decoder_last_pipeline_num_layers if uneven else None,
     )
     schedule = settings.schedule or default_schedule(layout.pp, layout.vpp)
-    validate_schedule_args(schedule, layout.pp, layout.vpp, microbatches)
-    return RunPlan(layout, schedule, microbatches, settings.global_batch_size // microbatches, stage_layers)
+    validate_schedule_args(schedule, layout.pp, layout.vpp, batch.num_micro_batches)
+    return RunPlan(layout, schedule, batch, stage_layers)
 
 
 def default_schedule(pp: int, vpp: int) -> str:
@@ -118,107 +160,129 @@ def default_schedule(pp: int, vpp: int) -> str:
 
 
 def global_batch(settings: VerifySettings, spec: ModelSpec, step: int) -> dict:
-    """The same global batch for every layout: seeded by (seed, step); micro-batches slice it."""
+    """The same global batch for every layout: seeded by (seed, step); dp ranks and micro-batches slice it."""
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     return spec.make_batch(settings.config, settings.global_batch_size, generator)
 
 
-def sequence_mean_loss(per_token: torch.Tensor, batch: dict, global_batch_size: int) -> torch.Tensor:
-    """This micro-batch's share of the step loss: the step loss is the mean over the global
-    batch's sequences of each sequence's mean over its loss-masked tokens, so neither pipeline
-    micro-batching nor (later) data-parallel splitting changes it."""
-    mask = batch["loss_mask"]
-    per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-    return per_sequence.sum() / global_batch_size
-
-
-def train(settings: VerifySettings, layout: Layout | None = None, state=None, step_hook=None):
-    """Train for settings.steps AdamW steps on this rank's stages; return (per-step losses, first
-    gradients, final parameters), tensors gathered over tp. Without a layout: one process.
-    `step_hook(step, StepResult)`, if given, sees every step with its recorded timeline."""
+def build_runner(settings: VerifySettings, layout: Layout, state=None, record: bool = False) -> StepRunner:
+    """This rank's chunks, data-parallel buffers, engine and optimizer for `layout` (state None: one process)."""
     spec = get_model_spec(settings.model)
-    layout = layout or Layout()
     run = plan(settings, layout)
     config = layout.apply_to(settings.config)
     pp_rank = state.pp_rank if state is not None else 0
     tp_group = state.tp_group if state is not None else None
+    dp_group = state.dp_group if state is not None else None
     ctx = ParallelContext(
         tp_group, layout.sequence_parallel, model_parallel_rng_tracker(settings.seed, state.tp_rank if state else 0),
         embedding_group=state.embedding_group if state is not None else None,
     )
-    stages = len(run.stage_layers)
-    chunks = []
-    for chunk in range(layout.vpp):
-        index = stage_of(pp_rank, chunk, layout.pp)
-        chunks.append(spec.build(config, ctx, settings.seed, StageSpec(index, stages, tuple(run.stage_layers[index]))))
-    params = [p for chunk in chunks for p in chunk.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, eps=settings.adam_eps)
+    chunks = build_chunks(spec.build, config, ctx, settings.seed, run.stage_layers, pp_rank, layout.pp, layout.vpp)
+    buffers = [DataParallelGrads(chunk, dp_group, bucket_size=settings.ddp_bucket_size, overlap=True,
+                                 accumulate_in_fp32=config.params_dtype != "fp16", shard=layout.zero1)
+               for chunk in chunks]
+    scaler = make_loss_scaler(fp16=config.params_dtype == "fp16", loss_scale=None,
+                              initial_loss_scale=settings.initial_loss_scale, hysteresis=settings.hysteresis)
+    optimizer = ParallelOptimizer(buffers, settings.optimizer_config(), tp_group=tp_group,
+                                  mp_group=state.mp_group if state is not None else None, loss_scaler=scaler)
     engine = PipelineEngine(chunks, rank=pp_rank, pp=layout.pp, pp_group=state.pp_group if state is not None else None,
-                            micro_batch_size=run.micro_batch_size, dtype=config.torch_dtype,
-                            record=step_hook is not None)
+                            micro_batch_size=run.micro_batch_size, dtype=config.torch_dtype, record=record)
     actions = build_schedule(run.schedule, layout.pp, layout.vpp, run.microbatches, pp_rank)
+    return StepRunner(chunks, buffers, engine, actions, optimizer, dp_group=dp_group)
+
+
+def train(settings: VerifySettings, layout: Layout | None = None, state=None, step_hook=None):
+    """Train for settings.steps steps of the real optimizer (clipping, LR schedule, loss scaling,
+    ZeRO-1 with `zero1`) on this rank's stages; return (per-step losses, first gradients,
+    final parameters, per-step grad norms (None: skipped)), tensors gathered over tp and dp. Without a state: one
+    process. `step_hook(step, StepReport)`, if given, sees every step with its recorded timeline."""
+    layout = layout or Layout()
+    spec = get_model_spec(settings.model)
+    run = plan(settings, layout)
+    runner = build_runner(settings, layout, state, record=step_hook is not None)
+    dp_rank = state.dp_rank if state is not None else 0
+    tp_group = state.tp_group if state is not None else None
+    schedule = settings.lr_schedule()
 
     def loss_fn(per_token, batch):
         return sequence_mean_loss(per_token, batch, settings.global_batch_size)
 
-    losses, first_grads = [], None
+    losses, norms, first_grads = [], [], None
     for step in range(settings.steps):
-        optimizer.zero_grad()
         data = global_batch(settings, spec, step)
-        size = run.micro_batch_size
 
         def micro(index, data=data):
-            return {key: value[index * size:(index + 1) * size] for key, value in data.items()}
+            where = run.batch.micro_slice(dp_rank, index)
+            return {key: value[where] for key, value in data.items()}
 
-        result = engine.step(actions, micro, loss_fn)
+        def probe():
+            nonlocal first_grads
+            if first_grads is None:
+                first_grads = full_gradients(runner, settings.config.vocab_size, tp_group)
+
+        report = runner.train_step(micro, loss_fn, schedule.lr_at(step), inspect_grads=probe)
+        norms.append(report.outcome.grad_norm)
         if step_hook is not None:
-            step_hook(step, result)
-        for chunk in chunks:
-            chunk.finish_grad_sync()
-        if first_grads is None:
-            first_grads = full_tensors(chunks, config.vocab_size, tp_group, grads=True)
-        optimizer.step()
-        losses.append(result.loss)
-    return losses, first_grads, full_tensors(chunks, config.vocab_size, tp_group)
+            step_hook(step, report)
+        losses.append(report.loss)
+    return losses, first_grads, full_tensors(runner.chunks, settings.config.vocab_size, tp_group), norms
 
 
-def full_tensors(chunks, vocab_size: int, tp_group, grads: bool = False) -> dict[str, torch.Tensor]:
-    """This rank's parameters (or their gradients) as one process would hold them (a collective over tp)."""
+def full_gradients(runner: StepRunner, vocab_size: int, tp_group) -> dict[str, torch.Tensor]:
+    """The reduced gradients as one process would hold them, unscaled (collectives over dp and tp)."""
+    scale = runner.optimizer.loss_scale
     full = {}
-    for chunk in chunks:
+    for chunk, buffer in zip(runner.chunks, runner.buffers):
+        grads = buffer.full_main_grads()
         for name, param in chunk.named_parameters():
-            tensor = gather_full_parameter(param, tp_group, param.grad if grads else None)
+            tensor = gather_full_parameter(param, tp_group, grads[name]).float() / scale
             full[name] = tensor[:vocab_size] if name.endswith(PADDED_VOCAB_PARAMETERS) else tensor
     return full
 
 
-def _train_on_rank(ctx, settings: VerifySettings, layout: Layout | None):
-    if layout is None:
-        return train(settings) if ctx.rank == 0 else None  # the reference: no process group at all
-    state = ctx.parallel_state(tp=layout.tp, pp=layout.pp)
-    if state.dp_rank != 0:
-        return None  # the pool's other copies of the layout would only repeat the work
+def full_tensors(chunks, vocab_size: int, tp_group) -> dict[str, torch.Tensor]:
+    """This rank's parameters as one process would hold them (a collective over tp)."""
+    full = {}
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            tensor = gather_full_parameter(param, tp_group).float()
+            full[name] = tensor[:vocab_size] if name.endswith(PADDED_VOCAB_PARAMETERS) else tensor
+    return full
+
+
+def _train_on_rank(ctx, settings: VerifySettings, layout: Layout | None, reference: bool = False):
+    """Train `layout` on the ranks it needs (the others idle); with `reference`, or no layout, one
+    process trains with no process group at all, in the layout's precision."""
+    if layout is None or reference:
+        if ctx.rank != 0:
+            return None
+        return train(settings, Layout(precision=layout.precision if layout else "fp32"))
+    state = ctx.parallel_state(tp=layout.tp, pp=layout.pp, dp=layout.dp)
+    if state is None:
+        return None  # outside this layout: idle
     result = train(settings, layout, state)
-    return result if state.tp_rank == 0 else None
+    return result if state.tp_rank == 0 and state.dp_rank == 0 else None
 
 
 def merge_ranks(results: list) -> tuple:
-    """One (losses, grads, params) from the pipeline ranks' parts (each rank holds some stages)."""
+    """One (losses, grads, params, grad norms) from the pipeline ranks' parts (each rank holds some stages)."""
     parts = [r for r in results if r is not None]
     grads, params = {}, {}
-    for _, rank_grads, rank_params in parts:
+    for _, rank_grads, rank_params, _ in parts:
         grads.update(rank_grads)
         params.update(rank_params)
-    return parts[0][0], grads, params
+    return parts[0][0], grads, params, parts[0][3]
 
 
-def compare(layout: str, reference, candidate) -> LayoutResult:
-    """Relative differences; a tied embedding's copy on the last stage is held to the original."""
-    (ref_losses, ref_grads, ref_params), (losses, grads, params) = reference, candidate
+def compare(layout: str, reference, candidate, tolerance: Tolerance = RELATIVE_TOLERANCES["fp32"]) -> LayoutResult:
+    """Relative differences; a tied embedding's copy on the last stage is held to the original.
+    The per-step global gradient norms are compared too (each parameter counted once)."""
+    (ref_losses, ref_grads, ref_params, ref_norms), (losses, grads, params, norms) = reference, candidate
     missing = sorted(set(ref_params) - set(params))
     if missing:
         raise RuntimeError(f"layout {layout} lost parameters: {', '.join(missing)}")
     loss_error = relative_error(torch.tensor(losses), torch.tensor(ref_losses))
+    skipped = sum(norm is None for norm in norms)
 
     def reference_of(name: str) -> str:
         return ALIASES.get(name, name)
@@ -228,8 +292,18 @@ def compare(layout: str, reference, candidate) -> LayoutResult:
     param_scale = max(p.abs().max().item() for p in ref_params.values())
     param_diffs = {name: (params[name] - ref_params[reference_of(name)]).abs().max().item() for name in params}
     worst_param = max(param_diffs, key=param_diffs.get)
-    return LayoutResult(layout, losses, loss_error, grad_errors[worst_grad], worst_grad,
-                        param_diffs[worst_param] / param_scale, worst_param)
+    return LayoutResult(layout, losses, loss_error, _norm_error(norms, ref_norms), grad_errors[worst_grad], worst_grad,
+                        param_diffs[worst_param] / param_scale, worst_param, tolerance, skipped)
+
+
+def _norm_error(norms: list[float | None], reference: list[float | None]) -> float:
+    """Relative difference of the per-step grad norms; infinite when different steps were skipped (None)."""
+    if [n is None for n in norms] != [n is None for n in reference]:
+        return math.inf
+    kept = [(n, r) for n, r in zip(norms, reference) if n is not None]
+    if not kept:
+        return 0.0
+    return relative_error(torch.tensor([n for n, _ in kept]), torch.tensor([r for _, r in kept]))
 
 
 def check_layouts(settings: VerifySettings, layouts: list[Layout]) -> None:
@@ -248,22 +322,33 @@ def run_verify(settings: VerifySettings, layouts: list[Layout], pool: RankPool |
     try:
         if pool.world_size < world:
             raise ValueError(f"a pool of {pool.world_size} ranks cannot run a layout of {world}")
-        reference = pool.run(_train_on_rank, settings, None)[0]
-        return [compare(str(layout), reference, merge_ranks(pool.run(_train_on_rank, settings, layout)))
-                for layout in layouts]
+        references = {}
+        results = []
+        for layout in layouts:
+            if layout.precision not in references:
+                references[layout.precision] = pool.run(_train_on_rank, settings, layout, True)[0]
+            candidate = merge_ranks(pool.run(_train_on_rank, settings, layout))
+            results.append(compare(str(layout), references[layout.precision], candidate,
+                                   RELATIVE_TOLERANCES[layout.precision]))
+        return results
     finally:
         if own_pool:
             pool.close()
 
 
 def format_table(results: list[LayoutResult]) -> str:
-    header = (f"{'layout':<28} {'first loss':>10} {'last loss':>10} {'loss rel diff':>14} "
+    header = (f"{'layout':<28} {'first loss':>10} {'last loss':>10} {'loss rel diff':>14} {'norm rel diff':>14} "
               f"{'grad rel diff':>14} {'param rel diff':>15}  result")
     rows = [header, "-" * len(header)]
     for r in results:
         verdict = "PASS"
         if not r.passed:
             verdict = f"FAIL (worst grad: {r.worst_grad}; worst param: {r.worst_param})"
-        rows.append(f"{r.layout:<28} {r.losses[0]:>10.4f} {r.losses[-1]:>10.4f} {r.loss_error:>14.2e} "
+        if r.skipped_steps:
+            verdict += f" ({r.skipped_steps} skipped steps)"
+        if r.tolerance != RELATIVE_TOLERANCES["fp32"]:
+            t = r.tolerance
+            verdict += f" [bounds {t.losses:.0e} {t.norms:.0e} {t.grads:.0e} {t.params:.0e}]"
+        rows.append(f"{r.layout:<28} {r.losses[0]:>10.4f} {r.losses[-1]:>10.4f} {r.loss_error:>14.2e} {r.norm_error:>14.2e} "
                     f"{r.grad_error:>14.2e} {r.param_error:>15.2e}  {verdict}")
     return "\n".join(rows)

@@ -21,7 +21,7 @@ def test_verify_runs_end_to_end():
 @pytest.mark.parametrize(
     "argv,fragment",
     [
-        (["verify", "--layouts", "tp2.dp2"], "unknown layout token 'dp2'"),
+        (["verify", "--layouts", "tp2.ep2"], "unknown layout token 'ep2'"),
         (["verify", "--layouts", "tp4.sp", "--seq-length", "30"], "sequence length 30 is not divisible by --tensor-model-parallel-size 4"),
         (["verify", "--layouts", "tp4", "--num-attention-heads", "6", "--hidden-size", "48"], "number of attention heads 6 is not divisible by --tensor-model-parallel-size 4"),
         (["verify", "--layouts", "tp4", "--num-query-groups", "2"], "number of query groups 2 is not divisible by --tensor-model-parallel-size 4"),

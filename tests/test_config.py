@@ -48,7 +48,7 @@ def test_layout_tokens(text, tp, sp):
     assert parse_layout(str(layout)) == layout
 
 
-@pytest.mark.parametrize("text,fragment", [("tp2.dp2", "unknown layout token 'dp2'"), ("tp0", "'tp0'"), ("tp2.tp4", "tp twice"), ("", "''")])
+@pytest.mark.parametrize("text,fragment", [("tp2.ep2", "unknown layout token 'ep2'"), ("tp0", "'tp0'"), ("tp2.tp4", "tp twice"), ("", "''")])
 def test_bad_layout_tokens(text, fragment):
     with pytest.raises(ConfigError, match=fragment):
         parse_layout(text)

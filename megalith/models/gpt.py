@@ -124,6 +124,8 @@ class GPTModel(nn.Module):
             for module in (self.embedding and self.embedding.word_embeddings, self.word_embeddings_for_head):
                 if module is not None:
                     module.weight.shared_embedding = True
+            if self.word_embeddings_for_head is not None:  # counted once in the global grad norm
+                self.word_embeddings_for_head.weight.is_tied_copy = True
 
     def output_weight(self) -> torch.Tensor:
         if self.output_layer is not None:

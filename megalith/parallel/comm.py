@@ -216,13 +216,20 @@ def reduce_scatter_to_sequence_parallel(x: torch.Tensor, group) -> torch.Tensor:
     return _apply(_ReduceScatterToSP, x, group)
 
 
+def gradient_of(param: torch.Tensor) -> torch.Tensor | None:
+    """The gradient that the step will use: the data-parallel buffer's `main_grad` when the
+    parameter has one (megalith.parallel.data_parallel), `.grad` otherwise."""
+    main = getattr(param, "main_grad", None)
+    return main if main is not None else param.grad
+
+
 def all_reduce_grads(params, group) -> None:
     """Sum the gradients of `params` over `group` in one flat buffer (one collective).
 
     Used for parameters replicated over tp whose gradient each rank only partly computes, such
     as norm weights and row-parallel biases under sequence parallelism.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [g for g in map(gradient_of, params) if g is not None]
     if not grads or group_size(group) == 1:
         return
     flat = torch._utils._flatten_dense_tensors(grads)

@@ -55,18 +55,23 @@ class RankContext:
     master_port: int
     _states: dict = field(default_factory=dict, repr=False)
 
-    def parallel_state(self, tp: int = 1, pp: int = 1, cp: int = 1):
-        """The ParallelState for this layout over the pool's world, built once and reused.
+    def parallel_state(self, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None):
+        """The ParallelState for this layout, built once and reused. Without dp the layout takes
+        the whole pool; with dp it takes the first tp x cp x dp x pp ranks and the others get
+        None (they idle while the layout runs).
 
         Every rank must ask for the same layouts in the same order (group creation is collective).
         """
         from megalith.parallel.grid import RankGrid
         from megalith.parallel.state import ParallelState
 
-        key = (tp, pp, cp)
+        key = (tp, pp, cp, dp)
         if key not in self._states:
-            grid = RankGrid(self.world_size, tp=tp, pp=pp, cp=cp)
-            self._states[key] = ParallelState.from_grid(grid, backend="gloo")
+            size = self.world_size if dp is None else tp * pp * cp * dp
+            if size > self.world_size:
+                raise ConfigError(f"layout tp{tp}.cp{cp}.dp{dp}.pp{pp} needs {size} ranks; the pool has {self.world_size}")
+            grid = RankGrid(size, tp=tp, pp=pp, cp=cp, dp=dp)
+            self._states[key] = ParallelState.from_grid(grid, backend="gloo", idle_ranks=True)
         return self._states[key]
 
 

@@ -57,18 +57,26 @@ class ParallelState:
     launch_env: LaunchEnv | None = None
 
     @classmethod
-    def from_grid(cls, grid: RankGrid, *, backend: str | None = None, device: torch.device | None = None):
-        """Create the groups of `grid` over the already initialised default process group."""
+    def from_grid(cls, grid: RankGrid, *, backend: str | None = None, device: torch.device | None = None,
+                  idle_ranks: bool = False):
+        """Create the groups of `grid` over the already initialised default process group.
+
+        With `idle_ranks`, the grid may cover only the first ranks of a larger job (a test pool
+        trying a small layout): every rank takes part in creating the groups, as torch requires,
+        and ranks outside the grid get None."""
         if not dist.is_initialized():
             raise ConfigError("torch.distributed is not initialised; use ParallelState.initialize(...)")
-        if dist.get_world_size() != grid.world_size:
+        world = dist.get_world_size()
+        if world != grid.world_size and not (idle_ranks and grid.world_size < world):
             raise ConfigError(
-                f"layout {grid} needs {grid.world_size} processes but the job has {dist.get_world_size()}; "
+                f"layout {grid} needs {grid.world_size} processes but the job has {world}; "
                 "make the parallel sizes multiply to the number of processes"
             )
         backend = backend or dist.get_backend()
         rank = dist.get_rank()
         groups = _build_groups(grid, rank, RankGrid.GROUP_KINDS)
+        if rank >= grid.world_size:
+            return None
         return cls(grid, rank, device or torch.device("cpu"), backend, groups)
 
     @classmethod

@@ -83,13 +83,23 @@ class PipelineEngine:
         actions: list[Action],
         get_batch: Callable[[int], dict],
         loss_fn: Callable[[torch.Tensor, dict], torch.Tensor],
+        *,
+        loss_scale: float = 1.0,
+        before_backward: Callable[[int, bool], None] | None = None,
     ) -> StepResult:
         """Run one step. `loss_fn(per_token_loss, batch)` gives a micro-batch's share of the step
-        loss (already divided as the step's loss definition wants); backward starts from it."""
-        run = _StepRun(self, get_batch, loss_fn)
+        loss (already divided as the step's loss definition wants); backward starts from it,
+        times `loss_scale` (fp16). `before_backward(chunk, last)` is told before every backward
+        whether it is the chunk's last of the step: the one in which data-parallel gradient
+        reduction may start."""
+        last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind is Kind.BACKWARD}
+        run = _StepRun(self, get_batch, loss_fn, loss_scale)
         index = 0
         while index < len(actions):
             if actions[index].kind.is_compute:
+                if before_backward is not None and actions[index].kind is Kind.BACKWARD:
+                    chunk = actions[index].chunk
+                    before_backward(chunk, last_backward[chunk] == index)
                 run.compute(actions[index])
                 index += 1
                 continue
@@ -113,8 +123,8 @@ class PipelineEngine:
 class _StepRun:
     """The per-step state: activations, gradients and pending messages of every (chunk, mb)."""
 
-    def __init__(self, engine: PipelineEngine, get_batch, loss_fn) -> None:
-        self.engine, self.get_batch, self.loss_fn = engine, get_batch, loss_fn
+    def __init__(self, engine: PipelineEngine, get_batch, loss_fn, loss_scale: float = 1.0) -> None:
+        self.engine, self.get_batch, self.loss_fn, self.loss_scale = engine, get_batch, loss_fn, loss_scale
         self.batches: dict[int, dict] = {}
         self.inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.outputs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
@@ -231,7 +241,8 @@ class _StepRun:
         key, stage = (chunk, microbatch), self._stage(chunk)
         if stage == self.engine.num_stages - 1:
             start = time.perf_counter()
-            self.losses.pop(key).backward()
+            loss = self.losses.pop(key)
+            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
         else:
             self._wait(Kind.RECV_BACKWARD, chunk, microbatch)
             start = time.perf_counter()

@@ -1,0 +1,246 @@
+"""Data-parallel gradients: contiguous buffers split into buckets, each reduced as soon as it is ready.
+
+One `DataParallelGrads` per model chunk (Megatron's DDP wrapper, without wrapping the module).
+Parameters are laid out in reverse registration order, roughly the order in which backward
+produces their gradients, and grouped into buckets of about `bucket_size` elements. Each
+parameter gets `param.main_grad`, a view into the buffer; a post-accumulate hook adds every
+micro-batch's `param.grad` into it and drops `param.grad`, so gradient accumulation happens in
+the buffer's dtype (fp32 with `accumulate_in_fp32`, Megatron's
+`--accumulate-allreduce-grads-in-fp32`).
+
+Only the backward of a chunk's last micro-batch is "synchronising" (`set_last_microbatch`): in
+it, once every parameter of a bucket has its gradient, the bucket's reduction starts
+asynchronously (`overlap=True`) while backward goes on with earlier layers; earlier
+micro-batches communicate nothing. `finish()` starts what is left and waits for everything.
+
+Reduction is a sum: the step's loss is already divided by the global batch (each dp rank
+contributes its share), so summing over dp gives exactly one process's gradient. With
+`shard=True` (distributed optimizer, ZeRO-1) each bucket is padded to a multiple of dp and
+reduce-scattered: dp rank r then owns the r-th contiguous slice of every bucket, gradients and
+(through `param_data`) parameters, which the optimizer all-gathers after its step.
+
+Parameters marked `shared_embedding` (a tied embedding split over pipeline stages) get a bucket
+of their own, so their slice boundaries are the same on the first and the last stage and the
+embedding-group sum after the reduce-scatter adds matching elements (Megatron bug #844).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megalith.errors import ConfigError
+from megalith.parallel.comm import _all_gather_single, _reduce_scatter_single, group_rank, group_size
+
+DEFAULT_BUCKET_ELEMENTS = 40_000_000  # Megatron: max(40M, 1M x dp)
+
+
+def default_bucket_size(dp_size: int) -> int:
+    return max(DEFAULT_BUCKET_ELEMENTS, 1_000_000 * dp_size)
+
+
+@dataclass(eq=False)
+class Bucket:
+    """A contiguous range [start, end) of the buffers, reduced by one collective."""
+
+    index: int
+    params: list[nn.Parameter]
+    start: int
+    end: int
+    pending: set = field(default_factory=set)  # ids of parameters whose gradient is not final yet
+    work: object = None
+    shard_out: torch.Tensor | None = None  # reduce-scatter output before it is copied into the buffer
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class BucketLaunch:
+    """A reduction launched during backward: proof of overlap when hooks were still to come."""
+
+    bucket: int
+    hooks_fired: int  # parameters whose gradient was final when the bucket was launched
+    hooks_total: int
+
+
+class DataParallelGrads:
+    """The gradient (and, sharded, parameter) buffer of one model chunk and its buckets."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        dp_group,
+        *,
+        bucket_size: int | None = None,
+        overlap: bool = False,
+        accumulate_in_fp32: bool = False,
+        shard: bool = False,
+    ) -> None:
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ConfigError("a model chunk without trainable parameters cannot be data-parallel; check the stage split")
+        dtypes = {p.dtype for _, p in named}
+        if len(dtypes) > 1:
+            raise ConfigError(f"a model chunk mixes parameter dtypes {sorted(map(str, dtypes))}; use one --params-dtype")
+        if bucket_size is not None and bucket_size < 1:
+            raise ConfigError(f"--ddp-bucket-size must be a positive number of elements, got {bucket_size}")
+        self.dp_group, self.overlap, self.shard = dp_group, overlap, shard
+        self.dp_size, self.dp_rank = group_size(dp_group), group_rank(dp_group)
+        self.param_dtype = dtypes.pop()
+        self.grad_dtype = torch.float32 if accumulate_in_fp32 else self.param_dtype
+        self.names = {id(p): name for name, p in named}
+        self.params = [p for _, p in named]
+        self.bucket_size = bucket_size or default_bucket_size(self.dp_size)
+        self.buckets = self._layout(list(reversed(self.params)))
+        total = self.buckets[-1].end
+        device = self.params[0].device
+        self.grad_data = torch.zeros(total, dtype=self.grad_dtype, device=device)
+        self.param_data = torch.zeros(total, dtype=self.param_dtype, device=device) if shard else None
+        self._bucket_of: dict[int, Bucket] = {}
+        self.ranges: dict[int, tuple[int, int]] = {}
+        for bucket in self.buckets:
+            offset = bucket.start
+            for param in bucket.params:
+                start, end = offset, offset + param.numel()
+                offset = end
+                self.ranges[id(param)] = (start, end)
+                self._bucket_of[id(param)] = bucket
+                param.main_grad = self.grad_data[start:end].view(param.shape)
+                if shard:
+                    self.param_data[start:end].copy_(param.data.reshape(-1))
+                    param.data = self.param_data[start:end].view(param.shape)
+                param.register_post_accumulate_grad_hook(self._accumulate)
+        self._sync = True
+        self._hooks_fired = 0
+        self.launches: list[BucketLaunch] = []
+        self._reset_buckets()
+
+    # --- layout ---------------------------------------------------------------------------
+
+    def _layout(self, params: list[nn.Parameter]) -> list[Bucket]:
+        """Buckets of about bucket_size elements; a shared embedding alone; padded for sharding."""
+        buckets: list[Bucket] = []
+        current: list[nn.Parameter] = []
+        start = 0
+
+        def close() -> None:
+            nonlocal current, start
+            if current:
+                size = sum(p.numel() for p in current)
+                if self.shard:
+                    size = -(-size // self.dp_size) * self.dp_size  # every dp rank gets an equal slice
+                buckets.append(Bucket(len(buckets), current, start, start + size))
+                start += size
+                current = []
+
+        for param in params:
+            alone = self._own_bucket(param)
+            if alone:
+                close()
+            current.append(param)
+            if alone or sum(p.numel() for p in current) >= self.bucket_size:
+                close()
+        close()
+        return buckets
+
+    @staticmethod
+    def _own_bucket(param: nn.Parameter) -> bool:
+        """A tied embedding split over stages: its slices must match on the first and last stage."""
+        return getattr(param, "shared_embedding", False)
+
+    def shard_range(self, bucket: Bucket) -> tuple[int, int]:
+        """The slice [start, end) of a bucket that this dp rank owns (the whole bucket unsharded)."""
+        if not self.shard:
+            return bucket.start, bucket.end
+        size = bucket.size // self.dp_size
+        return bucket.start + self.dp_rank * size, bucket.start + (self.dp_rank + 1) * size
+
+    # --- backward -------------------------------------------------------------------------
+
+    def set_last_microbatch(self, last: bool) -> None:
+        """Whether the next backward is this chunk's last of the step (the one that communicates)."""
+        self._sync = last
+
+    def _accumulate(self, param: nn.Parameter) -> None:
+        if param.grad is not None:
+            param.main_grad.add_(param.grad)
+            param.grad = None
+        if not self._sync:
+            return
+        bucket = self._bucket_of[id(param)]
+        if id(param) in bucket.pending:
+            bucket.pending.discard(id(param))
+            self._hooks_fired += 1
+            if self.overlap and not bucket.pending:
+                self._launch(bucket)
+
+    def _launch(self, bucket: Bucket) -> None:
+        if bucket.work is not None or bucket.shard_out is not None:
+            return
+        self.launches.append(BucketLaunch(bucket.index, self._hooks_fired, len(self.params)))
+        view = self.grad_data[bucket.start:bucket.end]
+        if self.dp_size == 1:
+            bucket.work = _Done()
+        elif self.shard:
+            bucket.shard_out = torch.empty(bucket.size // self.dp_size, dtype=view.dtype, device=view.device)
+            bucket.work = _reduce_scatter_single(bucket.shard_out, view, group=self.dp_group, async_op=True)
+        else:
+            bucket.work = dist.all_reduce(view, group=self.dp_group, async_op=True)
+
+    def finish(self) -> None:
+        """Start every bucket not started yet, wait for all; then main_grad holds the dp sum
+        (sharded: on this rank's slice of each bucket only)."""
+        for bucket in self.buckets:
+            self._launch(bucket)
+        for bucket in self.buckets:
+            bucket.work.wait()
+            if bucket.shard_out is not None:
+                start, end = self.shard_range(bucket)
+                self.grad_data[start:end].copy_(bucket.shard_out)
+        self._reset_buckets()
+
+    def _reset_buckets(self) -> None:
+        for bucket in self.buckets:
+            bucket.pending = {id(p) for p in bucket.params}
+            bucket.work = bucket.shard_out = None
+        self._hooks_fired = 0
+
+    def zero_grad(self) -> None:
+        self.grad_data.zero_()
+        for param in self.params:
+            param.grad = None
+        self._reset_buckets()
+        self.launches = []
+
+    # --- after the optimizer (sharded) ----------------------------------------------------
+
+    def all_gather_params(self) -> None:
+        """Every dp rank's updated slice of every bucket to every rank (distributed optimizer)."""
+        if not self.shard or self.dp_size == 1:
+            return
+        for bucket in self.buckets:
+            start, end = self.shard_range(bucket)
+            mine = self.param_data[start:end].clone()
+            _all_gather_single(self.param_data[bucket.start:bucket.end], mine, group=self.dp_group)
+
+    def full_main_grads(self) -> dict[str, torch.Tensor]:
+        """Each parameter's reduced gradient, whole (a collective over dp when sharded): for checks."""
+        grads = self.grad_data
+        if self.shard and self.dp_size > 1:
+            grads = self.grad_data.clone()
+            for bucket in self.buckets:
+                start, end = self.shard_range(bucket)
+                _all_gather_single(grads[bucket.start:bucket.end], grads[start:end].clone(), group=self.dp_group)
+        return {self.names[id(p)]: grads[slice(*self.ranges[id(p)])].view(p.shape) for p in self.params}
+
+
+class _Done:
+    """The finished work of a reduction that needed no communication (dp = 1)."""
+
+    def wait(self) -> None:
+        return None

@@ -1,0 +1,142 @@
+"""`megalith pretrain`'s command line: Megatron's flags, a YAML `--config`, and the checks of a whole run.
+
+Precedence, lowest first: the dataclasses' defaults, the model's registry defaults (for model
+flags), the `--config` file, the command line. Flags the user typed are remembered by the
+parser's actions (megalith.config.explicit_flags), so this works the same when the pretrain
+flags are a subcommand of `megalith`. Nothing here touches torch.distributed: every bad
+combination is a ConfigError of one line before any process group exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import fields
+
+from megalith.config import ModelConfig, add_config_arguments, explicit_flags
+from megalith.errors import ConfigError
+from megalith.models.registry import BUILTIN_MODELS, get_model_spec
+from megalith.training.config import SECTIONS, PretrainConfig
+from megalith.training.config_file import config_to_yaml, load_config_file
+
+PRETRAIN_DESCRIPTION = (
+    "Pretrain a model with Megatron-style tensor, pipeline and data parallelism (launch with torchrun or srun; "
+    "one process on its own). Flags are Megatron's; --config FILE.yaml gives defaults that the command line overrides."
+)
+PRETRAIN_USAGE = "%(prog)s [--config FILE.yaml] [--flag VALUE ...] (see the groups below)"
+GROUP_TITLES = {
+    "model": "model",
+    "distributed": "distributed",
+    "precision": "mixed precision",
+    "optimizer": "optimizer and learning rate",
+    "training": "training",
+    "logging": "logging",
+}
+RESOLVED_CONFIG_NAME = "config.yaml"
+
+
+def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every pretrain flag, grouped by topic, onto `parser` (a parser or a subcommand's parser)."""
+    for name, cls in SECTIONS.items():
+        if name == "model":
+            group = parser.add_argument_group(
+                "model", "Megatron's model flags; defaults shown are gpt's, and --model's registry entry supplies "
+                "its own defaults for the flags that are not given")
+            add_config_arguments(group, ModelConfig, BUILTIN_MODELS["gpt"].defaults)
+        else:
+            add_config_arguments(parser.add_argument_group(GROUP_TITLES[name]), cls)
+    parser.add_argument_group("config").add_argument(
+        "--config", metavar="FILE.yaml", default=None,
+        help="YAML mapping of flag names (dashes or underscores; flat, or under model/distributed/precision/"
+        "optimizer/training/logging); flags on the command line override it; default: %(default)s")
+
+
+def build_pretrain_parser(prog: str = "megalith pretrain") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, usage=PRETRAIN_USAGE, description=PRETRAIN_DESCRIPTION)
+    add_pretrain_arguments(parser)
+    return parser
+
+
+def _model_default(name: str, spec_defaults: Mapping) -> object:
+    if name in spec_defaults:
+        return spec_defaults[name]
+    return next(f.default for f in fields(ModelConfig) if f.name == name)
+
+
+def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit: set[str] | None = None) -> PretrainConfig:
+    """The checked config of a run of `world_size` processes from parsed flags (+ their --config file).
+
+    `explicit`: the dest names the user gave on the command line; by default what the parser
+    recorded. Those win over the file; the file wins over the defaults.
+    """
+    given = set(explicit) if explicit is not None else explicit_flags(args)
+    values = {f.name: getattr(args, f.name, f.default) for cls in SECTIONS.values() for f in fields(cls)}
+    path = getattr(args, "config", None)
+    from_file = load_config_file(path) if path else {}
+    values.update({name: value for name, value in from_file.items() if name not in given})
+    given |= set(from_file)
+    spec = get_model_spec(values["model"])
+    for name in ModelConfig.field_names():
+        if name not in given:
+            values[name] = _model_default(name, spec.defaults)
+    if "params_dtype" in given:
+        wanted = "bf16" if values["bf16"] else "fp16" if values["fp16"] else "fp32"
+        if values["params_dtype"] != wanted:
+            source = f"--{wanted}" if wanted != "fp32" else "fp32 (neither --bf16 nor --fp16)"
+            raise ConfigError(f"--params-dtype {values['params_dtype']} contradicts {source}; drop --params-dtype "
+                              "(it follows --bf16 / --fp16)")
+    sections = {name: cls(**{f.name: values[f.name] for f in fields(cls)}) for name, cls in SECTIONS.items()}
+    return PretrainConfig(**sections, world_size=world_size)
+
+
+def parse_pretrain_args(argv: list[str], world_size: int) -> PretrainConfig:
+    """Parse `argv` (pretrain flags only), read its --config, and resolve for `world_size` processes."""
+    return resolve_pretrain_config(build_pretrain_parser().parse_args(argv), world_size)
+
+
+def _positive_count(name: str, text: str) -> int:
+    if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:
+        raise ConfigError(f"{name}={text!r} is not a positive integer; set {name} to the number of processes")
+    return int(text)
+
+
+def world_size_from_env(env: Mapping[str, str] = os.environ) -> int:
+    """Processes in the job: WORLD_SIZE (torchrun), else SLURM_NTASKS (srun), else 1."""
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if name in env:
+            return _positive_count(name, env[name])
+    return 1
+
+
+def resolved_config_directory(config: PretrainConfig) -> str | None:
+    """Where config.yaml goes: beside the logs (--log-json's folder, --tensorboard-dir, --wandb-save-dir)."""
+    logging = config.logging
+    if logging.log_json:
+        return os.path.dirname(logging.log_json) or "."
+    return logging.tensorboard_dir or logging.wandb_save_dir or None
+
+
+def write_resolved_config(config: PretrainConfig, directory: str) -> str:
+    """Write DIR/config.yaml atomically (a temporary file renamed over it); returns its path.
+
+    Call it on one rank only. A reader never sees half a file, and `--config` on the written
+    file gives the same PretrainConfig back.
+    """
+    path = os.path.join(directory, RESOLVED_CONFIG_NAME)
+    temporary = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{RESOLVED_CONFIG_NAME}.", suffix=".tmp")
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(config_to_yaml(config))
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except OSError as error:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
+        raise ConfigError(f"cannot write the resolved config to {path}: {error.strerror or error}; "
+                          "check that the directory is writable") from None
+    return path

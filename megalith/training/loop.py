@@ -1,0 +1,262 @@
+"""`megalith pretrain`'s loop: build this rank's part of the model, train, evaluate, report.
+
+`pretrain(config, state)` runs on every rank of a job whose process groups exist (`state`):
+under torchrun/srun `run_pretrain` builds them from the environment; tests pass the state of a
+RankPool. The last rank (last pipeline stage, which computes the loss) prints Megatron's
+iteration line and feeds the JSON-lines / TensorBoard / wandb writers.
+
+Data: with `--mock-data` every global batch is drawn from the model's registry entry, seeded by
+(seed, split, iteration), so every layout sees the same samples; each dp rank takes its fixed
+slice and micro-batches are slices of that (megalith.training.batch.BatchPlan).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import torch
+
+from megalith.models.parallel_context import ParallelContext
+from megalith.models.registry import get_model_spec
+from megalith.parallel.data_parallel import DataParallelGrads
+from megalith.parallel.layers import padded_vocab_size
+from megalith.parallel.pipeline.engine import PipelineEngine
+from megalith.parallel.pipeline.schedules import build_schedule
+from megalith.parallel.pipeline.split import split_layers
+from megalith.parallel.rng import model_parallel_rng_tracker
+from megalith.training.arguments import resolved_config_directory, write_resolved_config
+from megalith.training.batch import BatchPlan
+from megalith.training.config import PretrainConfig
+from megalith.training.flops import gpt_flops_per_iteration, tflops_per_device
+from megalith.training.log_line import IterationLog, as_json_record, format_log_line
+from megalith.training.lr_schedule import LRScheduler
+from megalith.training.optimizer import ParallelOptimizer
+from megalith.training.progress import progress_bar
+from megalith.training.step import StepRunner, build_chunks, forward_only, sequence_mean_loss
+from megalith.training.timers import Timers
+from megalith.training.writers import MetricsWriters, open_writers
+
+TRAIN_SPLIT, VALID_SPLIT = 0, 1
+
+
+@dataclass
+class IntervalStats:
+    """What the log line averages over one --log-interval (Megatron's total_loss_dict)."""
+
+    loss_sum: float = 0.0
+    advanced: int = 0
+    skipped: int = 0
+    nan: int = 0
+    iterations: int = 0
+    grad_norm: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, skipped: bool, grad_norm: float | None) -> None:
+        self.iterations += 1
+        if not math.isfinite(loss):
+            self.nan += 1
+        if skipped:
+            self.skipped += 1
+        elif math.isfinite(loss):
+            self.loss_sum += loss
+            self.advanced += 1
+        self.grad_norm = grad_norm if grad_norm is not None else self.grad_norm
+
+
+class MockBatches:
+    """Synthetic global batches from the model's registry entry, the same for every layout."""
+
+    def __init__(self, config: PretrainConfig, device: torch.device) -> None:
+        self.spec = get_model_spec(config.training.model)
+        self.model, self.seed, self.device = config.model, config.training.seed, device
+        self.size = config.global_batch_size
+
+    def global_batch(self, split: int, index: int) -> dict:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) * 2 + split)
+        return self.spec.make_batch(self.model, self.size, generator)
+
+    def micro_batches(self, plan: BatchPlan, dp_rank: int, split: int, index: int):
+        data = self.global_batch(split, index)
+
+        def micro(i: int) -> dict:
+            where = plan.micro_slice(dp_rank, i)
+            return {key: value[where].to(self.device) for key, value in data.items()}
+
+        return micro
+
+
+class Trainer:
+    """This rank's model chunks, buffers, optimizer, schedule and reporting."""
+
+    def __init__(self, config: PretrainConfig, state, *, print_fn=print) -> None:
+        self.config, self.state, self.print = config, state, print_fn
+        dist, training = config.distributed, config.training
+        self.is_last_rank = state.rank == state.grid.world_size - 1
+        torch.manual_seed(training.seed)
+        ctx = ParallelContext(state.tp_group, dist.sequence_parallel,
+                              model_parallel_rng_tracker(training.seed, state.tp_rank, state.device, state.pp_rank),
+                              device=state.device, embedding_group=state.embedding_group)
+        pp, vpp = state.pp_size, config.virtual_pipeline_size
+        stage_layers = split_layers(config.model.num_layers, pp, vpp, dist.decoder_first_pipeline_num_layers,
+                                    dist.decoder_last_pipeline_num_layers)
+        spec = get_model_spec(training.model)
+        chunks = build_chunks(spec.build, config.model, ctx, training.seed, stage_layers, state.pp_rank, pp, vpp)
+        buffers = [DataParallelGrads(chunk, state.dp_group, bucket_size=config.ddp_bucket_size,
+                                     overlap=dist.overlap_grad_reduce,
+                                     accumulate_in_fp32=dist.accumulate_allreduce_grads_in_fp32,
+                                     shard=dist.use_distributed_optimizer) for chunk in chunks]
+        self.optimizer = ParallelOptimizer(buffers, config.optimizer, tp_group=state.tp_group,
+                                           mp_group=state.mp_group, loss_scaler=config.precision.make_loss_scaler())
+        self.plan = BatchPlan(config.global_batch_size, training.micro_batch_size, state.dp_size)
+        engine = PipelineEngine(chunks, rank=state.pp_rank, pp=pp, pp_group=state.pp_group,
+                                micro_batch_size=training.micro_batch_size, dtype=config.model.torch_dtype,
+                                device=state.device)
+        actions = build_schedule(config.pipeline_schedule, pp, vpp, self.plan.num_micro_batches, state.pp_rank)
+        self.eval_actions = forward_only(actions)
+        self.runner = StepRunner(chunks, buffers, engine, actions, self.optimizer, dp_group=state.dp_group)
+        self.scheduler = LRScheduler(config.lr_schedule())
+        self.data = MockBatches(config, state.device)
+        self.timers = Timers(config.logging.timing_log_level, state.device)
+        self.flops = gpt_flops_per_iteration(
+            batch_size=config.global_batch_size, seq_length=config.model.seq_length,
+            num_layers=config.model.num_layers, hidden_size=config.model.hidden_size,
+            ffn_hidden_size=config.model.ffn_hidden_size, num_attention_heads=config.model.num_attention_heads,
+            num_query_groups=config.model.num_query_groups, kv_channels=config.model.kv_channels,
+            padded_vocab_size=padded_vocab_size(config.model.vocab_size, state.tp_size,
+                                                config.model.make_vocab_size_divisible_by),
+            swiglu=config.model.swiglu)
+        self.iteration = 0
+        self.consumed_samples = 0
+
+    def loss_fn(self, per_token, batch):
+        return sequence_mean_loss(per_token, batch, self.config.global_batch_size)
+
+    # --- one step and one evaluation ------------------------------------------------------
+
+    def train_step(self):
+        micro = self.data.micro_batches(self.plan, self.state.dp_rank, TRAIN_SPLIT, self.iteration)
+        self.timers("forward-backward", 1).start()
+        loss, _ = self.runner.forward_backward(micro, self.loss_fn)
+        self.timers("forward-backward", 1).stop()
+        self.timers("optimizer", 1).start()
+        outcome = self.optimizer.step(self.scheduler.lr)
+        self.timers("optimizer", 1).stop()
+        if not outcome.skipped:  # Megatron advances the schedule only on a real update
+            self.scheduler.step()
+        self.iteration += 1
+        self.consumed_samples += self.config.global_batch_size
+        return loss, outcome
+
+    def evaluate(self) -> float:
+        iters = self.config.training.eval_iters
+        total = 0.0
+        for index in range(iters):
+            micro = self.data.micro_batches(self.plan, self.state.dp_rank, VALID_SPLIT, index)
+            total += self.runner.evaluate(micro, self.loss_fn, self.eval_actions)
+        return total / iters
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def startup_lines(self) -> list[str]:
+        c, s = self.config, self.state
+        params = sum(p.numel() for chunk in self.runner.chunks for p in chunk.parameters())
+        lines = [
+            f"megalith pretrain: {c.training.model}, {c.model.num_layers} layers, hidden {c.model.hidden_size}, "
+            f"{c.model.params_dtype}; world {c.world_size} = tp {s.tp_size} x pp {s.pp_size} (vpp "
+            f"{c.virtual_pipeline_size}) x dp {s.dp_size}, {c.pipeline_schedule}"
+            f"{', sequence parallel' if c.distributed.sequence_parallel else ''}"
+            f"{', distributed optimizer' if c.distributed.use_distributed_optimizer else ''}",
+            f"global batch {c.global_batch_size} = micro-batch {c.training.micro_batch_size} x dp {s.dp_size} x "
+            f"{c.num_micro_batches} micro-batches; {c.training.train_iters} iterations",
+            f"parameters on the last rank: {params:,}; optimizer: {self.optimizer.backend.name}",
+        ]
+        if self.optimizer.backend.notice:
+            lines.append(f"notice: {self.optimizer.backend.notice}")
+        return lines + [f"notice: {n}" for n in c.notices]
+
+    def log(self, stats: IntervalStats, writers: MetricsWriters, bar) -> None:
+        elapsed = (time.perf_counter() - stats.started) / max(stats.iterations, 1)
+        c = self.config
+        entry = IterationLog(
+            iteration=self.iteration, train_iters=c.training.train_iters, consumed_samples=self.consumed_samples,
+            elapsed_ms=elapsed * 1000.0, tflops_per_device=tflops_per_device(self.flops, elapsed, c.world_size),
+            tokens_per_s=c.global_batch_size * c.model.seq_length / elapsed, learning_rate=self.scheduler.lr,
+            global_batch_size=c.global_batch_size, lm_loss=stats.loss_sum / max(stats.advanced, 1),
+            loss_scale=self.optimizer.loss_scale, grad_norm=stats.grad_norm, skipped_iterations=stats.skipped,
+            nan_iterations=stats.nan, timestamp=datetime.now())
+        bar.write(format_log_line(entry))
+        timing = self.timers.format(["forward-backward", "optimizer"], reset=True)
+        if timing:
+            bar.write(timing)
+        record = as_json_record(entry)
+        if self.iteration == c.training.log_interval:  # once: this rank's optimizer memory (ZeRO-1 shrinks it)
+            record.update({f"memory_{k}_bytes": v for k, v in self.optimizer.memory_bytes().items()})
+        writers.write(record, self.iteration)
+
+    def train(self) -> list[float]:
+        """Run every iteration; return the logged interval losses (last rank; others: empty)."""
+        c = self.config
+        if self.is_last_rank:
+            for line in self.startup_lines():
+                self.print(line)
+            directory = resolved_config_directory(c)
+            if directory:
+                self.print(f"resolved config: {write_resolved_config(c, directory)}")
+        writers = (open_writers(log_json=c.logging.log_json, tensorboard_dir=c.logging.tensorboard_dir,
+                                wandb_project=c.logging.wandb_project, wandb_exp_name=c.logging.wandb_exp_name,
+                                wandb_save_dir=c.logging.wandb_save_dir, run_config=c.to_dict())
+                   if self.is_last_rank else MetricsWriters([]))
+        logged = []
+        bar = progress_bar(c.training.train_iters, self.iteration,
+                           enabled=c.logging.log_progress_bar if self.is_last_rank else False)
+        try:
+            stats = IntervalStats()
+            while self.iteration < c.training.train_iters:
+                loss, outcome = self.train_step()
+                stats.add(loss, outcome.skipped, outcome.grad_norm)
+                bar.update(1)
+                if self.iteration % c.training.log_interval == 0:
+                    if self.is_last_rank:
+                        self.log(stats, writers, bar)
+                        logged.append(stats.loss_sum / max(stats.advanced, 1))
+                    stats = IntervalStats()
+                at_end = self.iteration == c.training.train_iters
+                if c.training.eval_iters and (self.iteration % c.training.eval_interval == 0 or at_end):
+                    self.report_validation(self.evaluate(), writers, bar)
+        finally:
+            bar.close()
+            writers.close()
+        return logged
+
+    def report_validation(self, loss: float, writers: MetricsWriters, bar) -> None:
+        if not self.is_last_rank:
+            return
+        ppl = math.exp(min(20.0, loss))
+        line = f" validation loss at iteration {self.iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+        bar.write("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
+        writers.write({"iteration": self.iteration, "validation_lm_loss": loss, "validation_lm_loss_ppl": ppl},
+                      self.iteration)
+
+
+def pretrain(config: PretrainConfig, state, *, print_fn=print) -> list[float]:
+    """Train on this rank with the process groups of `state`; see the module docstring."""
+    return Trainer(config, state, print_fn=print_fn).train()
+
+
+def run_pretrain(config: PretrainConfig) -> int:
+    """Join the job described by the launcher's environment, train, leave."""
+    from megalith.parallel.state import ParallelState
+
+    timeout = config.distributed.distributed_timeout_minutes
+    state = ParallelState.initialize(config.distributed.tensor_model_parallel_size,
+                                     config.distributed.pipeline_model_parallel_size,
+                                     backend=config.distributed_backend,
+                                     timeout_s=timeout * 60 if timeout else None)
+    try:
+        pretrain(config, state)
+    finally:
+        state.destroy()
+    return 0

@@ -1,0 +1,178 @@
+"""The optimizer step of a parallel job: fp32 main weights, loss-scale unscaling, overflow skip,
+global-norm clipping, and (optionally) ZeRO-1 sharding over data parallelism.
+
+The optimizer works on *fragments*: for each parameter, the part of it this rank updates.
+Without the distributed optimizer a fragment is the whole parameter; with it
+(`DataParallelGrads(shard=True)`) it is the intersection of the parameter with this dp rank's
+slice of each bucket, so main weights and Adam state exist once across dp (Megatron's
+distributed optimizer). Adam is element-wise, so updating fragments is the same mathematics
+as updating whole tensors.
+
+Main weights are fp32: for fp32 parameters the fragment is a view of the parameter itself
+(nothing is copied); for bf16/fp16 parameters it is an fp32 copy, written back (cast) after
+each step. Gradients come from the data-parallel buffer (`main_grad`), in fp32 when the buffer
+is fp32, otherwise cast.
+
+The global gradient norm counts every parameter exactly once across tp, pp and dp: a parameter
+replicated over tp (no `tensor_parallel_dim`: norms, row-parallel biases, positions) only on tp
+rank 0; the tied embedding's copy on the last stage (`is_tied_copy`) not at all; a sharded
+fragment on the one dp rank that owns it. Its square is summed over dp (sharded) and the
+model-parallel group; a non-finite sum is an overflow, agreed by every rank, and skips the step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megalith.backends import Choice, make_adam, make_sgd
+from megalith.errors import ConfigError
+from megalith.parallel.comm import group_rank, group_size
+from megalith.parallel.data_parallel import DataParallelGrads
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(eq=False)
+class Fragment:
+    """The part [start, end) (in buffer elements) of one parameter that this rank updates."""
+
+    main: torch.Tensor  # fp32; what the inner optimizer updates
+    model: torch.Tensor | None  # the parameter's elements to write back (None: main is a view of them)
+    grad: torch.Tensor  # the buffer's elements (the dp-reduced gradient)
+    decay: bool
+    counted: bool  # in the global norm on this rank
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    skipped: bool  # non-finite gradients (fp16 overflow): no update this step
+    grad_norm: float | None  # before clipping; None when skipped
+    loss_scale: float
+
+
+def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Megatron: biases and one-dimensional parameters (norm weights) get no weight decay."""
+    return name.endswith(".bias") or param.dim() == 1
+
+
+def _counted_in_norm(param: torch.Tensor, tp_rank: int) -> bool:
+    if getattr(param, "is_tied_copy", False):
+        return False
+    return getattr(param, "tensor_parallel_dim", None) is not None or tp_rank == 0
+
+
+class ParallelOptimizer:
+    """AdamW or SGD over the fragments of every chunk's buffer, with unscale, skip, clip, write back."""
+
+    def __init__(self, buffers: list[DataParallelGrads], config, *, tp_group=None, mp_group=None,
+                 loss_scaler=None) -> None:
+        if config.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if config.clip_grad < 0:
+            raise ConfigError(f"--clip-grad must be >= 0 (0 turns clipping off), got {config.clip_grad}")
+        self.buffers, self.config, self.loss_scaler = buffers, config, loss_scaler
+        self.mp_group = mp_group
+        self.sharded = any(b.shard for b in buffers)
+        self.dp_group = buffers[0].dp_group if self.sharded else None
+        tp_rank = group_rank(tp_group)
+        self.fragments = [f for b in buffers for f in self._fragments(b, tp_rank)]
+        decay = [f.main for f in self.fragments if f.decay]
+        no_decay = [f.main for f in self.fragments if not f.decay]
+        groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        device = buffers[0].grad_data.device
+        if config.optimizer == "adam":
+            self.inner, self.choice = make_adam(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                                eps=config.adam_eps, device=device)
+        else:
+            self.inner, self.choice = make_sgd(groups, lr=config.lr, momentum=config.sgd_momentum, device=device)
+
+    @staticmethod
+    def _fragments(buffer: DataParallelGrads, tp_rank: int) -> list[Fragment]:
+        fragments = []
+        for bucket in buffer.buckets:
+            low, high = buffer.shard_range(bucket)
+            for param in bucket.params:
+                start, end = buffer.ranges[id(param)]
+                a, b = max(start, low), min(end, high)
+                if a >= b:
+                    continue
+                flat = buffer.param_data[a:b] if buffer.shard else param.data.view(-1)[a - start:b - start]
+                fp32 = flat.dtype == torch.float32
+                main = flat if fp32 else flat.float()
+                fragments.append(Fragment(main, None if fp32 else flat, buffer.grad_data[a:b],
+                                          decay=not _no_weight_decay(buffer.names[id(param)], param),
+                                          counted=_counted_in_norm(param, tp_rank)))
+        return fragments
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+
+    def zero_grad(self) -> None:
+        for buffer in self.buffers:
+            buffer.zero_grad()
+
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        for group in (self.dp_group, self.mp_group):
+            if group_size(group) > 1:
+                dist.all_reduce(value, group=group)
+        return value
+
+    def step(self, lr: float) -> StepOutcome:
+        """One update from the reduced gradients (call after the gradients are finalised)."""
+        grads = []
+        for fragment in self.fragments:
+            fragment.main.grad = fragment.grad if fragment.grad.dtype == torch.float32 else fragment.grad.float()
+            grads.append(fragment.main.grad)
+        scale = self.loss_scale
+        if scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / scale)
+        counted = [g for g, f in zip(grads, self.fragments) if f.counted]
+        squares = torch.zeros((), dtype=torch.float64, device=self.buffers[0].grad_data.device)
+        if counted:
+            squares = torch.stack(torch._foreach_norm(counted)).double().pow(2).sum()
+        squares = self._sum_over_ranks(squares.reshape(1))
+        total = float(squares)
+        finite = math.isfinite(total)
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(not finite)
+        if not finite:
+            return StepOutcome(True, None, scale)
+        norm = math.sqrt(total)
+        clip = self.config.clip_grad
+        if clip > 0:
+            coefficient = clip / (norm + 1e-6)
+            if coefficient < 1.0:
+                torch._foreach_mul_(grads, coefficient)
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        self.inner.step()
+        for fragment in self.fragments:
+            if fragment.model is not None:
+                fragment.model.copy_(fragment.main)
+        for buffer in self.buffers:
+            buffer.all_gather_params()
+        return StepOutcome(False, norm, scale)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """This rank's bytes of model parameters, gradient buffers, fp32 main weights that are
+        copies, and optimizer state (after the first step)."""
+        def size(tensor: torch.Tensor) -> int:
+            return tensor.numel() * tensor.element_size()
+
+        state = sum(size(v) for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+        return {
+            "params": sum(size(p) for b in self.buffers for p in b.params),
+            "grads": sum(size(b.grad_data) for b in self.buffers),
+            "main_params": sum(size(f.main) for f in self.fragments if f.model is not None),
+            "optimizer_state": state,
+        }
+
+    @property
+    def backend(self) -> Choice:
+        return self.choice

@@ -1,0 +1,112 @@
+"""One training step of one rank, the same code for `megalith verify` and `megalith pretrain`:
+pipeline schedule -> data-parallel gradient reduction -> sequence-parallel and tied-embedding
+sums -> optimizer (unscale, skip on overflow, clip, update, all-gather with ZeRO-1).
+
+Gradients are finalised in Megatron's order: the data-parallel reduction of every chunk's
+buckets (started during backward when overlapping), then the sums over tp of the gradients
+that sequence parallelism leaves partial, then the tied embedding's two copies over the
+embedding group (`finish_grad_sync` of each chunk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megalith.models.parallel_context import StageSpec
+from megalith.parallel.comm import group_size
+from megalith.parallel.data_parallel import DataParallelGrads
+from megalith.parallel.pipeline.actions import Action, Kind, stage_of
+from megalith.parallel.pipeline.engine import PipelineEngine, StepResult
+from megalith.training.optimizer import ParallelOptimizer, StepOutcome
+
+
+def sequence_mean_loss(per_token: torch.Tensor, batch: dict, global_batch_size: int) -> torch.Tensor:
+    """This micro-batch's share of the step loss. The step loss is the mean over the global
+    batch's sequences of each sequence's mean over its loss-masked tokens (DESIGN: one
+    definition of a step's loss), so neither pipeline micro-batching nor data-parallel
+    splitting changes it; data-parallel ranks' shares add up (`StepRunner` sums them)."""
+    mask = batch["loss_mask"]
+    per_sequence = (per_token.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    return per_sequence.sum() / global_batch_size
+
+
+def forward_only(actions: list[Action]) -> list[Action]:
+    """A schedule's forwards and the messages they need: evaluation without backward."""
+    return [a for a in actions if a.kind in (Kind.FORWARD, Kind.RECV_FORWARD, Kind.SEND_FORWARD)]
+
+
+def build_chunks(build: Callable, config, ctx, seed: int, stage_layers: list[list[int]], pp_rank: int,
+                 pp: int, vpp: int) -> list[nn.Module]:
+    """This pipeline rank's model chunks: chunk c is global stage c * pp + pp_rank."""
+    stages = len(stage_layers)
+    chunks = []
+    for chunk in range(vpp):
+        index = stage_of(pp_rank, chunk, pp)
+        chunks.append(build(config, ctx, seed, StageSpec(index, stages, tuple(stage_layers[index]))))
+    return chunks
+
+
+@dataclass(frozen=True)
+class StepReport:
+    loss: float  # the step's loss (mean over the global batch), the same on every rank
+    outcome: StepOutcome
+    pipeline: StepResult  # with the recorded timeline, when the engine records
+
+
+class StepRunner:
+    """Runs training steps for one rank's chunks with their buffers, engine and optimizer."""
+
+    def __init__(self, chunks: list[nn.Module], buffers: list[DataParallelGrads], engine: PipelineEngine,
+                 actions: list[Action], optimizer: ParallelOptimizer, dp_group=None) -> None:
+        self.chunks, self.buffers, self.engine = chunks, buffers, engine
+        self.actions, self.optimizer, self.dp_group = actions, optimizer, dp_group
+
+    def _before_backward(self, chunk: int, last: bool) -> None:
+        self.buffers[chunk].set_last_microbatch(last)
+
+    def finalize_grads(self) -> None:
+        """dp reduction, then SP norms over tp and the tied embedding over its group (Megatron's order)."""
+        for buffer in self.buffers:
+            buffer.finish()
+        for chunk in self.chunks:
+            chunk.finish_grad_sync()
+
+    def forward_backward(self, get_micro_batch: Callable[[int], dict], loss_fn) -> tuple[float, StepResult]:
+        """Forward and backward over this rank's micro-batches; gradients reduced and finalised."""
+        self.optimizer.zero_grad()
+        for chunk in self.chunks:
+            chunk.train()
+        result = self.engine.step(self.actions, get_micro_batch, loss_fn, loss_scale=self.optimizer.loss_scale,
+                                  before_backward=self._before_backward)
+        self.finalize_grads()
+        return self._sum_over_dp(result.loss), result
+
+    def _sum_over_dp(self, value: float) -> float:
+        """Each dp rank's loss is its share of the global batch's mean: the sum is the step loss."""
+        if group_size(self.dp_group) == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total, group=self.dp_group)
+        return float(total)
+
+    def train_step(self, get_micro_batch: Callable[[int], dict], loss_fn, lr: float,
+                   inspect_grads: Callable[[], None] | None = None) -> StepReport:
+        """forward_backward, then the optimizer; `inspect_grads()` runs in between (verify's probe)."""
+        loss, result = self.forward_backward(get_micro_batch, loss_fn)
+        if inspect_grads is not None:
+            inspect_grads()
+        outcome = self.optimizer.step(lr)
+        return StepReport(loss, outcome, result)
+
+    @torch.no_grad()
+    def evaluate(self, get_micro_batch: Callable[[int], dict], loss_fn, forward_only_actions: list[Action]) -> float:
+        """The loss without a backward or an update (validation)."""
+        for chunk in self.chunks:
+            chunk.eval()
+        result = self.engine.step(forward_only_actions, get_micro_batch, loss_fn)
+        return self._sum_over_dp(result.loss)

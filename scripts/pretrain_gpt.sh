@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Pretrain a tiny GPT with megalith: tp2 x pp2 (interleaved, 2 virtual stages) x dp2, sequence parallel.
+#
+# With no arguments on a CPU machine this starts 8 processes (gloo) on mock data; on a GPU node
+# it starts one process per GPU. Every size can be changed through the environment, and any
+# argument given to this script is appended to megalith's (so it overrides):
+#
+#   TP=1 PP=1 scripts/pretrain_gpt.sh --train-iters 20
+#   GPUS_PER_NODE=4 NNODES=2 NODE_RANK=0 MASTER_ADDR=node001 scripts/pretrain_gpt.sh --bf16
+#   DRY_RUN=1 scripts/pretrain_gpt.sh          # print the command instead of running it
+#
+# Environment: GPUS_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT TP PP VPP_LAYERS NUM_LAYERS
+# HIDDEN_SIZE NUM_HEADS SEQ_LENGTH MICRO_BATCH GLOBAL_BATCH TRAIN_ITERS OUTPUT_DIR PYTHON DRY_RUN.
+set -euo pipefail
+
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+
+# GPUs that nvidia-smi lists on this node (0 without a driver or without nvidia-smi).
+NUM_GPUS=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+    NUM_GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
+fi
+
+if [[ "${NUM_GPUS}" -gt 0 ]]; then
+    GPUS_PER_NODE="${GPUS_PER_NODE:-${NUM_GPUS}}"
+    DEVICE_ARGS=()
+else
+    GPUS_PER_NODE="${GPUS_PER_NODE:-8}"     # CPU processes, time-sharing the cores
+    DEVICE_ARGS=(--distributed-backend gloo)
+    export OMP_NUM_THREADS=1               # one intra-op thread per process
+fi
+TP="${TP:-2}"
+PP="${PP:-2}"
+
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-localhost}"
+MASTER_PORT="${MASTER_PORT:-6000}"
+OUTPUT_DIR="${OUTPUT_DIR:-./runs/gpt}"
+export WANDB_MODE="${WANDB_MODE:-offline}"  # set WANDB_MODE=online to upload
+ENVIRONMENT=("WANDB_MODE=${WANDB_MODE}")
+if [[ -n "${OMP_NUM_THREADS:-}" ]]; then
+    ENVIRONMENT=("OMP_NUM_THREADS=${OMP_NUM_THREADS}" "${ENVIRONMENT[@]}")
+fi
+
+DISTRIBUTED_ARGS=(
+    --nproc-per-node "${GPUS_PER_NODE}"
+    --nnodes "${NNODES}"
+    --node-rank "${NODE_RANK}"
+    --master-addr "${MASTER_ADDR}"
+    --master-port "${MASTER_PORT}"
+)
+
+GPT_MODEL_ARGS=(
+    --model gpt
+    --num-layers "${NUM_LAYERS:-8}"
+    --hidden-size "${HIDDEN_SIZE:-64}"
+    --num-attention-heads "${NUM_HEADS:-4}"
+    --seq-length "${SEQ_LENGTH:-64}"
+    --vocab-size 512
+)
+
+MODEL_PARALLEL_ARGS=(
+    --tensor-model-parallel-size "${TP}"
+    --pipeline-model-parallel-size "${PP}"
+    "${DEVICE_ARGS[@]}"
+)
+if [[ "${TP}" -gt 1 ]]; then
+    MODEL_PARALLEL_ARGS+=(--sequence-parallel)
+fi
+if [[ "${PP}" -gt 1 ]]; then   # interleaved 1F1B: num-layers / (PP x VPP_LAYERS) virtual stages per rank
+    MODEL_PARALLEL_ARGS+=(--num-layers-per-virtual-pipeline-stage "${VPP_LAYERS:-2}")
+fi
+
+TRAINING_ARGS=(
+    --mock-data
+    --train-iters "${TRAIN_ITERS:-100}"
+    --micro-batch-size "${MICRO_BATCH:-2}"
+    --global-batch-size "${GLOBAL_BATCH:-16}"
+    --lr 1e-3
+    --min-lr 1e-4
+    --lr-warmup-iters 10
+    --lr-decay-style cosine
+    --weight-decay 0.01
+    --clip-grad 1.0
+    --eval-interval 50
+    --eval-iters 2
+)
+
+LOGGING_ARGS=(
+    --log-interval 10
+    --log-json "${OUTPUT_DIR}/log.jsonl"
+    --tensorboard-dir "${OUTPUT_DIR}/tensorboard"
+    --wandb-project megalith-gpt
+    --wandb-exp-name tiny-gpt
+    --wandb-save-dir "${OUTPUT_DIR}/wandb"
+)
+
+ARGS=("${GPT_MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${LOGGING_ARGS[@]}")
+COMMAND=("${PYTHON}" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" -m megalith pretrain "${ARGS[@]}" "$@")
+
+if [[ "${DRY_RUN:-0}" == "1" ]]; then   # the command, with the variables this script sets in front
+    printf '%q ' "${ENVIRONMENT[@]}" "${COMMAND[@]}"
+    printf '\n'
+    exit 0
+fi
+exec "${COMMAND[@]}"
