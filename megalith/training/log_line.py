@@ -44,7 +44,7 @@ class IterationLog:
     tokens_per_s: float
     learning_rate: float
     global_batch_size: int
-    lm_loss: float
+    lm_loss: float | None  # None when every iteration of the interval was skipped (Megatron omits it)
     loss_scale: float
     grad_norm: float | None
     skipped_iterations: int
@@ -63,9 +63,10 @@ def format_log_line(log: IterationLog) -> str:
         f" throughput (tokens/s): {log.tokens_per_s:.0f} |",
         f" learning rate: {log.learning_rate:.6E} |",
         f" global batch size: {log.global_batch_size:5d} |",
-        f" lm loss: {log.lm_loss:.6E} |",
-        f" loss scale: {log.loss_scale:.1f} |",
     ]
+    if log.lm_loss is not None:
+        parts.append(f" lm loss: {log.lm_loss:.6E} |")
+    parts.append(f" loss scale: {log.loss_scale:.1f} |")
     if log.grad_norm is not None:
         parts.append(f" grad norm: {log.grad_norm:.3f} |")
     parts.append(f" number of skipped iterations: {log.skipped_iterations:3d} |")

@@ -34,7 +34,7 @@ from megalith.training.flops import gpt_flops_per_iteration, tflops_per_device
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line
 from megalith.training.lr_schedule import LRScheduler
 from megalith.training.optimizer import ParallelOptimizer
-from megalith.training.progress import progress_bar
+from megalith.training.progress import NullProgressBar, progress_bar
 from megalith.training.step import StepRunner, build_chunks, forward_only, sequence_mean_loss
 from megalith.training.timers import Timers
 from megalith.training.writers import MetricsWriters, open_writers
@@ -54,6 +54,11 @@ class IntervalStats:
     grad_norm: float | None = None
     started: float = field(default_factory=time.perf_counter)
 
+    @property
+    def mean_loss(self) -> float | None:
+        """Over the iterations that updated the model; None if every one was skipped."""
+        return self.loss_sum / self.advanced if self.advanced else None
+
     def add(self, loss: float, skipped: bool, grad_norm: float | None) -> None:
         self.iterations += 1
         if not math.isfinite(loss):
@@ -63,7 +68,7 @@ class IntervalStats:
         elif math.isfinite(loss):
             self.loss_sum += loss
             self.advanced += 1
-        self.grad_norm = grad_norm if grad_norm is not None else self.grad_norm
+        self.grad_norm = grad_norm  # the interval's last iteration's, as Megatron (None when it was skipped)
 
 
 class MockBatches:
@@ -177,27 +182,28 @@ class Trainer:
             lines.append(f"notice: {self.optimizer.backend.notice}")
         return lines + [f"notice: {n}" for n in c.notices]
 
-    def log(self, stats: IntervalStats, writers: MetricsWriters, bar) -> None:
+    def log(self, stats: IntervalStats, writers: MetricsWriters, emit) -> None:
         elapsed = (time.perf_counter() - stats.started) / max(stats.iterations, 1)
         c = self.config
         entry = IterationLog(
             iteration=self.iteration, train_iters=c.training.train_iters, consumed_samples=self.consumed_samples,
             elapsed_ms=elapsed * 1000.0, tflops_per_device=tflops_per_device(self.flops, elapsed, c.world_size),
             tokens_per_s=c.global_batch_size * c.model.seq_length / elapsed, learning_rate=self.scheduler.lr,
-            global_batch_size=c.global_batch_size, lm_loss=stats.loss_sum / max(stats.advanced, 1),
+            global_batch_size=c.global_batch_size, lm_loss=stats.mean_loss,
             loss_scale=self.optimizer.loss_scale, grad_norm=stats.grad_norm, skipped_iterations=stats.skipped,
             nan_iterations=stats.nan, timestamp=datetime.now())
-        bar.write(format_log_line(entry))
+        emit(format_log_line(entry))
         timing = self.timers.format(["forward-backward", "optimizer"], reset=True)
         if timing:
-            bar.write(timing)
+            emit(timing)
         record = as_json_record(entry)
         if self.iteration == c.training.log_interval:  # once: this rank's optimizer memory (ZeRO-1 shrinks it)
             record.update({f"memory_{k}_bytes": v for k, v in self.optimizer.memory_bytes().items()})
         writers.write(record, self.iteration)
 
     def train(self) -> list[float]:
-        """Run every iteration; return the logged interval losses (last rank; others: empty)."""
+        """Run every iteration; return the logged interval losses (last rank; others: empty; None
+        for an interval whose iterations were all skipped)."""
         c = self.config
         if self.is_last_rank:
             for line in self.startup_lines():
@@ -212,6 +218,8 @@ class Trainer:
         logged = []
         bar = progress_bar(c.training.train_iters, self.iteration,
                            enabled=c.logging.log_progress_bar if self.is_last_rank else False)
+        # lines go through the bar when there is one, so it is redrawn below them
+        emit = self.print if isinstance(bar, NullProgressBar) else bar.write
         try:
             stats = IntervalStats()
             while self.iteration < c.training.train_iters:
@@ -220,23 +228,23 @@ class Trainer:
                 bar.update(1)
                 if self.iteration % c.training.log_interval == 0:
                     if self.is_last_rank:
-                        self.log(stats, writers, bar)
-                        logged.append(stats.loss_sum / max(stats.advanced, 1))
+                        self.log(stats, writers, emit)
+                        logged.append(stats.mean_loss)
                     stats = IntervalStats()
                 at_end = self.iteration == c.training.train_iters
                 if c.training.eval_iters and (self.iteration % c.training.eval_interval == 0 or at_end):
-                    self.report_validation(self.evaluate(), writers, bar)
+                    self.report_validation(self.evaluate(), writers, emit)
         finally:
             bar.close()
             writers.close()
         return logged
 
-    def report_validation(self, loss: float, writers: MetricsWriters, bar) -> None:
+    def report_validation(self, loss: float, writers: MetricsWriters, emit) -> None:
         if not self.is_last_rank:
             return
         ppl = math.exp(min(20.0, loss))
         line = f" validation loss at iteration {self.iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
-        bar.write("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
+        emit("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
         writers.write({"iteration": self.iteration, "validation_lm_loss": loss, "validation_lm_loss_ppl": ppl},
                       self.iteration)
 

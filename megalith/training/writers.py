@@ -171,7 +171,8 @@ class WandbWriter:
             except OSError as exc:
                 raise _unwritable("--wandb-save-dir", Path(save_dir), exc) from None
         mode = wandb_mode(os.environ)
-        if mode == "offline":
+        offline = mode == "offline" or os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
+        if offline:
             # process-wide too, or wandb's own usage telemetry still tries to reach its server
             wandb.setup(settings=wandb.Settings(mode="offline"))
         settings = wandb.Settings(
@@ -181,7 +182,7 @@ class WandbWriter:
             disable_git=True,
             save_code=False,
             disable_job_creation=True,
-            silent=mode == "offline",  # we print the one line that matters ourselves
+            silent=offline,  # we print the one line that matters ourselves
         )
         self._wandb = wandb
         self._run = wandb.init(
@@ -193,9 +194,10 @@ class WandbWriter:
             settings=settings,
         )
         self.run_dir = Path(self._run.sync_dir) if getattr(self._run, "sync_dir", None) else None
-        if mode == "offline":
+        if offline:
+            reason = "WANDB_MODE=offline" if mode is None else "no API key (WANDB_API_KEY or an api.wandb.ai entry in ~/.netrc)"
             print_fn(
-                f"wandb: no API key (WANDB_API_KEY or an api.wandb.ai entry in ~/.netrc), so logging offline "
+                f"wandb: {reason}, so logging offline "
                 f"to {self.run_dir}; upload it later with `wandb sync {self.run_dir}`"
             )
 
