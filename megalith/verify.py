@@ -42,7 +42,7 @@ from megalith.parallel.rng import model_parallel_rng_tracker
 from megalith.parallel.spawn import RankPool
 from megalith.testing import RELATIVE_TOLERANCES, Tolerance, relative_error
 from megalith.training.batch import BatchPlan
-from megalith.training.config import OptimizerConfig
+from megalith.training.config import OptimizerConfig, default_schedule
 from megalith.training.loss_scaler import make_loss_scaler
 from megalith.training.lr_schedule import LRSchedule
 from megalith.training.optimizer import ParallelOptimizer
@@ -151,12 +151,6 @@ def plan(settings: VerifySettings, layout: Layout) -> RunPlan:
     schedule = settings.schedule or default_schedule(layout.pp, layout.vpp)
     validate_schedule_args(schedule, layout.pp, layout.vpp, batch.num_micro_batches)
     return RunPlan(layout, schedule, batch, stage_layers)
-
-
-def default_schedule(pp: int, vpp: int) -> str:
-    if pp == 1:
-        return "no-pipelining"
-    return "1f1b" if vpp == 1 else "interleaved-1f1b"
 
 
 def global_batch(settings: VerifySettings, spec: ModelSpec, step: int) -> dict:

@@ -130,7 +130,7 @@ def test_missing_tensorboard_is_a_config_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         open_writers(log_json=None, tensorboard_dir=str(tmp_path), wandb_project=None, wandb_exp_name=None,
                      wandb_save_dir=None, run_config={})
-    assert str(err.value) == "--tensorboard-dir needs the tensorboard package; pip install 'megalith[tensorboard]'"
+    assert str(err.value) == "--tensorboard-dir needs the tensorboard package (a megalith dependency); pip install tensorboard"
 
 
 def test_missing_wandb_is_a_config_error(monkeypatch):
@@ -138,7 +138,7 @@ def test_missing_wandb_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError) as err:
         open_writers(log_json=None, tensorboard_dir=None, wandb_project="p", wandb_exp_name="n",
                      wandb_save_dir=None, run_config={})
-    assert str(err.value) == "--wandb-project needs the wandb package; pip install 'megalith[wandb]'"
+    assert str(err.value) == "--wandb-project needs the wandb package (a megalith dependency); pip install wandb"
 
 
 def test_wandb_project_needs_an_experiment_name_as_in_megatron():
@@ -208,7 +208,7 @@ def _wandb_records(path):
 
 
 def test_offline_wandb_run_holds_the_logged_values(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("wandb", reason="wandb is not installed (pip install 'megalith[wandb]')")
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb)")
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DIR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))

@@ -193,7 +193,8 @@ class Trainer:
             loss_scale=self.optimizer.loss_scale, grad_norm=stats.grad_norm, skipped_iterations=stats.skipped,
             nan_iterations=stats.nan, timestamp=datetime.now())
         emit(format_log_line(entry))
-        timing = self.timers.format(["forward-backward", "optimizer"], reset=True)
+        # this (last) rank's times per iteration; gathering them would need every rank to log
+        timing = self.timers.format(["forward-backward", "optimizer"], reset=True, normalizer=max(stats.iterations, 1))
         if timing:
             emit(timing)
         record = as_json_record(entry)

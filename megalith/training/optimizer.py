@@ -32,9 +32,7 @@ from megalith.backends import Choice, make_adam, make_sgd
 from megalith.errors import ConfigError
 from megalith.parallel.comm import group_rank, group_size
 from megalith.parallel.data_parallel import DataParallelGrads
-
-OPTIMIZERS = ("adam", "sgd")
-
+from megalith.training.config import OPTIMIZER_NAMES
 
 @dataclass(eq=False)
 class Fragment:
@@ -70,8 +68,8 @@ class ParallelOptimizer:
 
     def __init__(self, buffers: list[DataParallelGrads], config, *, tp_group=None, mp_group=None,
                  loss_scaler=None) -> None:
-        if config.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"--optimizer {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if config.optimizer not in OPTIMIZER_NAMES:
+            raise ConfigError(f"--optimizer {config.optimizer!r} is not one of {', '.join(OPTIMIZER_NAMES)}")
         if config.clip_grad < 0:
             raise ConfigError(f"--clip-grad must be >= 0 (0 turns clipping off), got {config.clip_grad}")
         self.buffers, self.config, self.loss_scaler = buffers, config, loss_scaler

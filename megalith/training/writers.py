@@ -101,7 +101,7 @@ class TensorBoardWriter:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ConfigError(
-                "--tensorboard-dir needs the tensorboard package; pip install 'megalith[tensorboard]'"
+                "--tensorboard-dir needs the tensorboard package (a megalith dependency); pip install tensorboard"
             ) from None
         self.log_dir = Path(log_dir)
         try:
@@ -164,7 +164,7 @@ class WandbWriter:
         try:
             import wandb
         except ImportError:
-            raise ConfigError("--wandb-project needs the wandb package; pip install 'megalith[wandb]'") from None
+            raise ConfigError("--wandb-project needs the wandb package (a megalith dependency); pip install wandb") from None
         if save_dir is not None:
             try:
                 Path(save_dir).mkdir(parents=True, exist_ok=True)
