@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/data_parallel.py
     .venv/bin/python benchmarks/data_parallel.py --repeats 7 --bucket-sizes 250000 1000000 40000000
+    .venv/bin/python benchmarks/data_parallel.py --repeats 0 --reduction-repeats 50   # the second table only
 
 A GPT (fp32, no dropout) trains on a RankPool of 4 CPU ranks (gloo) with StepRunner.train_step
 — forward, backward, bucketed gradient reduction, optimizer, ZeRO-1's all-gather — under:
@@ -23,6 +24,13 @@ every gradient, which is no overlap at all. dp4 against dp1 measures time-sharin
 2 cores: at least 2x) plus communication, not scaling. Columns are medians taken separately,
 so they need not add up to ms/step. What overlap buys on real hardware (a NIC or NVLink working
 while the GPU computes) is not measurable on this box; the tests prove its mechanics instead.
+ZeRO-1 pays here too: gloo's reduce-scatter of a buffer is no faster than its all-reduce, and
+the all-gather after the optimizer comes on top (on NCCL the two together cost one all-reduce).
+
+A second table times the gradient reduction alone (`DataParallelGrads.finish()` on the same
+model's buffer, no backward, dp4): one all-reduce per parameter issued in turn (the naive
+loop), one bucket per parameter (all launched, then waited), each bucket size, and one flat
+buffer — DESIGN.md's "flat is 2 to 3.6 times faster than per parameter" on this machine.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import torch.distributed as dist
 from megalith.config import Layout, ModelConfig, parse_layout
 from megalith.models.registry import get_model_spec
 from megalith.parallel.comm import group_size
+from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.parallel.spawn import RankPool
 from megalith.training.step import sequence_mean_loss
 from megalith.verify import VerifySettings, build_runner, global_batch, plan
@@ -103,12 +112,54 @@ def time_steps(ctx, settings: VerifySettings, variant: Variant, steps: int):
     return times
 
 
+def time_reductions(ctx, settings: VerifySettings, bucket_sizes: list[int], repeats: int):
+    """Seconds per reduction of the model's whole gradient over dp4, by how it is split into
+    collectives; interleaved over `repeats` rounds, each preceded by a barrier."""
+    state = ctx.parallel_state(dp=4)
+    if state is None:
+        return None
+    chunk = build_runner(settings, parse_layout("dp4"), state).chunks[0]
+    ways = {"per parameter, one all-reduce at a time": DataParallelGrads(chunk, state.dp_group, bucket_size=1)}
+    ways["per parameter, all launched then waited"] = ways["per parameter, one all-reduce at a time"]
+    total = sum(p.numel() for p in chunk.parameters())
+    for size in (s for s in bucket_sizes if s < total):  # larger ones are the flat buffer
+        ways[f"buckets of {size:,} elements"] = DataParallelGrads(chunk, state.dp_group, bucket_size=size)
+    ways["one flat buffer"] = DataParallelGrads(chunk, state.dp_group, bucket_size=total)
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repeats):
+        for name, buffer in ways.items():
+            dist.barrier(group=state.dp_group)
+            began = time.perf_counter()
+            if name.endswith("one all-reduce at a time"):
+                for bucket in buffer.buckets:
+                    dist.all_reduce(buffer.grad_data[bucket.start:bucket.end], group=state.dp_group)
+            else:
+                buffer.finish()
+            times[name].append(time.perf_counter() - began)
+    return {name: (len(buffer.buckets), found) for (name, buffer), found in zip(ways.items(), times.values())}
+
+
+def print_reductions(per_rank: list[dict], repeats: int) -> None:
+    names = list(per_rank[0])
+    slowest = {name: [max(t) for t in zip(*(r[name][1] for r in per_rank))] for name in names}  # per round
+    medians = {name: statistics.median(slowest[name]) * 1e3 for name in names}
+    flat = medians["one flat buffer"]
+    print(f"\ngradient reduction alone, dp4, {repeats} rounds (median of the slowest rank)")
+    header = f"{'reduction':<44} {'collectives':>11} {'ms':>8} {'vs flat':>8}"
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        print(f"{name:<44} {per_rank[0][name][0]:>11} {medians[name]:>8.1f} {medians[name] / flat:>8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="rounds over all variants")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round (after 1 warm-up)")
     parser.add_argument("--bucket-sizes", type=int, nargs="+", default=[1_000_000, 40_000_000],
                         help="--ddp-bucket-size values in elements; the largest is the baseline's")
+    parser.add_argument("--reduction-repeats", type=int, default=20,
+                        help="rounds of the reduction-alone table (0: skip it)")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-attention-heads", type=int, default=8)
@@ -126,7 +177,11 @@ def main() -> None:
                     and v.bucket_size == max(args.bucket_sizes))
     measured: dict[str, list[tuple]] = {v.name: [] for v in all_variants}
     began = time.perf_counter()
+    reductions = None
     with RankPool(4) as pool:
+        if args.reduction_repeats > 0:
+            settings = VerifySettings("gpt", config, micro_batches=4, micro_batch_size=1)
+            reductions = pool.run(time_reductions, settings, sorted(args.bucket_sizes), args.reduction_repeats)
         for repeat in range(args.repeats):
             shift = repeat % len(all_variants)
             for variant in all_variants[shift:] + all_variants[:shift]:
@@ -137,10 +192,18 @@ def main() -> None:
                 measured[variant.name].extend(max(step) for step in zip(*per_rank))  # the slowest rank
 
     params = _count_parameters(config)
+    if args.repeats > 0:
+        print_steps(args, config, params, all_variants, baseline, measured, time.perf_counter() - began)
+    if reductions is not None:
+        print_reductions([r for r in reductions if r is not None], args.reduction_repeats)
+
+
+def print_steps(args, config: ModelConfig, params: int, all_variants: list[Variant], baseline: Variant,
+                measured: dict[str, list[tuple]], seconds: float) -> None:
     print(f"GPT {params / 1e6:.2f}M parameters (hidden {args.hidden_size}, {args.num_layers} layers, seq "
           f"{args.seq_length}, vocab {args.vocab_size}), fp32; per dp rank {args.micro_batches} micro-batches of "
           f"{args.micro_batch_size}; {args.repeats} rounds x {args.steps} steps; "
-          f"{time.perf_counter() - began:.0f} s")
+          f"{seconds:.0f} s")
     reference = statistics.median(t[0] for t in measured[baseline.name])
     header = (f"{'variant':<44} {'ms/step':>8} {'vs base':>8} {'fwd+bwd':>8} {'finish':>8} {'optim':>8}")
     print(header)

@@ -1,13 +1,17 @@
 """`megalith verify`: train a model under several layouts and prove each equal to one process.
 
-Every layout trains the same model (same init seed, same batches, AdamW) on CPU ranks of one
-pool; the reference is the same code with no process group at all. Per layout the table gives
-three relative differences from the reference (tensors gathered over tp, vocabulary padding
-dropped), and PASS when all are below 1e-5:
+Every layout trains the same model (same init seed, same global batches) with the real
+optimizer step of `megalith pretrain` (data-parallel buffers and buckets, ZeRO-1 with `zero1`,
+global-norm clipping, LR warm-up and decay, weight decay, loss scaling for fp16) on CPU ranks
+of one pool; the reference is the same code in one process with no process group at all, in
+the layout's precision. Per layout the table gives four relative differences from the
+reference (tensors gathered over tp and dp, vocabulary padding dropped), and PASS when each is
+below its bound (1e-5 in fp32; megalith.testing.RELATIVE_TOLERANCES for bf16 and fp16):
 
 - losses: the per-step losses;
-- grads: each tensor's gradient after the first step's backward, worst tensor. Adam is blind
-  to the scale of a gradient, so a gradient counted twice would pass the other two checks;
+- norms: the per-step global gradient norms (each parameter counted once across tp, pp, dp);
+- grads: each tensor's reduced gradient after the first step's backward, worst tensor. Adam is
+  blind to the scale of a gradient, so a gradient counted twice would pass the other checks;
 - params: the final parameter vector as a whole (max |difference| / max |parameter|). Per
   tensor this is ill-posed: some gradients are zero by mathematics (a key bias cannot change
   a softmax), and Adam turns their rounding noise into lr-sized steps in any implementation.
@@ -19,7 +23,8 @@ comparison in the optimizer's conditioning rather than test the parallel computa
 
 The loss of a step is the mean over the global batch's sequences of each sequence's mean over
 its loss-masked tokens (DESIGN.md: one definition of a step's loss): every micro-batch adds
-its share, so pipeline micro-batching (and later data-parallel splitting) cannot change it.
+its share and data-parallel ranks' shares are summed, so neither micro-batching nor
+data-parallel splitting changes it.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class VerifySettings:
     model: str
     config: ModelConfig
     steps: int = 3
-    micro_batches: int = 2  # of the reference; the global batch is micro_batches x micro_batch_size
+    micro_batches: int = 4  # of the reference; the global batch is micro_batches x micro_batch_size
     micro_batch_size: int = 2
     lr: float = 1e-3
     min_lr: float = 1e-4

@@ -14,14 +14,30 @@ from megalith.errors import ConfigError
 from megalith.training.arguments import (
     add_pretrain_arguments,
     build_pretrain_parser,
-    parse_pretrain_args,
     resolve_pretrain_config,
     resolved_config_directory,
     world_size_from_env,
     write_resolved_config,
 )
 from megalith.training.config import SECTIONS, section_fields
+from megalith.training.arguments import parse_pretrain_args as parse_with_data_flags
 from megalith.training.loss_scaler import ConstantLossScaler
+
+
+def parse_pretrain_args(argv, world_size):
+    """Until datasets can be read (issue 6), every run trains on --mock-data."""
+    return parse_with_data_flags(["--mock-data", *argv], world_size)
+
+
+def test_wandb_project_without_a_run_name_is_one_line_before_start():
+    with pytest.raises(ConfigError, match="--wandb-project p needs --wandb-exp-name"):
+        parse_pretrain_args(["--wandb-project", "p"], 1)
+
+
+def test_without_mock_data_the_missing_datasets_are_one_line():
+    with pytest.raises(ConfigError, match="pass --mock-data") as info:
+        parse_with_data_flags([], 1)
+    assert "\n" not in str(info.value)
 
 
 @pytest.fixture
@@ -208,7 +224,8 @@ def test_flat_model_key_is_the_registry_name(tmp_path, cpu_only):
 def test_config_file_works_through_a_subcommand(tmp_path, cpu_only):
     parser = argparse.ArgumentParser(prog="megalith")
     add_pretrain_arguments(parser.add_subparsers(dest="command").add_parser("pretrain"))
-    args = parser.parse_args(["pretrain", "--config", write(tmp_path, "lr: 0.5\nmin_lr: 5.0e-5\n"), "--lr", "1e-4"])
+    args = parser.parse_args(["pretrain", "--mock-data", "--config", write(tmp_path, "lr: 0.5\nmin_lr: 5.0e-5\n"),
+                              "--lr", "1e-4"])
     config = resolve_pretrain_config(args, world_size=1)
     assert (config.optimizer.lr, config.optimizer.min_lr) == (1e-4, 5e-5)
 
@@ -273,7 +290,7 @@ def rich_config():
          "--micro-batch-size", "2", "--global-batch-size", "16", "--lr", "3e-4", "--min-lr", "3e-5",
          "--lr-warmup-fraction", "0.05", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "20",
          "--adam-eps", "1e-8", "--use-distributed-optimizer", "--distributed-timeout-minutes", "2.5",
-         "--log-json", "RUN/log.jsonl", "--wandb-project", "p", "--no-log-progress-bar", "--mock-data"], 8)
+         "--log-json", "RUN/log.jsonl", "--wandb-project", "p", "--wandb-exp-name", "e", "--no-log-progress-bar", "--mock-data"], 8)
 
 
 def test_resolved_config_round_trips_through_config(tmp_path, cpu_only):
@@ -317,8 +334,8 @@ def test_write_resolved_config_into_a_file_path_is_one_line(tmp_path):
     (["--log-json", "runs/a/log.jsonl", "--tensorboard-dir", "tb"], "runs/a"),
     (["--log-json", "log.jsonl"], "."),
     (["--tensorboard-dir", "tb", "--wandb-save-dir", "wb"], "tb"),
-    (["--wandb-save-dir", "wb", "--wandb-project", "p"], "wb"),
-    (["--wandb-project", "p"], None),
+    (["--wandb-save-dir", "wb", "--wandb-project", "p", "--wandb-exp-name", "e"], "wb"),
+    (["--wandb-project", "p", "--wandb-exp-name", "e"], None),
 ])
 def test_resolved_config_goes_beside_the_logs(argv, expected, cpu_only):
     assert resolved_config_directory(parse_pretrain_args(argv, 1)) == expected

@@ -1,6 +1,6 @@
 """Models by name: how to build one, and what a batch for it looks like.
 
-`megalith verify --model NAME` and (later) `megalith pretrain --model NAME` look models up
+`megalith verify --model NAME` and `megalith pretrain --model NAME` look models up
 here. `build(config, ctx, init_seed, stage)` gives one pipeline stage (StageSpec) of the model:
 a module with the pipeline engine's interface (`pipeline_forward`, `pipeline_shapes`) whose
 last stage returns the per-token loss `[b, s]`, and `finish_grad_sync()` for what sequence

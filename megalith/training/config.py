@@ -19,12 +19,12 @@ from megalith.models.registry import BUILTIN_MODELS, get_model_spec
 from megalith.parallel.pipeline.schedules import SCHEDULES, validate_schedule_args
 from megalith.parallel.pipeline.split import split_layers
 from megalith.training.batch import BatchPlan, check_interleaved_micro_batches
-from megalith.training.loss_scaler import ConstantLossScaler, DynamicLossScaler
+from megalith.parallel.data_parallel import default_bucket_size
+from megalith.training.loss_scaler import ConstantLossScaler, DynamicLossScaler, make_loss_scaler
 from megalith.training.lr_schedule import LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, LRSchedule
 from megalith.training.timers import TIMING_LOG_LEVELS
 
 OPTIMIZER_NAMES = ("adam", "sgd")
-DEFAULT_DDP_BUCKET_FLOOR = 40_000_000  # elements; Megatron: max(40M, 1M x dp)
 
 
 def _flag(name: str) -> str:
@@ -124,12 +124,9 @@ class PrecisionConfig:
 
     def make_loss_scaler(self) -> ConstantLossScaler | DynamicLossScaler | None:
         """fp16's scaler (static with --loss-scale, else dynamic); None for bf16 and fp32."""
-        if not self.fp16:
-            return None
-        if self.loss_scale is not None:
-            return ConstantLossScaler(self.loss_scale)
-        return DynamicLossScaler(initial_scale=self.initial_loss_scale, min_scale=self.min_loss_scale,
-                                 growth_interval=self.loss_scale_window, hysteresis=self.hysteresis)
+        return make_loss_scaler(fp16=self.fp16, loss_scale=self.loss_scale, initial_loss_scale=self.initial_loss_scale,
+                                min_loss_scale=self.min_loss_scale, loss_scale_window=self.loss_scale_window,
+                                hysteresis=self.hysteresis)
 
 
 @dataclass(frozen=True)
@@ -204,12 +201,15 @@ class LoggingConfig:
     wandb_project: str | None = flag_field(None, "log to this Weights & Biases project")
     wandb_exp_name: str | None = flag_field(None, "Weights & Biases run name")
     wandb_save_dir: str | None = flag_field(None, "Weights & Biases local directory")
-    timing_log_level: int = flag_field(0, "0: iteration; 1: + phases (forward-backward, optimizer, all-reduce); 2: + fine-grained",
+    timing_log_level: int = flag_field(0, "0: none; 1 and 2: the last rank's forward-backward (with the gradient reduction) and optimizer times per iteration",
                                        TIMING_LOG_LEVELS)
     log_progress_bar: bool | None = flag_field(None, "tqdm progress bar (None: when stdout is a terminal)")
 
     def __post_init__(self) -> None:
         _check_choice(self, "timing_log_level", TIMING_LOG_LEVELS)
+        if self.wandb_project and not self.wandb_exp_name:  # before any process starts, not at the first log
+            raise ConfigError(f"--wandb-project {self.wandb_project} needs --wandb-exp-name; add --wandb-exp-name "
+                              "NAME for the run")
 
 
 # The sections of PretrainConfig, in the order of --help and of the written config.yaml.
@@ -239,7 +239,7 @@ class PretrainConfig:
     Construction resolves what Megatron resolves: --sequence-parallel is turned off at tp 1,
     gradients accumulate in fp32 under --bf16, --loss-scale is dropped without --fp16, and the
     model's params_dtype follows --bf16 / --fp16. Each such change adds a line to `notices`
-    (print them once, on rank 0).
+    (the last rank, which prints the log, prints them once).
     """
 
     model: ModelConfig
@@ -262,6 +262,9 @@ class PretrainConfig:
         notices: list[str] = []
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
             raise ConfigError(f"world size must be a positive integer, got {self.world_size!r}; launch >= 1 process")
+        if not self.training.mock_data:
+            raise ConfigError("reading datasets (--data-path) is not implemented yet; pass --mock-data to train on "
+                              "the model's synthetic batches")
         dp = self._data_parallel_size()
         self._resolve_sections(notices)
         dist, model, training = self.distributed, self.model, self.training
@@ -277,7 +280,7 @@ class PretrainConfig:
         self.optimizer.lr_schedule(training.train_iters)  # checks warm-up, decay and WSD against the run
         derived = dict(data_parallel_size=dp, virtual_pipeline_size=vpp, num_micro_batches=batch.num_micro_batches,
                        global_batch_size=batch.global_batch_size, pipeline_schedule=schedule,
-                       ddp_bucket_size=dist.ddp_bucket_size or max(DEFAULT_DDP_BUCKET_FLOOR, 1_000_000 * dp),
+                       ddp_bucket_size=dist.ddp_bucket_size or default_bucket_size(dp),
                        distributed_backend=check_backend(dist.distributed_backend or default_backend()),
                        notices=tuple(notices))
         for name, value in derived.items():

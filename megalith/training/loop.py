@@ -234,7 +234,9 @@ class Trainer:
                     stats = IntervalStats()
                 at_end = self.iteration == c.training.train_iters
                 if c.training.eval_iters and (self.iteration % c.training.eval_interval == 0 or at_end):
+                    eval_started = time.perf_counter()
                     self.report_validation(self.evaluate(), writers, emit)
+                    stats.started += time.perf_counter() - eval_started  # not part of an iteration's time
         finally:
             bar.close()
             writers.close()

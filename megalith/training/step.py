@@ -90,7 +90,7 @@ class StepRunner:
         """Each dp rank's loss is its share of the global batch's mean: the sum is the step loss."""
         if group_size(self.dp_group) == 1:
             return value
-        total = torch.tensor([value], dtype=torch.float64)
+        total = torch.tensor([value], dtype=torch.float64, device=self.engine.device)  # NCCL needs the device
         dist.all_reduce(total, group=self.dp_group)
         return float(total)
 

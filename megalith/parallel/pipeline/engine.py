@@ -132,7 +132,7 @@ class _StepRun:
         self.losses: dict[tuple[int, int], torch.Tensor] = {}
         self.receiving: dict[tuple[Kind, int, int], list] = {}
         self.sending: list[tuple[list, list[torch.Tensor], bool]] = []
-        self.loss_sum = torch.zeros((), dtype=torch.float64)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         self.events: list[TimelineEvent] = []
 
     def _stage(self, chunk: int) -> int:
