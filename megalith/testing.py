@@ -24,6 +24,7 @@ def failures(errors: Mapping[str, float], tolerance: float = FP32_RELATIVE_TOLER
     """The named errors at or above `tolerance` (NaN counts as a failure)."""
     return {name: err for name, err in errors.items() if not err < tolerance}
 
+
 @dataclass(frozen=True)
 class Tolerance:
     """Relative bounds for verify's comparisons: per-step losses and grad norms, first-step

@@ -38,10 +38,8 @@ from megalith.config import Layout, ModelConfig
 from megalith.errors import ConfigError
 from megalith.models.parallel_context import ParallelContext
 from megalith.models.registry import ModelSpec, get_model_spec
-from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.parallel.layers import gather_full_parameter
-from megalith.parallel.pipeline.engine import PipelineEngine
-from megalith.parallel.pipeline.schedules import build_schedule, validate_schedule_args
+from megalith.parallel.pipeline.schedules import validate_schedule_args
 from megalith.parallel.pipeline.split import split_layers
 from megalith.parallel.rng import model_parallel_rng_tracker
 from megalith.parallel.spawn import RankPool
@@ -50,8 +48,7 @@ from megalith.training.batch import BatchPlan
 from megalith.training.config import OptimizerConfig, default_schedule
 from megalith.training.loss_scaler import make_loss_scaler
 from megalith.training.lr_schedule import LRSchedule
-from megalith.training.optimizer import ParallelOptimizer
-from megalith.training.step import StepRunner, build_chunks, sequence_mean_loss
+from megalith.training.step import StepRunner, assemble_runner, sequence_mean_loss
 
 PADDED_VOCAB_PARAMETERS = ("word_embeddings.weight", "output_layer.weight", "word_embeddings_for_head.weight")
 ALIASES = {"word_embeddings_for_head.weight": "embedding.word_embeddings.weight"}  # the tied copy
@@ -165,29 +162,22 @@ def global_batch(settings: VerifySettings, spec: ModelSpec, step: int) -> dict:
 
 
 def build_runner(settings: VerifySettings, layout: Layout, state=None, record: bool = False) -> StepRunner:
-    """This rank's chunks, data-parallel buffers, engine and optimizer for `layout` (state None: one process)."""
-    spec = get_model_spec(settings.model)
+    """This rank's part of `layout`, assembled as `megalith pretrain` assembles it (state None: one process)."""
     run = plan(settings, layout)
     config = layout.apply_to(settings.config)
-    pp_rank = state.pp_rank if state is not None else 0
-    tp_group = state.tp_group if state is not None else None
-    dp_group = state.dp_group if state is not None else None
     ctx = ParallelContext(
-        tp_group, layout.sequence_parallel, model_parallel_rng_tracker(settings.seed, state.tp_rank if state else 0),
+        state.tp_group if state is not None else None, layout.sequence_parallel,
+        model_parallel_rng_tracker(settings.seed, state.tp_rank if state else 0),
         embedding_group=state.embedding_group if state is not None else None,
     )
-    chunks = build_chunks(spec.build, config, ctx, settings.seed, run.stage_layers, pp_rank, layout.pp, layout.vpp)
-    buffers = [DataParallelGrads(chunk, dp_group, bucket_size=settings.ddp_bucket_size, overlap=True,
-                                 accumulate_in_fp32=config.params_dtype != "fp16", shard=layout.zero1)
-               for chunk in chunks]
     scaler = make_loss_scaler(fp16=config.params_dtype == "fp16", loss_scale=None,
                               initial_loss_scale=settings.initial_loss_scale, hysteresis=settings.hysteresis)
-    optimizer = ParallelOptimizer(buffers, settings.optimizer_config(), tp_group=tp_group,
-                                  mp_group=state.mp_group if state is not None else None, loss_scaler=scaler)
-    engine = PipelineEngine(chunks, rank=pp_rank, pp=layout.pp, pp_group=state.pp_group if state is not None else None,
-                            micro_batch_size=run.micro_batch_size, dtype=config.torch_dtype, record=record)
-    actions = build_schedule(run.schedule, layout.pp, layout.vpp, run.microbatches, pp_rank)
-    return StepRunner(chunks, buffers, engine, actions, optimizer, dp_group=dp_group)
+    return assemble_runner(
+        state, build=get_model_spec(settings.model).build, model_config=config, ctx=ctx, seed=settings.seed,
+        stage_layers=run.stage_layers, vpp=layout.vpp, schedule=run.schedule, micro_batches=run.microbatches,
+        micro_batch_size=run.micro_batch_size, bucket_size=settings.ddp_bucket_size, overlap=True,
+        accumulate_in_fp32=config.params_dtype != "fp16", shard=layout.zero1,
+        optimizer_config=settings.optimizer_config(), loss_scaler=scaler, record=record)
 
 
 def train(settings: VerifySettings, layout: Layout | None = None, state=None, step_hook=None):
@@ -308,6 +298,9 @@ def _norm_error(norms: list[float | None], reference: list[float | None]) -> flo
 def check_layouts(settings: VerifySettings, layouts: list[Layout]) -> None:
     """Every layout's rules, before any rank starts."""
     get_model_spec(settings.model)
+    if settings.config.params_dtype != "fp32":
+        raise ConfigError(f"verify sets the precision per layout: drop --params-dtype {settings.config.params_dtype} "
+                          f"and add the {settings.config.params_dtype} token to a layout (e.g. tp2.{settings.config.params_dtype})")
     for layout in layouts:
         plan(settings, layout)
 

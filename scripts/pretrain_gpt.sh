@@ -63,7 +63,7 @@ GPT_MODEL_ARGS=(
 MODEL_PARALLEL_ARGS=(
     --tensor-model-parallel-size "${TP}"
     --pipeline-model-parallel-size "${PP}"
-    "${DEVICE_ARGS[@]}"
+    ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"}  # empty on GPU nodes (safe under set -u on old bash too)
 )
 if [[ "${TP}" -gt 1 ]]; then
     MODEL_PARALLEL_ARGS+=(--sequence-parallel)

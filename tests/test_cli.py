@@ -22,6 +22,7 @@ def test_verify_runs_end_to_end():
     "argv,fragment",
     [
         (["verify", "--layouts", "tp2.ep2"], "unknown layout token 'ep2'"),
+        (["verify", "--layouts", "tp2", "--params-dtype", "bf16"], "add the bf16 token to a layout (e.g. tp2.bf16)"),
         (["verify", "--layouts", "tp4.sp", "--seq-length", "30"], "sequence length 30 is not divisible by --tensor-model-parallel-size 4"),
         (["verify", "--layouts", "tp4", "--num-attention-heads", "6", "--hidden-size", "48"], "number of attention heads 6 is not divisible by --tensor-model-parallel-size 4"),
         (["verify", "--layouts", "tp4", "--num-query-groups", "2"], "number of query groups 2 is not divisible by --tensor-model-parallel-size 4"),

@@ -74,7 +74,7 @@ class DistributedConfig:
         None, "pipeline schedule (None: no-pipelining at pp 1, 1f1b, interleaved-1f1b with vpp)", SCHEDULES)
     use_distributed_optimizer: bool = flag_field(False, "shard optimizer state over data parallelism (ZeRO-1)")
     overlap_grad_reduce: bool = flag_field(False, "reduce gradient buckets during backward")
-    ddp_bucket_size: int | None = flag_field(None, "elements per gradient bucket (None: max(40M, 1M x dp))")
+    ddp_bucket_size: int | None = flag_field(None, "elements per gradient bucket with --overlap-grad-reduce (None: max(40M, 1M x dp)); one bucket without it")
     accumulate_allreduce_grads_in_fp32: bool = flag_field(
         False, "accumulate and reduce gradients in fp32 (forced on with --bf16)")
     distributed_backend: str | None = flag_field(None, "process-group backend (None: nccl with CUDA, gloo otherwise)",

@@ -13,6 +13,7 @@ slice and micro-batches are slices of that (megalith.training.batch.BatchPlan).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,10 +22,7 @@ import torch
 
 from megalith.models.parallel_context import ParallelContext
 from megalith.models.registry import get_model_spec
-from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.parallel.layers import padded_vocab_size
-from megalith.parallel.pipeline.engine import PipelineEngine
-from megalith.parallel.pipeline.schedules import build_schedule
 from megalith.parallel.pipeline.split import split_layers
 from megalith.parallel.rng import model_parallel_rng_tracker
 from megalith.training.arguments import resolved_config_directory, write_resolved_config
@@ -33,9 +31,8 @@ from megalith.training.config import PretrainConfig
 from megalith.training.flops import gpt_flops_per_iteration, tflops_per_device
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line
 from megalith.training.lr_schedule import LRScheduler
-from megalith.training.optimizer import ParallelOptimizer
 from megalith.training.progress import NullProgressBar, progress_bar
-from megalith.training.step import StepRunner, build_chunks, forward_only, sequence_mean_loss
+from megalith.training.step import assemble_runner, forward_only, sequence_mean_loss
 from megalith.training.timers import Timers
 from megalith.training.writers import MetricsWriters, open_writers
 
@@ -104,24 +101,21 @@ class Trainer:
         ctx = ParallelContext(state.tp_group, dist.sequence_parallel,
                               model_parallel_rng_tracker(training.seed, state.tp_rank, state.device, state.pp_rank),
                               device=state.device, embedding_group=state.embedding_group)
-        pp, vpp = state.pp_size, config.virtual_pipeline_size
-        stage_layers = split_layers(config.model.num_layers, pp, vpp, dist.decoder_first_pipeline_num_layers,
+        vpp = config.virtual_pipeline_size
+        stage_layers = split_layers(config.model.num_layers, state.pp_size, vpp, dist.decoder_first_pipeline_num_layers,
                                     dist.decoder_last_pipeline_num_layers)
-        spec = get_model_spec(training.model)
-        chunks = build_chunks(spec.build, config.model, ctx, training.seed, stage_layers, state.pp_rank, pp, vpp)
-        buffers = [DataParallelGrads(chunk, state.dp_group, bucket_size=config.ddp_bucket_size,
-                                     overlap=dist.overlap_grad_reduce,
-                                     accumulate_in_fp32=dist.accumulate_allreduce_grads_in_fp32,
-                                     shard=dist.use_distributed_optimizer) for chunk in chunks]
-        self.optimizer = ParallelOptimizer(buffers, config.optimizer, tp_group=state.tp_group,
-                                           mp_group=state.mp_group, loss_scaler=config.precision.make_loss_scaler())
         self.plan = BatchPlan(config.global_batch_size, training.micro_batch_size, state.dp_size)
-        engine = PipelineEngine(chunks, rank=state.pp_rank, pp=pp, pp_group=state.pp_group,
-                                micro_batch_size=training.micro_batch_size, dtype=config.model.torch_dtype,
-                                device=state.device)
-        actions = build_schedule(config.pipeline_schedule, pp, vpp, self.plan.num_micro_batches, state.pp_rank)
-        self.eval_actions = forward_only(actions)
-        self.runner = StepRunner(chunks, buffers, engine, actions, self.optimizer, dp_group=state.dp_group)
+        self.runner = assemble_runner(
+            state, build=get_model_spec(training.model).build, model_config=config.model, ctx=ctx, seed=training.seed,
+            stage_layers=stage_layers, vpp=vpp, schedule=config.pipeline_schedule,
+            micro_batches=self.plan.num_micro_batches, micro_batch_size=training.micro_batch_size,
+            # without overlap nothing is gained by splitting: one bucket, one collective (as Megatron)
+            bucket_size=config.ddp_bucket_size if dist.overlap_grad_reduce else sys.maxsize,
+            overlap=dist.overlap_grad_reduce,
+            accumulate_in_fp32=dist.accumulate_allreduce_grads_in_fp32, shard=dist.use_distributed_optimizer,
+            optimizer_config=config.optimizer, loss_scaler=config.precision.make_loss_scaler())
+        self.optimizer = self.runner.optimizer
+        self.eval_actions = forward_only(self.runner.actions)
         self.scheduler = LRScheduler(config.lr_schedule())
         self.data = MockBatches(config, state.device)
         self.timers = Timers(config.logging.timing_log_level, state.device)
@@ -135,6 +129,7 @@ class Trainer:
             swiglu=config.model.swiglu)
         self.iteration = 0
         self.consumed_samples = 0
+        self.valid_batches = 0  # validation walks on through its stream, as Megatron's does
 
     def loss_fn(self, per_token, batch):
         return sequence_mean_loss(per_token, batch, self.config.global_batch_size)
@@ -158,9 +153,10 @@ class Trainer:
     def evaluate(self) -> float:
         iters = self.config.training.eval_iters
         total = 0.0
-        for index in range(iters):
-            micro = self.data.micro_batches(self.plan, self.state.dp_rank, VALID_SPLIT, index)
+        for _ in range(iters):
+            micro = self.data.micro_batches(self.plan, self.state.dp_rank, VALID_SPLIT, self.valid_batches)
             total += self.runner.evaluate(micro, self.loss_fn, self.eval_actions)
+            self.valid_batches += 1
         return total / iters
 
     # --- the loop ---------------------------------------------------------------------------

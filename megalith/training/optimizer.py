@@ -34,6 +34,7 @@ from megalith.parallel.comm import group_rank, group_size
 from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.training.config import OPTIMIZER_NAMES
 
+
 @dataclass(eq=False)
 class Fragment:
     """The part [start, end) (in buffer elements) of one parameter that this rank updates."""

@@ -22,6 +22,7 @@ from megalith.parallel.comm import group_size
 from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.parallel.pipeline.actions import Action, Kind, stage_of
 from megalith.parallel.pipeline.engine import PipelineEngine, StepResult
+from megalith.parallel.pipeline.schedules import build_schedule
 from megalith.training.optimizer import ParallelOptimizer, StepOutcome
 
 
@@ -49,6 +50,27 @@ def build_chunks(build: Callable, config, ctx, seed: int, stage_layers: list[lis
         index = stage_of(pp_rank, chunk, pp)
         chunks.append(build(config, ctx, seed, StageSpec(index, stages, tuple(stage_layers[index]))))
     return chunks
+
+
+def assemble_runner(state, *, build: Callable, model_config, ctx, seed: int, stage_layers: list[list[int]], vpp: int,
+                    schedule: str, micro_batches: int, micro_batch_size: int, bucket_size: int | None, overlap: bool,
+                    accumulate_in_fp32: bool, shard: bool, optimizer_config, loss_scaler,
+                    record: bool = False) -> "StepRunner":
+    """This rank's chunks, data-parallel buffers, optimizer, engine and schedule, the same for
+    `megalith pretrain` and `megalith verify`. `state` None: one process without groups."""
+    def group(name: str):
+        return getattr(state, name) if state is not None else None
+
+    pp, pp_rank = (state.pp_size, state.pp_rank) if state is not None else (1, 0)
+    chunks = build_chunks(build, model_config, ctx, seed, stage_layers, pp_rank, pp, vpp)
+    buffers = [DataParallelGrads(chunk, group("dp_group"), bucket_size=bucket_size, overlap=overlap,
+                                 accumulate_in_fp32=accumulate_in_fp32, shard=shard) for chunk in chunks]
+    optimizer = ParallelOptimizer(buffers, optimizer_config, tp_group=group("tp_group"), mp_group=group("mp_group"),
+                                  loss_scaler=loss_scaler)
+    engine = PipelineEngine(chunks, rank=pp_rank, pp=pp, pp_group=group("pp_group"), micro_batch_size=micro_batch_size,
+                            dtype=model_config.torch_dtype, device=ctx.device, record=record)
+    actions = build_schedule(schedule, pp, vpp, micro_batches, pp_rank)
+    return StepRunner(chunks, buffers, engine, actions, optimizer, dp_group=group("dp_group"))
 
 
 @dataclass(frozen=True)
