@@ -19,8 +19,9 @@ Read the numbers for what this machine is. Four ranks share the CPU cores (two o
 machine this was written for), and gloo's collectives on loopback run on the same cores
 as the compute: "overlap" cannot hide communication behind computation when there is no
 idle core to run it on, so it saves little or nothing here (the wait leaves `finish` and
-forward+backward grows by about as much) and more buckets mostly add per-collective latency. With one bucket, overlap launches it only when backward has produced
-every gradient, which is no overlap at all. dp4 against dp1 measures time-sharing (4 ranks on
+forward+backward grows by about as much) and more buckets mostly add per-collective
+latency. With one bucket, overlap launches it only when backward has produced every
+gradient, which is no overlap at all. dp4 against dp1 measures time-sharing (4 ranks on
 2 cores: at least 2x) plus communication, not scaling. Columns are medians taken separately,
 so they need not add up to ms/step. What overlap buys on real hardware (a NIC or NVLink working
 while the GPU computes) is not measurable on this box; the tests prove its mechanics instead.
