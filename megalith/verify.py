@@ -198,11 +198,7 @@ def train(settings: VerifySettings, layout: Layout | None = None, state=None, st
 
     losses, norms, first_grads = [], [], None
     for step in range(settings.steps):
-        data = global_batch(settings, spec, step)
-
-        def micro(index, data=data):
-            where = run.batch.micro_slice(dp_rank, index)
-            return {key: value[where] for key, value in data.items()}
+        micro = run.batch.micro_batches(global_batch(settings, spec, step), dp_rank)
 
         def probe():
             nonlocal first_grads

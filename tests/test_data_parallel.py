@@ -131,12 +131,7 @@ def _backward_launch_trace(ctx, overlap):
         original(chunk, last)
 
     runner._before_backward = before_backward
-    batch_plan = plan(settings, layout).batch
-    data = global_batch(settings, get_model_spec("gpt"), 0)
-
-    def micro(index):
-        return {k: v[batch_plan.micro_slice(state.dp_rank, index)] for k, v in data.items()}
-
+    micro = plan(settings, layout).batch.micro_batches(global_batch(settings, get_model_spec("gpt"), 0), state.dp_rank)
     runner.forward_backward(micro, lambda out, b: sequence_mean_loss(out, b, settings.global_batch_size))
     return seen, buffer.launches, len(buffer.buckets)
 
@@ -174,11 +169,7 @@ def _train_with_injected_overflow(ctx, overflow_step):
     finalize = runner.finalize_grads
     records = []
     for step in range(settings.steps):
-        data = global_batch(settings, spec, step)
-
-        def micro(index, data=data):
-            return {k: v[batch_plan.micro_slice(state.dp_rank, index)] for k, v in data.items()}
-
+        micro = batch_plan.micro_batches(global_batch(settings, spec, step), state.dp_rank)
         def inject_then_finalize():
             if step == overflow_step and ctx.rank == 3:
                 runner.buffers[0].params[0].main_grad.view(-1)[0] = float("inf")
@@ -217,9 +208,8 @@ def _memory_per_parameter(ctx, layout_text):
     if state is None:
         return None
     runner = build_runner(settings, layout, state)
-    batch_plan = plan(settings, layout).batch
-    data = global_batch(settings, get_model_spec("gpt"), 0)
-    runner.train_step(lambda i: {k: v[batch_plan.micro_slice(state.dp_rank, i)] for k, v in data.items()},
+    micro = plan(settings, layout).batch.micro_batches(global_batch(settings, get_model_spec("gpt"), 0), state.dp_rank)
+    runner.train_step(micro,
                       lambda out, b: sequence_mean_loss(out, b, settings.global_batch_size), 1e-3)
     params = sum(p.numel() for p in runner.chunks[0].parameters())
     return {key: value / params for key, value in runner.optimizer.memory_bytes().items()}

@@ -83,6 +83,15 @@ class BatchPlan:
         start = self.local_slice(dp_rank).start + micro * self.micro_batch_size
         return slice(start, start + self.micro_batch_size)
 
+    def micro_batches(self, data: dict, dp_rank: int, device=None):
+        """`get(i)`: micro-batch i of rank `dp_rank`, sliced from a global batch of tensors
+        (moved to `device` if given): what the pipeline engine asks for."""
+        def get(micro: int) -> dict:
+            where = self.micro_slice(dp_rank, micro)
+            return {key: value[where] if device is None else value[where].to(device) for key, value in data.items()}
+
+        return get
+
 
 def check_interleaved_micro_batches(
     num_micro_batches: int,

@@ -81,13 +81,7 @@ class MockBatches:
         return self.spec.make_batch(self.model, self.size, generator)
 
     def micro_batches(self, plan: BatchPlan, dp_rank: int, split: int, index: int):
-        data = self.global_batch(split, index)
-
-        def micro(i: int) -> dict:
-            where = plan.micro_slice(dp_rank, i)
-            return {key: value[where].to(self.device) for key, value in data.items()}
-
-        return micro
+        return plan.micro_batches(self.global_batch(split, index), dp_rank, self.device)
 
 
 class Trainer:
