@@ -156,8 +156,11 @@ def test_without_overlap_buckets_start_after_backward(rank_pools):
 # --- fp16 overflow ---------------------------------------------------------------------------
 
 
-def _train_with_injected_overflow(ctx, overflow_step):
-    """tp2.dp2 fp16: one rank's gradient overflows at `overflow_step` (before the dp reduction)."""
+def _train_with_injected_overflow(ctx, overflow_step, param_kind):
+    """tp2.dp2 fp16: on rank 3 alone (tp rank 1, dp rank 1), one element of one parameter's
+    gradient becomes inf during backward at `overflow_step`, before the dp reduction, as a real
+    fp16 overflow would. `param_kind`: "sharded" (a tp-split weight, counted in the norm on every
+    tp rank) or "replicated" (a norm weight, counted on tp rank 0 only: rank 3 must still see it)."""
     layout = parse_layout("tp2.dp2.fp16")
     settings = replace(SETTINGS, steps=4, hysteresis=1)
     state = ctx.parallel_state(tp=2, dp=2)
@@ -166,16 +169,21 @@ def _train_with_injected_overflow(ctx, overflow_step):
     runner = build_runner(settings, layout, state)
     batch_plan = plan(settings, layout).batch
     spec, schedule = get_model_spec("gpt"), settings.lr_schedule()
-    finalize = runner.finalize_grads
+    params = runner.buffers[0].params
+    target = next(p for p in params if (getattr(p, "tensor_parallel_dim", None) is None) == (param_kind == "replicated"))
+    current = {"step": -1}
+
+    def overflow(grad):
+        if current["step"] == overflow_step and ctx.rank == 3:
+            grad = grad.clone()
+            grad.view(-1)[0] = float("inf")
+        return grad
+
+    target.register_hook(overflow)
     records = []
     for step in range(settings.steps):
+        current["step"] = step
         micro = batch_plan.micro_batches(global_batch(settings, spec, step), state.dp_rank)
-        def inject_then_finalize():
-            if step == overflow_step and ctx.rank == 3:
-                runner.buffers[0].params[0].main_grad.view(-1)[0] = float("inf")
-            finalize()
-
-        runner.finalize_grads = inject_then_finalize
         before = [p.detach().clone() for p in runner.chunks[0].parameters()]
         report = runner.train_step(micro, lambda out, b: sequence_mean_loss(out, b, settings.global_batch_size),
                                    schedule.lr_at(step))
@@ -185,9 +193,10 @@ def _train_with_injected_overflow(ctx, overflow_step):
     return records
 
 
-def test_fp16_overflow_skips_the_step_on_every_rank_and_halves_the_scale(rank_pools):
-    per_rank = rank_pools(4).run(_train_with_injected_overflow, 1)
-    assert all(records == per_rank[0] for records in per_rank)  # every rank agrees, step by step
+@pytest.mark.parametrize("param_kind", ["sharded", "replicated"])
+def test_fp16_overflow_skips_the_step_on_every_rank_and_halves_the_scale(rank_pools, param_kind):
+    per_rank = rank_pools(4).run(_train_with_injected_overflow, 1, param_kind)
+    assert all(records == per_rank[0] for records in per_rank), per_rank  # every rank agrees, step by step
     skipped = [r[0] for r in per_rank[0]]
     assert skipped == [False, True, False, False]
     scale_used, scale_after = [r[1] for r in per_rank[0]], [r[2] for r in per_rank[0]]

@@ -17,7 +17,8 @@ The global gradient norm counts every parameter exactly once across tp, pp and d
 replicated over tp (no `tensor_parallel_dim`: norms, row-parallel biases, positions) only on tp
 rank 0; the tied embedding's copy on the last stage (`is_tied_copy`) not at all; a sharded
 fragment on the one dp rank that owns it. Its square is summed over dp (sharded) and the
-model-parallel group; a non-finite sum is an overflow, agreed by every rank, and skips the step.
+model-parallel group, together with the squares of the gradients not counted (so that every
+gradient is checked): a non-finite sum is an overflow, agreed by every rank, and skips the step.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class ParallelOptimizer:
         self.dp_group = buffers[0].dp_group if self.sharded else None
         tp_rank = group_rank(tp_group)
         self.fragments = [f for b in buffers for f in self._fragments(b, tp_rank)]
+        self._counted = torch.tensor([f.counted for f in self.fragments], dtype=torch.bool,
+                                     device=buffers[0].grad_data.device)
         decay = [f.main for f in self.fragments if f.decay]
         no_decay = [f.main for f in self.fragments if not f.decay]
         groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
@@ -122,6 +125,16 @@ class ParallelOptimizer:
                 dist.all_reduce(value, group=group)
         return value
 
+    def _squares(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """[squares counted in the global norm, squares of the others] on this rank, float64.
+        Every gradient takes part in the overflow check (Megatron checks all main grads), so
+        an inf in a gradient this rank does not count in the norm still skips the step."""
+        squares = torch.zeros(2, dtype=torch.float64, device=self.buffers[0].grad_data.device)
+        if grads:
+            per_fragment = torch.stack(torch._foreach_norm(grads)).double().pow(2)
+            squares = torch.stack([per_fragment[self._counted].sum(), per_fragment[~self._counted].sum()])
+        return squares
+
     def step(self, lr: float) -> StepOutcome:
         """One update from the reduced gradients (call after the gradients are finalised)."""
         grads = []
@@ -131,18 +144,13 @@ class ParallelOptimizer:
         scale = self.loss_scale
         if scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / scale)
-        counted = [g for g, f in zip(grads, self.fragments) if f.counted]
-        squares = torch.zeros((), dtype=torch.float64, device=self.buffers[0].grad_data.device)
-        if counted:
-            squares = torch.stack(torch._foreach_norm(counted)).double().pow(2).sum()
-        squares = self._sum_over_ranks(squares.reshape(1))
-        total = float(squares)
-        finite = math.isfinite(total)
+        counted_squares, other_squares = self._sum_over_ranks(self._squares(grads)).tolist()
+        finite = math.isfinite(counted_squares + other_squares)
         if self.loss_scaler is not None:
             self.loss_scaler.update(not finite)
         if not finite:
             return StepOutcome(True, None, scale)
-        norm = math.sqrt(total)
+        norm = math.sqrt(counted_squares)
         clip = self.config.clip_grad
         if clip > 0:
             coefficient = clip / (norm + 1e-6)
