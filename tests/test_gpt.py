@@ -135,3 +135,45 @@ def test_low_precision_parameters_run_on_cpu(dtype, softmax_in_fp32):
     loss.mean().backward()
     assert relative_error(loss.mean(), reference) < 2e-2
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# --- documents inside a sequence: --reset-position-ids and --reset-attention-mask ----------
+
+
+def _with_documents(batch: dict, step: int) -> dict:
+    """Cut every sequence into documents at seeded boundaries: positions restart at each one
+    and no token attends across one (what the GPT dataset gives with both reset flags)."""
+    tokens = batch["input_ids"]
+    b, s = tokens.shape
+    generator = torch.Generator().manual_seed(step)
+    starts = torch.rand(b, s, generator=generator) < 0.15
+    starts[:, 0] = True
+    document = starts.long().cumsum(dim=1)  # [b, s] document number of each token
+    index = torch.arange(s).expand(b, s)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    position_ids = index - first
+    attention_mask = (document[:, :, None] != document[:, None, :]).unsqueeze(1)  # [b, 1, s, s], True = masked
+    return {**batch, "position_ids": position_ids, "attention_mask": attention_mask}
+
+
+def _train_on_documents(ctx, settings, layout_text):
+    import megalith.verify as verify
+
+    original = verify.global_batch
+    verify.global_batch = lambda settings, spec, step: _with_documents(original(settings, spec, step), step)
+    try:
+        return _train_on_rank(ctx, settings, parse_layout(layout_text) if layout_text else None)
+    finally:
+        verify.global_batch = original
+
+
+@pytest.mark.parametrize("position_type", ["learned_absolute", "rope"])
+def test_reset_positions_and_document_masks_match_one_process(rank_pools, position_type):
+    pool = rank_pools(4)
+    settings = VerifySettings("gpt", replace(BASE, position_embedding_type=position_type, num_layers=4), steps=2)
+    reference = pool.run(_train_on_documents, settings, None)[0]
+    plain = pool.run(_train_on_rank, settings, None)[0]
+    assert compare("no documents", reference, plain).grad_error > 1e-2  # the documents change the gradients
+    for layout in ("tp2.sp", "tp2.pp2.sp"):
+        result = compare(layout, reference, merge_ranks(pool.run(_train_on_documents, settings, layout)))
+        assert result.passed and max(result.loss_error, result.grad_error, result.param_error) < 1e-5, result

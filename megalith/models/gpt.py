@@ -66,14 +66,17 @@ class GPTEmbedding(nn.Module):
                 self.position_embeddings.weight.copy_(weight)
             mark_sequence_parallel(self.position_embeddings, ctx.sequence_parallel)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`position_ids [b, s]` (None: 0..s-1 for every sequence) index the learned positions."""
         h = self.word_embeddings(input_ids.t())  # ids [b, s] -> [s, b, h]
         if self.position_embeddings is not None:
-            seq = input_ids.shape[1]
-            positions = torch.arange(seq, device=input_ids.device)
+            if position_ids is None:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device)[:, None]  # [s, 1]
+            else:
+                positions = position_ids.t()  # [s, b]
             if self.ctx.sequence_parallel:
                 positions = positions.chunk(self.ctx.tp_size)[self.ctx.tp_rank]
-            h = h + self.position_embeddings(positions).unsqueeze(1)
+            h = h + self.position_embeddings(positions)
         return dropout(h, self.config.hidden_dropout, self.training, self.ctx, self.ctx.hidden_stream)
 
 
@@ -89,7 +92,8 @@ class GPTModel(nn.Module):
     equal because `finish_grad_sync` sums both copies' gradients over the embedding group.
 
     `attention_mask` (bool, True = masked out, broadcastable to `[b, 1, s, s]`) adds padding
-    masks to the causal one.
+    or document masks to the causal one; `position_ids [b, s]` (None: 0..s-1) restart positions
+    at document boundaries (Megatron's --reset-position-ids), learned or rotary alike.
     """
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext | None = None, init_seed: int = 1234,
@@ -135,14 +139,16 @@ class GPTModel(nn.Module):
         return self.embedding.word_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         config = self.config
         if input_ids.shape[1] > config.seq_length and config.position_embedding_type == "learned_absolute":
             raise ValueError(f"input of {input_ids.shape[1]} tokens exceeds seq_length {config.seq_length}")
-        h = self.embedding(input_ids) if self.stage.is_first else hidden
+        h = self.embedding(input_ids, position_ids) if self.stage.is_first else hidden
         rotary = None
         if config.position_embedding_type == "rope":
-            rotary = rotary_cos_sin(input_ids.shape[1], config.kv_channels, config.rotary_base, input_ids.device)
+            rotary = rotary_cos_sin(input_ids.shape[1], config.kv_channels, config.rotary_base, input_ids.device,
+                                    position_ids)
         h = self.decoder(h, rotary, attention_mask)
         if not self.stage.is_last:
             return h
@@ -164,7 +170,7 @@ class GPTModel(nn.Module):
         """One stage's step: the tensors received (None on the first stage) -> the tensors to
         send on, or the per-token loss on the last stage."""
         out = self(batch["input_ids"], batch.get("labels"), batch.get("attention_mask"),
-                   hidden=inputs[0] if inputs else None)
+                   hidden=inputs[0] if inputs else None, position_ids=batch.get("position_ids"))
         return out if self.stage.is_last else (out,)
 
     def pipeline_shapes(self, micro_batch_size: int) -> list[tuple[int, ...]]:

@@ -40,11 +40,16 @@ def dropout(x: torch.Tensor, p: float, training: bool, ctx: ParallelContext, str
         return F.dropout(x, p=p, training=True)
 
 
-def rotary_cos_sin(seq_length: int, dim: int, base: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin `[s, 1, 1, d]` (fp32) for rotary embeddings over positions 0..s-1."""
+def rotary_cos_sin(seq_length: int, dim: int, base: int, device=None,
+                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (fp32) for rotary embeddings: `[s, 1, 1, d]` over positions 0..s-1, or
+    `[s, b, 1, d]` over per-sequence `position_ids [b, s]` (positions restarting at documents)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-    freqs = torch.outer(torch.arange(seq_length, dtype=torch.float32, device=device), inv_freq)
-    angles = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+    if position_ids is None:
+        freqs = torch.outer(torch.arange(seq_length, dtype=torch.float32, device=device), inv_freq)[:, None, :]
+    else:
+        freqs = position_ids.t().to(torch.float32)[:, :, None] * inv_freq  # [s, b, d/2]
+    angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
     return angles.cos(), angles.sin()
 
 
