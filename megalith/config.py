@@ -343,6 +343,13 @@ class _StoreFlag(argparse.Action):
         _remember_explicit(namespace, self.dest)
 
 
+class _StoreTuple(_StoreFlag):
+    """Several words as one tuple (frozen configs stay hashable), remembered like _StoreFlag."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        super().__call__(parser, namespace, tuple(values), option_string)
+
+
 class _SwitchFlag(argparse.BooleanOptionalAction):
     """`--flag` / `--no-flag`, remembered like _StoreFlag."""
 
@@ -375,6 +382,9 @@ def add_config_arguments(parser, cls, overrides: dict | None = None) -> None:
         if kind.startswith("bool"):
             action = parser.add_argument(flag, action=_SwitchFlag, default=default, help=text)
             action.help = text  # some Pythons append the default themselves; keep one
+            continue
+        if kind.startswith("tuple"):  # a list of words, e.g. --data-path 0.3 A 0.7 B
+            parser.add_argument(flag, action=_StoreTuple, nargs="+", default=default, metavar=f.name.upper(), help=text)
             continue
         convert = int if "int" in kind else float if "float" in kind else str
         parser.add_argument(flag, action=_StoreFlag, type=convert, default=default, choices=choices,

@@ -25,7 +25,7 @@ from megalith.training.loss_scaler import ConstantLossScaler
 
 
 def parse_pretrain_args(argv, world_size):
-    """Until datasets can be read (issue 6), every run trains on --mock-data."""
+    """These tests are about everything but the data: they train on --mock-data."""
     return parse_with_data_flags(["--mock-data", *argv], world_size)
 
 
@@ -34,9 +34,15 @@ def test_wandb_project_without_a_run_name_is_one_line_before_start():
         parse_pretrain_args(["--wandb-project", "p"], 1)
 
 
-def test_without_mock_data_the_missing_datasets_are_one_line():
-    with pytest.raises(ConfigError, match="pass --mock-data") as info:
-        parse_with_data_flags([], 1)
+@pytest.mark.parametrize("argv, message", [
+    ([], "no training data: give --data-path PREFIX"),
+    (["--mock-data", "--data-path", "A"], "--mock-data and --data-path are both given"),
+    (["--data-path", "A"], "--data-path needs --tokenizer-type"),
+    (["--mock-data", "--vocab-extra-ids", "-1"], "--vocab-extra-ids must be an integer >= 0"),
+])
+def test_data_flags_are_checked_in_one_line(argv, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_with_data_flags(argv, 1)
     assert "\n" not in str(info.value)
 
 

@@ -33,6 +33,7 @@ GROUP_TITLES = {
     "precision": "mixed precision",
     "optimizer": "optimizer and learning rate",
     "training": "training",
+    "data": "data and tokenizer",
     "logging": "logging",
 }
 RESOLVED_CONFIG_NAME = "config.yaml"
@@ -51,7 +52,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument_group("config").add_argument(
         "--config", metavar="FILE.yaml", default=None,
         help="YAML mapping of flag names (dashes or underscores; flat, or under model/distributed/precision/"
-        "optimizer/training/logging); flags on the command line override it; default: %(default)s")
+        "optimizer/training/data/logging); flags on the command line override it; default: %(default)s")
 
 
 def build_pretrain_parser(prog: str = "megalith pretrain") -> argparse.ArgumentParser:
@@ -88,6 +89,12 @@ def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit:
             source = f"--{wanted}" if wanted != "fp32" else "fp32 (neither --bf16 nor --fp16)"
             raise ConfigError(f"--params-dtype {values['params_dtype']} contradicts {source}; drop --params-dtype "
                               "(it follows --bf16 / --fp16)")
+    data = SECTIONS["data"](**{f.name: values[f.name] for f in fields(SECTIONS["data"])})
+    if data.data_path:  # the files exist and are sound; the tokenizer sets the model's vocabulary
+        from megalith.training.data import check_datasets, model_vocab_size
+
+        check_datasets(data.data_path)
+        values["vocab_size"] = model_vocab_size(data, values["vocab_size"], "vocab_size" in given)
     sections = {name: cls(**{f.name: values[f.name] for f in fields(cls)}) for name, cls in SECTIONS.items()}
     return PretrainConfig(**sections, world_size=world_size)
 

@@ -178,7 +178,6 @@ class TrainingConfig:
     micro_batch_size: int = flag_field(1, "sequences per micro-batch")
     global_batch_size: int | None = flag_field(None, "sequences per step (None: micro-batch size x dp)")
     seed: int = flag_field(1234, "seed of initialisation, data and dropout")
-    mock_data: bool = flag_field(False, "train on synthetic batches from the model's registry entry")
     eval_interval: int = flag_field(1000, "iterations between evaluations")
     eval_iters: int = flag_field(100, "batches per evaluation (0: none)")
     log_interval: int = flag_field(100, "iterations between log lines")
@@ -190,6 +189,43 @@ class TrainingConfig:
         _check_int(self, "global_batch_size", 1, optional=True)
         _check_int(self, "eval_iters", 0)
         _check_int(self, "seed", 0)
+
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tokens come from (group "data and tokenizer"); Megatron's flags and meanings."""
+
+    data_path: tuple[str, ...] | None = flag_field(
+        None, "indexed datasets (PREFIX of PREFIX.bin/.idx), optionally weighted: [W1] PREFIX1 [W2 PREFIX2 ...]")
+    split: str = flag_field("969,30,1", "train,valid,test proportions of each dataset's documents")
+    data_cache_path: str | None = flag_field(
+        None, "where the sample indices are cached (None: a cache folder beside each dataset)")
+    mock_data: bool = flag_field(False, "train on synthetic batches from the model's registry entry")
+    tokenizer_type: str | None = flag_field(None, "tokenizer of the datasets (needed with --data-path)",
+                                            TOKENIZER_TYPES)
+    tokenizer_model: str | None = flag_field(None, "SentencePiece .model file, or a HuggingFace tokenizer directory")
+    vocab_file: str | None = flag_field(None, "GPT-2 BPE vocab.json")
+    merge_file: str | None = flag_field(None, "GPT-2 BPE merges.txt")
+    vocab_extra_ids: int = flag_field(0, "T5 sentinel tokens added to the vocabulary")
+    eod_mask_loss: bool = flag_field(False, "no loss on the end-of-document token's position")
+    reset_position_ids: bool = flag_field(False, "positions restart after each end-of-document token")
+    reset_attention_mask: bool = flag_field(False, "no attention across end-of-document tokens")
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "tokenizer_type", TOKENIZER_TYPES)
+        _check_int(self, "vocab_extra_ids", 0)
+        if self.mock_data and self.data_path:
+            raise ConfigError("--mock-data and --data-path are both given; drop one (mock data is synthetic, "
+                              "--data-path reads datasets)")
+        if not self.mock_data and not self.data_path:
+            raise ConfigError("no training data: give --data-path PREFIX (a .bin/.idx pair from megalith preprocess, "
+                              "with --tokenizer-type) or --mock-data for synthetic batches")
+        if self.data_path and self.tokenizer_type is None:
+            raise ConfigError("--data-path needs --tokenizer-type (and its files, e.g. --tokenizer-model) to know the "
+                              "vocabulary and the end-of-document token")
 
 
 @dataclass(frozen=True)
@@ -219,6 +255,7 @@ SECTIONS = {
     "precision": PrecisionConfig,
     "optimizer": OptimizerConfig,
     "training": TrainingConfig,
+    "data": DataConfig,
     "logging": LoggingConfig,
 }
 DERIVED = ("world_size", "data_parallel_size", "virtual_pipeline_size", "num_micro_batches", "global_batch_size",
@@ -247,6 +284,7 @@ class PretrainConfig:
     precision: PrecisionConfig
     optimizer: OptimizerConfig
     training: TrainingConfig
+    data: DataConfig
     logging: LoggingConfig
     world_size: int
     data_parallel_size: int = field(init=False)
@@ -262,9 +300,6 @@ class PretrainConfig:
         notices: list[str] = []
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
             raise ConfigError(f"world size must be a positive integer, got {self.world_size!r}; launch >= 1 process")
-        if not self.training.mock_data:
-            raise ConfigError("reading datasets (--data-path) is not implemented yet; pass --mock-data to train on "
-                              "the model's synthetic batches")
         dp = self._data_parallel_size()
         self._resolve_sections(notices)
         dist, model, training = self.distributed, self.model, self.training
@@ -372,7 +407,8 @@ class PretrainConfig:
         The model's params_dtype is left out (it follows the precision section), and so is
         anything `--config` would not read back: `derived` is recomputed when a file is loaded.
         """
-        out = {name: dict(sorted(asdict(getattr(self, name)).items())) for name in SECTIONS}
+        out = {name: {key: list(value) if isinstance(value, tuple) else value
+                      for key, value in sorted(asdict(getattr(self, name)).items())} for name in SECTIONS}
         del out["model"]["params_dtype"]
         out["derived"] = {name: getattr(self, name) for name in DERIVED}
         return out

@@ -2,7 +2,7 @@
 
 A file is a mapping of flag names, spelled either way (`tensor-model-parallel-size` or
 `tensor_model_parallel_size`), flat or nested under the section names of PretrainConfig
-(model, distributed, precision, optimizer, training, logging); a flat `model: gpt` is the
+(model, distributed, precision, optimizer, training, data, logging); a flat `model: gpt` is the
 registry name (--model), a `model:` mapping the model section. Values are checked like the
 command line checks them, so a typo or a wrong type is one line naming the file and the key,
 not a surprise later. The `derived` section that megalith writes is a record for the reader and
@@ -48,6 +48,11 @@ def _convert(name: str, value: Any, kind: str, choices, path: str) -> Any:
         if "None" in kind:
             return None
         raise ConfigError(f"{where} needs a value, got null; give one or remove the key")
+    if kind.startswith("tuple"):  # a YAML list, or one string of words as on the command line
+        words = value.split() if isinstance(value, str) else value
+        if not isinstance(words, list) or not words or not all(isinstance(w, (str, int, float)) for w in words):
+            raise ConfigError(f"{where} must be a list of words (e.g. [0.3, A, 0.7, B]), got {value!r}")
+        return tuple(str(w) for w in words)
     if kind.startswith("bool"):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")

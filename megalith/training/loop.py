@@ -5,9 +5,10 @@ under torchrun/srun `run_pretrain` builds them from the environment; tests pass 
 RankPool. The last rank (last pipeline stage, which computes the loss) prints Megatron's
 iteration line and feeds the JSON-lines / TensorBoard / wandb writers.
 
-Data: with `--mock-data` every global batch is drawn from the model's registry entry, seeded by
-(seed, split, iteration), so every layout sees the same samples; each dp rank takes its fixed
-slice and micro-batches are slices of that (megalith.training.batch.BatchPlan).
+Data (megalith.training.data): with `--mock-data` every global batch is drawn from the model's
+registry entry, seeded by (seed, split, iteration); with `--data-path` it is the next global
+batch of samples of the split's dataset. Either way every layout sees the same samples; each
+dp rank takes its fixed slice and micro-batches are slices of that.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from megalith.parallel.rng import model_parallel_rng_tracker
 from megalith.training.arguments import resolved_config_directory, write_resolved_config
 from megalith.training.batch import BatchPlan
 from megalith.training.config import PretrainConfig
+from megalith.training.data import TRAIN_SPLIT, VALID_SPLIT, DatasetBatches, MockBatches, run_tokenizer
 from megalith.training.flops import gpt_flops_per_iteration, tflops_per_device
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line
 from megalith.training.lr_schedule import LRScheduler
@@ -35,8 +37,6 @@ from megalith.training.progress import NullProgressBar, progress_bar
 from megalith.training.step import assemble_runner, forward_only, sequence_mean_loss
 from megalith.training.timers import Timers
 from megalith.training.writers import MetricsWriters, open_writers
-
-TRAIN_SPLIT, VALID_SPLIT = 0, 1
 
 
 @dataclass
@@ -68,22 +68,6 @@ class IntervalStats:
         self.grad_norm = grad_norm  # the interval's last iteration's, as Megatron (None when it was skipped)
 
 
-class MockBatches:
-    """Synthetic global batches from the model's registry entry, the same for every layout."""
-
-    def __init__(self, config: PretrainConfig, device: torch.device) -> None:
-        self.spec = get_model_spec(config.training.model)
-        self.model, self.seed, self.device = config.model, config.training.seed, device
-        self.size = config.global_batch_size
-
-    def global_batch(self, split: int, index: int) -> dict:
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) * 2 + split)
-        return self.spec.make_batch(self.model, self.size, generator)
-
-    def micro_batches(self, plan: BatchPlan, dp_rank: int, split: int, index: int):
-        return plan.micro_batches(self.global_batch(split, index), dp_rank, self.device)
-
-
 class Trainer:
     """This rank's model chunks, buffers, optimizer, schedule and reporting."""
 
@@ -111,7 +95,8 @@ class Trainer:
         self.optimizer = self.runner.optimizer
         self.eval_actions = forward_only(self.runner.actions)
         self.scheduler = LRScheduler(config.lr_schedule())
-        self.data = MockBatches(config, state.device)
+        self.data = (MockBatches(config, state.device) if config.data.mock_data else
+                     DatasetBatches(config, run_tokenizer(config), state.device, state))
         self.timers = Timers(config.logging.timing_log_level, state.device)
         self.flops = gpt_flops_per_iteration(
             batch_size=config.global_batch_size, seq_length=config.model.seq_length,
