@@ -192,6 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--png", metavar="PATH", help="write a Gantt chart, one row per rank")
     schedule.set_defaults(run=_schedule)
 
+    from megalith.data.corpus import add_build_corpus_arguments, run_build_corpus
+    from megalith.data.preprocess import add_preprocess_arguments, run_preprocess
+    from megalith.data.tokenizers import add_train_tokenizer_arguments, run_train_tokenizer
+
+    preprocess = commands.add_parser(
+        "preprocess", help="tokenize JSON lines into a Megatron-compatible indexed dataset (.bin/.idx)",
+        description="Tokenize a JSON-lines file (one document per line) with worker processes and write "
+        "PREFIX_<key>_document.bin/.idx, byte-compatible with Megatron's tools/preprocess_data.py.",
+    )
+    add_preprocess_arguments(preprocess)
+    preprocess.set_defaults(run=run_preprocess)
+
+    train_tokenizer = commands.add_parser(
+        "train-tokenizer", help="train a SentencePiece model on a text or JSON-lines corpus",
+        description="Train a SentencePiece model (for --tokenizer-type SentencePieceTokenizer) with megalith's "
+        "special tokens reserved in its vocabulary.",
+    )
+    add_train_tokenizer_arguments(train_tokenizer)
+    train_tokenizer.set_defaults(run=run_train_tokenizer)
+
+    corpus = commands.add_parser(
+        "corpus", help="build the embedded default corpus (text that ships with Python) and print its paths",
+        description="Build, once, a small real-text corpus from documentation that every Python installation "
+        "carries, a SentencePiece model trained on it and its .bin/.idx dataset; nothing is downloaded.",
+    )
+    add_build_corpus_arguments(corpus)
+    corpus.set_defaults(run=run_build_corpus)
+
     topology = commands.add_parser("topology", help="print every rank's coordinates and process groups",
                                    description="Print the rank grid (order tp-cp-dp-pp) of a layout: no processes started.")
     topology.add_argument("--world-size", type=int, required=True)

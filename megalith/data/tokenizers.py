@@ -121,6 +121,7 @@ class SentencePieceTokenizer(Tokenizer):
             reason = (str(error).strip().splitlines() or ["unreadable"])[0]
             raise DataError(f"{model_file}: not a SentencePiece model ({reason}); check --tokenizer-model") from None
         self.model_file = model_file
+        self.num_threads = -1  # of tokenize_batch: -1 = SentencePiece's own choice (one per CPU)
         sp = self._sp
         size = sp.get_piece_size()
         self._vocab = {sp.id_to_piece(i): i for i in range(size)}
@@ -181,7 +182,7 @@ class SentencePieceTokenizer(Tokenizer):
         texts = list(texts)
         if self._pattern is not None and any(self._pattern.search(t) for t in texts):
             return [self.tokenize(t) for t in texts]
-        return self._sp.encode(texts) if texts else []
+        return self._sp.encode(texts, num_threads=self.num_threads) if texts else []
 
     def detokenize(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
