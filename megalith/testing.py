@@ -48,3 +48,21 @@ RELATIVE_TOLERANCES = {
     "bf16": Tolerance(losses=5e-4, norms=2e-2, grads=1e-1, params=1e-2),
     "fp16": Tolerance(losses=1e-4, norms=2e-3, grads=2e-2, params=4e-3),
 }
+
+
+def pretrain_on_rank(ctx, argv: list[str], world_size: int) -> list[str] | None:
+    """Run `megalith pretrain argv` for `world_size` processes on a RankPool rank (`pool.run(
+    pretrain_on_rank, argv, n)`): the lines the last rank printed; None on ranks the layout leaves
+    idle. Compare runs through --log-json files (see tests/test_pretrain.py)."""
+    from megalith.training.arguments import parse_pretrain_args
+    from megalith.training.loop import pretrain
+
+    config = parse_pretrain_args(argv, world_size)
+    dist = config.distributed
+    state = ctx.parallel_state(tp=dist.tensor_model_parallel_size, pp=dist.pipeline_model_parallel_size,
+                               dp=config.data_parallel_size)
+    if state is None:
+        return None
+    lines: list[str] = []
+    pretrain(config, state, print_fn=lines.append)
+    return lines

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Pretrain a tiny GPT with megalith: tp2 x pp2 (interleaved, 2 virtual stages) x dp2, sequence parallel.
 #
-# With no arguments on a CPU machine this starts 8 processes (gloo) on mock data; on a GPU node
-# it starts one process per GPU. Every size can be changed through the environment, and any
+# With no arguments on a CPU machine this starts 8 processes (gloo) and trains on the embedded
+# default corpus (Python's own documentation, tokenized with a SentencePiece model trained on it,
+# built once by `megalith corpus`: nothing is downloaded); on a GPU node it starts one process
+# per GPU. DATA_PATH and TOKENIZER_MODEL train on your own data (from `megalith preprocess`),
+# MOCK_DATA=1 on synthetic tokens. Every size can be changed through the environment, and any
 # argument given to this script is appended to megalith's (so it overrides):
 #
 #   TP=1 PP=1 scripts/pretrain_gpt.sh --train-iters 20
 #   GPUS_PER_NODE=4 NNODES=2 NODE_RANK=0 MASTER_ADDR=node001 scripts/pretrain_gpt.sh --bf16
+#   DATA_PATH=data/my_text_document TOKENIZER_MODEL=tok.model scripts/pretrain_gpt.sh
+#   MOCK_DATA=1 scripts/pretrain_gpt.sh       # synthetic tokens
 #   DRY_RUN=1 scripts/pretrain_gpt.sh          # print the command instead of running it
 #
 # Environment: GPUS_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT TP PP VPP_LAYERS NUM_LAYERS
-# HIDDEN_SIZE NUM_HEADS SEQ_LENGTH MICRO_BATCH GLOBAL_BATCH TRAIN_ITERS OUTPUT_DIR PYTHON DRY_RUN.
+# HIDDEN_SIZE NUM_HEADS SEQ_LENGTH MICRO_BATCH GLOBAL_BATCH TRAIN_ITERS OUTPUT_DIR PYTHON DRY_RUN
+# DATA_PATH TOKENIZER_TYPE TOKENIZER_MODEL MOCK_DATA (MEGALITH_DATA_CACHE: where the corpus is built).
 set -euo pipefail
 
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
@@ -57,8 +63,25 @@ GPT_MODEL_ARGS=(
     --hidden-size "${HIDDEN_SIZE:-64}"
     --num-attention-heads "${NUM_HEADS:-4}"
     --seq-length "${SEQ_LENGTH:-64}"
-    --vocab-size 512
 )
+
+# Data: the embedded corpus unless DATA_PATH (your preprocessed data) or MOCK_DATA=1 is given.
+if [[ "${MOCK_DATA:-0}" == "1" ]]; then
+    DATA_ARGS=(--mock-data --vocab-size 512)
+elif [[ -n "${DATA_PATH:-}" ]]; then
+    DATA_ARGS=(--data-path ${DATA_PATH} --tokenizer-type "${TOKENIZER_TYPE:-SentencePieceTokenizer}")
+    if [[ -n "${TOKENIZER_MODEL:-}" ]]; then
+        DATA_ARGS+=(--tokenizer-model "${TOKENIZER_MODEL}")
+    fi
+else
+    DATA_ARGS=()
+    while IFS= read -r word; do DATA_ARGS+=("${word}"); done < <("${PYTHON}" -m megalith corpus --print-flags)
+    if [[ "${#DATA_ARGS[@]}" -eq 0 ]]; then
+        echo "pretrain_gpt.sh: building the default corpus failed (see above); set DATA_PATH or MOCK_DATA=1" >&2
+        exit 1
+    fi
+    DATA_ARGS+=(--split 949,50,1)
+fi
 
 MODEL_PARALLEL_ARGS=(
     --tensor-model-parallel-size "${TP}"
@@ -73,7 +96,6 @@ if [[ "${PP}" -gt 1 ]]; then   # interleaved 1F1B: num-layers / (PP x VPP_LAYERS
 fi
 
 TRAINING_ARGS=(
-    --mock-data
     --train-iters "${TRAIN_ITERS:-100}"
     --micro-batch-size "${MICRO_BATCH:-2}"
     --global-batch-size "${GLOBAL_BATCH:-16}"
@@ -96,7 +118,7 @@ LOGGING_ARGS=(
     --wandb-save-dir "${OUTPUT_DIR}/wandb"
 )
 
-ARGS=("${GPT_MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${LOGGING_ARGS[@]}")
+ARGS=("${GPT_MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${TRAINING_ARGS[@]}" "${LOGGING_ARGS[@]}")
 COMMAND=("${PYTHON}" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" -m megalith pretrain "${ARGS[@]}" "$@")
 
 if [[ "${DRY_RUN:-0}" == "1" ]]; then   # the command, with the variables this script sets in front

@@ -14,11 +14,9 @@ from torch import nn
 from megalith.cli import main
 from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.parallel.spawn import free_port
-from megalith.testing import relative_error
-from megalith.training.arguments import parse_pretrain_args
+from megalith.testing import pretrain_on_rank, relative_error
 from megalith.training.config import OptimizerConfig
 from megalith.training.log_line import parse_log_line
-from megalith.training.loop import pretrain
 from megalith.training.optimizer import ParallelOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,25 +38,13 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _pretrain_on_rank(ctx, argv, world_size):
-    config = parse_pretrain_args(argv, world_size)
-    dist = config.distributed
-    state = ctx.parallel_state(tp=dist.tensor_model_parallel_size, pp=dist.pipeline_model_parallel_size,
-                               dp=config.data_parallel_size)
-    if state is None:
-        return None
-    lines = []
-    pretrain(config, state, print_fn=lines.append)
-    return lines
-
-
 def test_pretrain_under_3d_layouts_equals_one_process(rank_pools, tmp_path):
     """Per-iteration loss, grad norm and validation loss of the loop itself, fp32, against one process."""
     records = {}
     for name, (extra, world) in LAYOUTS.items():
         log = tmp_path / f"{name}.jsonl"
         argv = SMALL + extra + ["--train-iters", "6", "--log-json", str(log)]
-        rank_pools(8).run(_pretrain_on_rank, argv, world)
+        rank_pools(8).run(pretrain_on_rank, argv, world)
         records[name] = _records(log)
     reference = records.pop("one process")
     train = [r for r in reference if "consumed_samples" in r]
@@ -76,7 +62,7 @@ def test_fp16_from_the_initial_scale_skips_until_the_gradients_fit(rank_pools, t
     (after the hysteresis of 2), then training goes on with finite losses."""
     log = tmp_path / "fp16.jsonl"
     argv = SMALL + ["--fp16", "--train-iters", "30", "--eval-iters", "0", "--log-json", str(log)]
-    lines = rank_pools(8).run(_pretrain_on_rank, argv, 1)[0]
+    lines = rank_pools(8).run(pretrain_on_rank, argv, 1)[0]
     train = [r for r in _records(log) if "consumed_samples" in r]
     skipped = [r["skipped"] for r in train]
     scales = [r["loss_scale"] for r in train]  # the scale after the iteration's update
@@ -122,8 +108,10 @@ MEGATRON_LINE = re.compile(
 
 
 def test_the_launch_script_trains_a_gpt_with_8_processes(tmp_path):
-    """scripts/pretrain_gpt.sh with no arguments: tp2 x pp2 (interleaved) x dp2, SP, 100 iterations."""
-    env = dict(os.environ, PYTHON=sys.executable, OUTPUT_DIR=str(tmp_path), MASTER_PORT=str(free_port()))
+    """scripts/pretrain_gpt.sh with no arguments: tp2 x pp2 (interleaved) x dp2, SP, 100 iterations
+    on the embedded corpus (built on the way)."""
+    env = dict(os.environ, PYTHON=sys.executable, OUTPUT_DIR=str(tmp_path), MASTER_PORT=str(free_port()),
+               MEGALITH_DATA_CACHE=str(tmp_path / "cache"))
     env.pop("WANDB_MODE", None)
     done = subprocess.run(["bash", str(ROOT / "scripts" / "pretrain_gpt.sh")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=420)
@@ -134,7 +122,8 @@ def test_the_launch_script_trains_a_gpt_with_8_processes(tmp_path):
     assert all(int(m.group(2)) == 100 and int(m.group(4)) == 16 for m in logged)
     assert [int(m.group(3)) for m in logged] == [160 * k for k in range(1, 11)]
     losses = [float(m.group(5)) for m in logged]
-    assert losses[-1] < 0.8 * losses[0], losses
+    # real text (the embedded corpus, 1024 pieces: a uniform guess is ln 1024 = 6.93): about 6.8 -> 5.7
+    assert losses[-1] < losses[0] - 0.8 and all(b < a + 0.05 for a, b in zip(losses, losses[1:])), losses
     assert all(int(m.group(6)) == 0 and int(m.group(7)) == 0 for m in logged)
     records = [r for r in _records(tmp_path / "log.jsonl") if "consumed_samples" in r]
     assert [r["iteration"] for r in records] == list(range(10, 101, 10))

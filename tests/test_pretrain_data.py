@@ -9,9 +9,8 @@ import torch
 
 from megalith.data.corpus import build_default_corpus
 from megalith.errors import ConfigError
-from megalith.testing import relative_error
+from megalith.testing import pretrain_on_rank, relative_error
 from megalith.training.arguments import parse_pretrain_args
-from megalith.training.loop import pretrain
 
 SMALL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
          "--micro-batch-size", "1", "--global-batch-size", "8", "--lr", "2e-3", "--lr-warmup-iters", "1",
@@ -31,18 +30,6 @@ def corpus(tmp_path_factory):
     return build_default_corpus(str(tmp_path_factory.mktemp("corpus") / "corpus"))
 
 
-def _pretrain_on_rank(ctx, argv, world_size):
-    config = parse_pretrain_args(argv, world_size)
-    dist = config.distributed
-    state = ctx.parallel_state(tp=dist.tensor_model_parallel_size, pp=dist.pipeline_model_parallel_size,
-                               dp=config.data_parallel_size)
-    if state is None:
-        return None
-    lines = []
-    pretrain(config, state, print_fn=lines.append)
-    return lines
-
-
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -55,7 +42,7 @@ def test_pretrain_on_the_corpus_equals_one_process_under_3d_layouts(rank_pools, 
     records = {}
     for name, (extra, world) in LAYOUTS.items():
         log = tmp_path / f"{name}.jsonl"
-        rank_pools(8).run(_pretrain_on_rank, SMALL + data + extra + ["--train-iters", "4", "--log-json", str(log)],
+        rank_pools(8).run(pretrain_on_rank, SMALL + data + extra + ["--train-iters", "4", "--log-json", str(log)],
                           world)
         records[name] = _records(log)
     reference = records.pop("one process")
@@ -78,7 +65,7 @@ def test_loss_falls_on_real_text_with_a_weighted_blend(rank_pools, corpus, tmp_p
                     "SentencePieceTokenizer", "--tokenizer-model", corpus.tokenizer_model, "--data-cache-path",
                     str(tmp_path / "cache"), "--train-iters", "24", "--eval-interval", "24", "--lr", "1e-2",
                     "--log-json", str(log)]
-    rank_pools(8).run(_pretrain_on_rank, argv, 2)
+    rank_pools(8).run(pretrain_on_rank, argv, 2)
     train = [r["lm_loss"] for r in _records(log) if "consumed_samples" in r]
     assert len(train) == 24
     assert sum(train[-4:]) / 4 < sum(train[:4]) / 4 - 0.5, train

@@ -16,7 +16,8 @@ from megalith.training.arguments import parse_pretrain_args
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_gpt.sh"
 OVERRIDES = ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TP", "PP", "VPP_LAYERS",
              "NUM_LAYERS", "HIDDEN_SIZE", "NUM_HEADS", "SEQ_LENGTH", "MICRO_BATCH", "GLOBAL_BATCH", "TRAIN_ITERS",
-             "OUTPUT_DIR", "OMP_NUM_THREADS", "WANDB_MODE")
+             "OUTPUT_DIR", "OMP_NUM_THREADS", "WANDB_MODE", "DATA_PATH", "TOKENIZER_TYPE", "TOKENIZER_MODEL",
+             "MOCK_DATA", "MEGALITH_DATA_CACHE")
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +40,8 @@ def run_script(tmp_path: Path, *args: str, gpus: int = 0, **env: str) -> tuple[d
     bin_dir.mkdir(exist_ok=True)
     fake_nvidia_smi(bin_dir, gpus)
     environ = {k: v for k, v in os.environ.items() if k not in OVERRIDES}
-    environ.update({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable, "DRY_RUN": "1"})
+    environ.update({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable, "DRY_RUN": "1",
+                    "MEGALITH_DATA_CACHE": str(tmp_path.parent / "corpus-cache")})  # built once per test session
     environ.update(env)
     done = subprocess.run(["bash", str(SCRIPT), *args], env=environ, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -60,15 +62,17 @@ def test_no_gpu_runs_eight_cpu_processes_of_a_valid_3d_layout(tmp_path):
     assert torchrun == ["--nproc-per-node", "8", "--nnodes", "1", "--node-rank", "0", "--master-addr", "localhost",
                         "--master-port", "6000"]
     assert settings == {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    assert "--mock-data" in flags and "--sequence-parallel" in flags
+    assert "--sequence-parallel" in flags and "--mock-data" not in flags and "--vocab-size" not in flags
+    corpus = flags[flags.index("--data-path") + 1]
+    assert Path(corpus + ".bin").is_file() and flags[flags.index("--tokenizer-type") + 1] == "SentencePieceTokenizer"
     config = parse_pretrain_args(flags, world_size=8)
     dist = config.distributed
     assert (dist.tensor_model_parallel_size, dist.pipeline_model_parallel_size, config.data_parallel_size) == (2, 2, 2)
     assert (dist.sequence_parallel, dist.distributed_backend, config.virtual_pipeline_size) == (True, "gloo", 2)
     assert (config.pipeline_schedule, config.num_micro_batches) == ("interleaved-1f1b", 4)  # 16 / (2 x dp 2)
     model = config.model
-    assert (model.num_layers, model.hidden_size, model.num_attention_heads, model.seq_length, model.vocab_size) == (
-        8, 64, 4, 64, 512)
+    assert (model.num_layers, model.hidden_size, model.num_attention_heads, model.seq_length) == (8, 64, 4, 64)
+    assert model.vocab_size == 1024  # the corpus tokenizer's
     training = config.training
     assert (training.train_iters, training.log_interval, training.micro_batch_size, training.global_batch_size) == (
         100, 10, 2, 16)
@@ -120,5 +124,18 @@ def test_arguments_to_the_script_come_last_and_override(tmp_path):
 
 
 def test_python_comes_from_the_environment(tmp_path):
-    _, launcher, _, _ = run_script(tmp_path, PYTHON="/opt/py/bin/python3")
+    _, launcher, _, _ = run_script(tmp_path, PYTHON="/opt/py/bin/python3", MOCK_DATA="1")  # nothing run with it
     assert launcher == ["/opt/py/bin/python3", "-m", "torch.distributed.run"]
+
+
+def test_data_comes_from_the_environment(tmp_path):
+    """MOCK_DATA=1: synthetic tokens of a fixed vocabulary; DATA_PATH (with weights) and
+    TOKENIZER_MODEL: the user's preprocessed data, passed through as Megatron's flags."""
+    _, _, _, flags = run_script(tmp_path, MOCK_DATA="1")
+    assert "--mock-data" in flags and flags[flags.index("--vocab-size") + 1] == "512" and "--data-path" not in flags
+    _, _, _, flags = run_script(tmp_path, DATA_PATH="0.3 data/a_text_document 0.7 data/b_text_document",
+                                TOKENIZER_MODEL="tok.model")
+    start = flags.index("--data-path")
+    assert flags[start:start + 9] == ["--data-path", "0.3", "data/a_text_document", "0.7", "data/b_text_document",
+                                      "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "tok.model"]
+    assert "--mock-data" not in flags and "--vocab-size" not in flags

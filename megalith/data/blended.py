@@ -63,7 +63,7 @@ def parse_data_path(data_path: list[str] | str) -> list[tuple[float | None, str]
             raise DataError(f"--data-path: {prefix!r} after weight {weight} looks like a weight, not a prefix; {usage}")
     total = sum(values)
     if total <= 0:
-        raise DataError(f"--data-path: every weight is 0; give at least one dataset a positive weight")
+        raise DataError("--data-path: every weight is 0; give at least one dataset a positive weight")
     return [(value / total, prefix) for value, prefix in zip(values, prefixes)]
 
 

@@ -83,6 +83,30 @@ class Tokenizer(ABC):
         return f"{self.name}(vocab_size={self.vocab_size})"
 
 
+class _VocabTable(Tokenizer):
+    """A tokenizer that keeps its piece <-> id tables (`_vocab`, `_inv_vocab`) and sentinels."""
+
+    _vocab: dict[str, int]
+    _inv_vocab: dict[int, str]
+    _sentinels: list[int] | tuple = ()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self._vocab
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return self._inv_vocab
+
+    @property
+    def additional_special_tokens_ids(self) -> list[int]:
+        return list(self._sentinels)
+
+
 def _require_file(path: str | None, what: str, flag: str) -> str:
     if path is None:
         raise DataError(f"{what} is needed; pass {flag} PATH")
@@ -94,7 +118,7 @@ def _require_file(path: str | None, what: str, flag: str) -> str:
 # --- SentencePiece --------------------------------------------------------------------------
 
 
-class SentencePieceTokenizer(Tokenizer):
+class SentencePieceTokenizer(_VocabTable):
     """Megatron's SentencePieceTokenizer: a SentencePiece model plus its special tokens.
 
     <CLS> <SEP> <EOD> <MASK> are looked up in the model's vocab and appended after its pieces
@@ -148,22 +172,6 @@ class SentencePieceTokenizer(Tokenizer):
         # Ids sp.decode cannot render (appended, control): detokenize writes their text itself.
         self._literal = {i: t for t, i in self._split.items()}
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def vocab(self) -> dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        return self._inv_vocab
-
-    @property
-    def additional_special_tokens_ids(self) -> list[int]:
-        return list(self._sentinels)
-
     def tokenize(self, text: str) -> list[int]:
         if self._pattern is None or self._pattern.search(text) is None:
             return self._sp.encode(text)
@@ -209,7 +217,7 @@ def _model_piece(sp, index: int, fallback: str) -> str:
 # --- GPT-2 byte-level BPE --------------------------------------------------------------------
 
 
-class GPT2BPETokenizer(Tokenizer):
+class GPT2BPETokenizer(_VocabTable):
     """GPT-2's byte-level BPE (vocab.json + merges.txt) through HF tokenizers.
 
     Lossless on any text. `<|endoftext|>` is the eod; like Megatron's GPT2 tokenizer, the string
@@ -237,18 +245,6 @@ class GPT2BPETokenizer(Tokenizer):
             raise DataError(f"{vocab_file}: has no {GPT2_EOD} token; use a GPT-2 vocab file (--vocab-file)")
         self.eod = self.eos = self._vocab[GPT2_EOD]
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def vocab(self) -> dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        return self._inv_vocab
-
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
@@ -266,7 +262,7 @@ _HF_SPECIALS = {"eos": "eos_token", "bos": "bos_token", "pad": "pad_token", "mas
                 "cls": "cls_token", "sep": "sep_token"}
 
 
-class HuggingFaceTokenizer(Tokenizer):
+class HuggingFaceTokenizer(_VocabTable):
     """A Hugging Face fast tokenizer saved locally (tokenizer.json), loaded without transformers.
 
     Special tokens come from tokenizer_config.json and special_tokens_map.json (the latter wins)
@@ -324,18 +320,6 @@ class HuggingFaceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def vocab(self) -> dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        return self._inv_vocab
-
-    @property
-    def additional_special_tokens_ids(self) -> list[int]:
-        return list(self._sentinels)
 
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
