@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megalith.data.blended import build_gpt_datasets, parse_data_path
 from megalith.data.errors import DataError
 from megalith.data.indexed import IndexedDataset
-from megalith.data.sampler import collate
+from megalith.data.sampler import collate, local_batch_indices
 from megalith.data.tokenizers import Tokenizer, build_tokenizer
 from megalith.errors import ConfigError
 from megalith.models.registry import get_model_spec
@@ -128,15 +128,15 @@ class DatasetBatches:
         if dataset is None:
             raise DataError(f"the {SPLIT_NAMES[split]} split is empty; give it a share in --split "
                             "(e.g. 969,30,1) or set --eval-iters 0")
-        first = index * self.global_batch_size + plan.local_slice(dp_rank).start
+        rows = local_batch_indices(index * self.global_batch_size, self.global_batch_size,
+                                   plan.data_parallel_size, dp_rank)
+        if rows.stop > len(dataset):
+            raise DataError(f"the {SPLIT_NAMES[split]} dataset has {len(dataset)} samples; batch {index} needs "
+                            f"sample {rows.stop - 1}; it was sized for fewer iterations")
         size = plan.micro_batch_size
 
         def get(micro: int) -> dict:
-            start = first + micro * size
-            if start + size > len(dataset):
-                raise DataError(f"the {SPLIT_NAMES[split]} dataset has {len(dataset)} samples; batch {index} needs "
-                                f"sample {start + size - 1}; it was sized for fewer iterations")
-            batch = collate([dataset[i] for i in range(start, start + size)])
+            batch = collate([dataset[i] for i in rows[micro * size:(micro + 1) * size]])
             return {key: value.to(self.device) for key, value in batch.items()}
 
         return get
