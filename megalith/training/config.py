@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from megalith.config import ModelConfig, ParallelConfig, flag_field
+from megalith.data.tokenizers import TOKENIZER_TYPES
 from megalith.device import KNOWN_BACKENDS, check_backend, default_backend
 from megalith.errors import ConfigError
 from megalith.models.registry import BUILTIN_MODELS, get_model_spec
@@ -189,9 +190,6 @@ class TrainingConfig:
         _check_int(self, "global_batch_size", 1, optional=True)
         _check_int(self, "eval_iters", 0)
         _check_int(self, "seed", 0)
-
-
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 
 
 @dataclass(frozen=True)
