@@ -114,7 +114,7 @@ def test_the_launch_script_trains_a_gpt_with_8_processes(tmp_path):
                MEGALITH_DATA_CACHE=str(tmp_path / "cache"))
     env.pop("WANDB_MODE", None)
     done = subprocess.run(["bash", str(ROOT / "scripts" / "pretrain_gpt.sh")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=420)
+                          capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     matches = [MEGATRON_LINE.match(line) for line in done.stdout.splitlines()]
     logged = [m for m in matches if m]
