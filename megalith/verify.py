@@ -36,6 +36,7 @@ import torch
 
 from megalith.config import Layout, ModelConfig
 from megalith.errors import ConfigError
+from megalith.models.gpt import PADDED_VOCAB_PARAMETERS, TIED_COPY_ALIASES
 from megalith.models.parallel_context import ParallelContext
 from megalith.models.registry import ModelSpec, get_model_spec
 from megalith.parallel.layers import gather_full_parameter
@@ -50,8 +51,7 @@ from megalith.training.loss_scaler import make_loss_scaler
 from megalith.training.lr_schedule import LRSchedule
 from megalith.training.step import StepRunner, assemble_runner, sequence_mean_loss
 
-PADDED_VOCAB_PARAMETERS = ("word_embeddings.weight", "output_layer.weight", "word_embeddings_for_head.weight")
-ALIASES = {"word_embeddings_for_head.weight": "embedding.word_embeddings.weight"}  # the tied copy
+ALIASES = TIED_COPY_ALIASES
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,9 @@ from megalith.parallel.layers import (
 from megalith.parallel.rng import model_parallel_rng_tracker
 
 EMBEDDING_STREAM, OUTPUT_STREAM, FIRST_LAYER_STREAM = 0, 1, 2
+# Parameters whose rows are the (padded) vocabulary, and the tied head copy's original.
+PADDED_VOCAB_PARAMETERS = ("word_embeddings.weight", "output_layer.weight", "word_embeddings_for_head.weight")
+TIED_COPY_ALIASES = {"word_embeddings_for_head.weight": "embedding.word_embeddings.weight"}
 
 
 def init_generator(seed: int, stream: int) -> torch.Generator:

@@ -34,6 +34,7 @@ GROUP_TITLES = {
     "optimizer": "optimizer and learning rate",
     "training": "training",
     "data": "data and tokenizer",
+    "checkpointing": "checkpointing",
     "logging": "logging",
 }
 RESOLVED_CONFIG_NAME = "config.yaml"
@@ -52,7 +53,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument_group("config").add_argument(
         "--config", metavar="FILE.yaml", default=None,
         help="YAML mapping of flag names (dashes or underscores; flat, or under model/distributed/precision/"
-        "optimizer/training/data/logging); flags on the command line override it; default: %(default)s")
+        "optimizer/training/data/checkpointing/logging); flags on the command line override it; default: %(default)s")
 
 
 def build_pretrain_parser(prog: str = "megalith pretrain") -> argparse.ArgumentParser:

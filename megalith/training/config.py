@@ -227,6 +227,30 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Saving, loading and leaving a run (group "checkpointing"); Megatron's flags and directory layout."""
+
+    save: str | None = flag_field(None, "write checkpoints here (DIR/iter_0000100/, DIR/latest_checkpointed_iteration.txt)")
+    save_interval: int | None = flag_field(None, "iterations between checkpoints (None: only on exit)")
+    load: str | None = flag_field(None, "resume from the newest checkpoint here (any layout; none yet: start fresh)")
+    no_load_optim: bool = flag_field(False, "load weights, schedule position and data position, not the optimizer")
+    no_load_rng: bool = flag_field(False, "keep this run's random states")
+    finetune: bool = flag_field(False, "load the weights only and start at iteration 0")
+    exit_signal_handler: bool = flag_field(False, "on SIGTERM save a checkpoint and exit with status 0")
+    exit_interval: int | None = flag_field(None, "save and exit when the iteration is a multiple of this")
+    exit_duration_in_mins: float | None = flag_field(None, "save and exit after this many minutes of training")
+
+    def __post_init__(self) -> None:
+        _check_int(self, "save_interval", 1, optional=True)
+        _check_int(self, "exit_interval", 1, optional=True)
+        _check_range(self, "exit_duration_in_mins", 0, open_low=True, optional=True)
+        if self.save_interval is not None and self.save is None:
+            raise ConfigError(f"--save-interval {self.save_interval} needs --save DIR (where to write checkpoints)")
+        if self.exit_signal_handler and self.save is None:
+            raise ConfigError("--exit-signal-handler saves a checkpoint on SIGTERM; give --save DIR")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Where metrics go besides the log line (group "logging")."""
 
@@ -254,6 +278,7 @@ SECTIONS = {
     "optimizer": OptimizerConfig,
     "training": TrainingConfig,
     "data": DataConfig,
+    "checkpointing": CheckpointConfig,
     "logging": LoggingConfig,
 }
 DERIVED = ("world_size", "data_parallel_size", "virtual_pipeline_size", "num_micro_batches", "global_batch_size",
@@ -283,6 +308,7 @@ class PretrainConfig:
     optimizer: OptimizerConfig
     training: TrainingConfig
     data: DataConfig
+    checkpointing: CheckpointConfig
     logging: LoggingConfig
     world_size: int
     data_parallel_size: int = field(init=False)

@@ -2,7 +2,7 @@
 
 A file is a mapping of flag names, spelled either way (`tensor-model-parallel-size` or
 `tensor_model_parallel_size`), flat or nested under the section names of PretrainConfig
-(model, distributed, precision, optimizer, training, data, logging); a flat `model: gpt` is the
+(model, distributed, precision, optimizer, training, data, checkpointing, logging); a flat `model: gpt` is the
 registry name (--model), a `model:` mapping the model section. Values are checked like the
 command line checks them, so a typo or a wrong type is one line naming the file and the key,
 not a surprise later. The `derived` section that megalith writes is a record for the reader and

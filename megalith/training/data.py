@@ -72,7 +72,8 @@ class MockBatches:
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) * 2 + split)
         return self.spec.make_batch(self.model, self.size, generator)
 
-    def micro_batches(self, plan: BatchPlan, dp_rank: int, split: int, index: int):
+    def micro_batches(self, plan: BatchPlan, dp_rank: int, split: int, index: int, first_sample: int | None = None):
+        """Batch `index` of `split` (mock batches are seeded by their index; first_sample is unused)."""
         return plan.micro_batches(self.global_batch(split, index), dp_rank, self.device)
 
 
@@ -122,13 +123,15 @@ class DatasetBatches:
         if state.rank != 0:
             self.datasets = build()
 
-    def micro_batches(self, plan: BatchPlan, dp_rank: int, split: int, index: int):
-        """`get(i)`: micro-batch i of rank `dp_rank` in batch `index` of `split`, read on demand."""
+    def micro_batches(self, plan: BatchPlan, dp_rank: int, split: int, index: int, first_sample: int | None = None):
+        """`get(i)`: micro-batch i of rank `dp_rank` in batch `index` of `split`, read on demand;
+        the batch starts at sample `first_sample` (the consumed samples; default index x batch)."""
         dataset = self.datasets[split]
         if dataset is None:
             raise DataError(f"the {SPLIT_NAMES[split]} split is empty; give it a share in --split "
                             "(e.g. 969,30,1) or set --eval-iters 0")
-        rows = local_batch_indices(index * self.global_batch_size, self.global_batch_size,
+        first = index * self.global_batch_size if first_sample is None else first_sample
+        rows = local_batch_indices(first, self.global_batch_size,
                                    plan.data_parallel_size, dp_rank)
         if rows.stop > len(dataset):
             raise DataError(f"the {SPLIT_NAMES[split]} dataset has {len(dataset)} samples; batch {index} needs "

@@ -28,8 +28,10 @@ from megalith.parallel.pipeline.split import split_layers
 from megalith.parallel.rng import model_parallel_rng_tracker
 from megalith.training.arguments import resolved_config_directory, write_resolved_config
 from megalith.training.batch import BatchPlan
+from megalith.training.checkpoint import Checkpointer
 from megalith.training.config import PretrainConfig
 from megalith.training.data import TRAIN_SPLIT, VALID_SPLIT, DatasetBatches, MockBatches, run_tokenizer
+from megalith.training.exit_policy import ExitPolicy
 from megalith.training.flops import gpt_flops_per_iteration, tflops_per_device
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line
 from megalith.training.lr_schedule import LRScheduler
@@ -109,6 +111,31 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.valid_batches = 0  # validation walks on through its stream, as Megatron's does
+        self.checkpointer = Checkpointer(self.runner, state, config, log=self._notice)
+        self.loaded = None
+        if config.checkpointing.load:
+            self.loaded = self._load(config.checkpointing)
+
+    def _notice(self, line: str) -> None:
+        if self.is_last_rank:
+            self.print(line)
+
+    def _load(self, checkpointing) -> dict | None:
+        meta = self.checkpointer.load(checkpointing.load, load_optim=not checkpointing.no_load_optim,
+                                      load_rng=not checkpointing.no_load_rng, finetune=checkpointing.finetune,
+                                      scheduler=self.scheduler)
+        if meta is not None and not checkpointing.finetune:  # Megatron: --finetune starts at iteration 0
+            self.iteration, self.consumed_samples = meta["iteration"], meta["consumed_samples"]
+            self.valid_batches = meta.get("valid_batches", 0)
+            if checkpointing.no_load_optim:  # the schedule follows the iteration (Megatron's --no-load-optim)
+                self.scheduler.num_steps = self.iteration
+        return meta
+
+    def save(self) -> str:
+        path = self.checkpointer.save(self.config.checkpointing.save, self.iteration, self.consumed_samples,
+                                      self.valid_batches, self.scheduler)
+        self._notice(f"saved checkpoint {path} at iteration {self.iteration}")
+        return path
 
     def loss_fn(self, per_token, batch):
         return sequence_mean_loss(per_token, batch, self.config.global_batch_size)
@@ -116,7 +143,8 @@ class Trainer:
     # --- one step and one evaluation ------------------------------------------------------
 
     def train_step(self):
-        micro = self.data.micro_batches(self.plan, self.state.dp_rank, TRAIN_SPLIT, self.iteration)
+        micro = self.data.micro_batches(self.plan, self.state.dp_rank, TRAIN_SPLIT, self.iteration,
+                                        first_sample=self.consumed_samples)
         self.timers("forward-backward", 1).start()
         loss, _ = self.runner.forward_backward(micro, self.loss_fn)
         self.timers("forward-backward", 1).stop()
@@ -196,6 +224,9 @@ class Trainer:
                            enabled=c.logging.log_progress_bar if self.is_last_rank else False)
         # lines go through the bar when there is one, so it is redrawn below them
         emit = self.print if isinstance(bar, NullProgressBar) else bar.write
+        checkpointing = c.checkpointing
+        exits = ExitPolicy(checkpointing, self.state)
+        saved_at = None
         try:
             stats = IntervalStats()
             while self.iteration < c.training.train_iters:
@@ -212,7 +243,17 @@ class Trainer:
                     eval_started = time.perf_counter()
                     self.report_validation(self.evaluate(), writers, emit)
                     stats.started += time.perf_counter() - eval_started  # not part of an iteration's time
+                if checkpointing.save_interval and self.iteration % checkpointing.save_interval == 0:
+                    self.save()
+                    saved_at = self.iteration
+                reason = exits.reason(self.iteration)
+                if reason is not None:
+                    self._notice(f"exiting at iteration {self.iteration} ({reason})")
+                    break
+            if checkpointing.save and saved_at != self.iteration and self.iteration > 0:
+                self.save()  # the end of training, or an early exit, is always saved (as Megatron)
         finally:
+            exits.close()
             bar.close()
             writers.close()
         return logged

@@ -45,6 +45,8 @@ class Fragment:
     grad: torch.Tensor  # the buffer's elements (the dp-reduced gradient)
     decay: bool
     counted: bool  # in the global norm on this rank
+    name: str = ""  # the parameter's name in its chunk (global layer indices: unique across chunks)
+    offset: int = 0  # where [start, end) begins inside the flattened parameter
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,10 @@ class ParallelOptimizer:
                 flat = buffer.param_data[a:b] if buffer.shard else param.data.view(-1)[a - start:b - start]
                 fp32 = flat.dtype == torch.float32
                 main = flat if fp32 else flat.float()
+                name = buffer.names[id(param)]
                 fragments.append(Fragment(main, None if fp32 else flat, buffer.grad_data[a:b],
-                                          decay=not _no_weight_decay(buffer.names[id(param)], param),
-                                          counted=_counted_in_norm(param, tp_rank)))
+                                          decay=not _no_weight_decay(name, param),
+                                          counted=_counted_in_norm(param, tp_rank), name=name, offset=a - start))
         return fragments
 
     @property

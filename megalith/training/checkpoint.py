@@ -1,0 +1,294 @@
+"""Save and load a training run on every rank: model, optimizer, schedule, scaler, RNG, data position.
+
+Written (megalith.training.checkpoint_format has the layout on disk):
+
+- the model: each tensor-parallel x pipeline rank's parameters, by its data-parallel rank 0, as
+  pieces of the global tensors (the tied head copy is the embedding, stored once);
+- the optimizer: per parameter, the fp32 main weight (when the model is bf16/fp16) and every
+  per-element state (Adam's moments, SGD's momentum). With ZeRO-1 each dp rank holds fragments
+  of them; they are summed over dp into whole shards first (Megatron's legacy distributed
+  optimizer checkpoint gathers to dp rank 0 too), so the files do not depend on dp;
+- each rank's random states; and, from rank 0, metadata.json: iteration, consumed samples,
+  the validation stream's position, the resolved config, the layout, the LR scheduler, the loss
+  scaler and the optimizer's step count.
+
+Atomic: every rank writes into `iter_N.tmp`; only when all have written (a failure flag summed
+over the job, so one failing rank stops all) does rank 0 rename it to `iter_N` and then
+replace the tracker file by rename. Killed at any moment, the tracker names a complete
+checkpoint. Loading reads any layout's checkpoint into this layout (resharding): every rank
+assembles its shards from the pieces; RNG states are restored only under the same layout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megalith import device as device_policy
+from megalith.models.gpt import PADDED_VOCAB_PARAMETERS, TIED_COPY_ALIASES
+from megalith.training.checkpoint_format import (
+    FORMAT_VERSION, METADATA_FILE, CheckpointError, CheckpointReader, Placement, global_shape, iteration_dir_name,
+    load_tensors, pieces, read_local, read_tracker, rng_file_name, save_pieces, save_tensors, shard_file_name,
+    write_tracker,
+)
+
+# ModelConfig fields that may differ between the run that saved and the run that loads.
+RUNTIME_FIELDS = ("params_dtype", "hidden_dropout", "attention_dropout", "recompute_granularity", "recompute_method",
+                  "recompute_num_layers", "attention_backend", "attention_softmax_in_fp32", "seq_length",
+                  "make_vocab_size_divisible_by")
+
+
+def model_name(name: str) -> str:
+    """The global name of a chunk's parameter (the tied head copy is the embedding)."""
+    for copy, original in TIED_COPY_ALIASES.items():
+        if name.endswith(copy):
+            name = name[: -len(copy)] + original
+    return "model/" + name
+
+
+def placement_of(name: str, param: torch.Tensor, vocab_size: int) -> Placement:
+    padded = name.endswith(PADDED_VOCAB_PARAMETERS)
+    return Placement(getattr(param, "tensor_parallel_dim", None), getattr(param, "tensor_parallel_stride", 1),
+                     vocab_size if padded else None)
+
+
+def _layout(state) -> dict:
+    return {"world_size": state.grid.world_size, "tp": state.tp_size, "pp": state.pp_size, "dp": state.dp_size}
+
+
+def _any_rank_failed(failed: bool, state) -> bool:
+    """A sum over the job (mp, then dp: together every rank of the layout); a barrier too."""
+    flag = torch.tensor([1.0 if failed else 0.0], device=state.device)
+    for group in (state.mp_group, state.dp_group):
+        if group is not None:
+            dist.all_reduce(flag, group=group)
+    return float(flag) > 0
+
+
+class Checkpointer:
+    """Saves and loads one rank's part of a run (`runner`: StepRunner; `state`: ParallelState)."""
+
+    def __init__(self, runner, state, config, *, log: Callable[[str], None] = print) -> None:
+        self.runner, self.state, self.config, self.log = runner, state, config, log
+        self.vocab_size = config.model.vocab_size
+        self.params = {name: param for chunk in runner.chunks for name, param in chunk.named_parameters()}
+
+    # --- saving -------------------------------------------------------------------------------
+
+    def _optimizer_shards(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{state kind: {param name: whole local shard (fp32)}}, summed over dp under ZeRO-1.
+
+        Every dp rank builds the same keys in the same order (zeros where it owns no fragment),
+        so the sums over dp line up."""
+        optimizer = self.runner.optimizer
+        kinds = sorted({key for fragment in optimizer.fragments
+                        for key, value in optimizer.inner.state.get(fragment.main, {}).items()
+                        if torch.is_tensor(value) and value.shape == fragment.main.shape})
+        if any(fragment.model is not None for fragment in optimizer.fragments):
+            kinds.append("main")
+        device = self.state.device
+        shards = {kind: {name: torch.zeros(param.numel(), dtype=torch.float32, device=device)
+                         for name, param in sorted(self.params.items())} for kind in kinds}
+        for fragment in optimizer.fragments:
+            entries = dict(optimizer.inner.state.get(fragment.main, {}))
+            if fragment.model is not None:
+                entries["main"] = fragment.main
+            for kind in kinds:
+                value = entries[kind].detach().float().reshape(-1)
+                shards[kind][fragment.name][fragment.offset:fragment.offset + value.numel()] = value
+        if optimizer.sharded and self.state.dp_size > 1:
+            for kind in kinds:
+                for name in sorted(self.params):
+                    dist.all_reduce(shards[kind][name], group=self.state.dp_group)
+        return {kind: {name: flat.view(self.params[name].shape) for name, flat in shard.items()}
+                for kind, shard in shards.items()}
+
+    def _optimizer_step(self) -> float | None:
+        for value in self.runner.optimizer.inner.state.values():
+            if "step" in value:
+                return float(value["step"])
+        return None
+
+    def _write_shard(self, directory: str, optimizer: dict) -> None:
+        tp_rank, tp_size = self.state.tp_rank, self.state.tp_size
+        tensors = {}
+        for name, param in self.params.items():
+            if getattr(param, "is_tied_copy", False):
+                continue
+            placement = placement_of(name, param, self.vocab_size)
+            geometry = (global_shape(tuple(param.shape), placement, tp_size),
+                        pieces(tuple(param.shape), placement, tp_rank, tp_size))
+            tensors[model_name(name)] = (param.detach(), *geometry)
+            for kind, shard in optimizer.items():
+                if name in shard:
+                    tensors[f"optimizer/{kind}/{model_name(name)[len('model/'):]}"] = (shard[name], *geometry)
+        save_pieces(os.path.join(directory, shard_file_name(tp_rank, self.state.pp_rank)), tensors)
+
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        states = {"torch_cpu": torch.get_rng_state()}
+        if self.state.device.type != "cpu":
+            states["device"] = device_policy.get_rng_state(self.state.device).cpu()
+        tracker = self.runner.chunks[0].ctx.rng_tracker
+        if tracker is not None:
+            states.update({f"tracker/{name}": value for name, value in tracker.get_states().items()})
+        return states
+
+    def metadata(self, iteration: int, consumed_samples: int, valid_batches: int, scheduler) -> dict:
+        c = self.config
+        scaler = self.runner.optimizer.loss_scaler
+        return {
+            "format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+            "valid_batches": valid_batches, "model": c.training.model, "model_config": asdict(c.model),
+            "layout": {**_layout(self.state), "vpp": c.virtual_pipeline_size,
+                       "zero1": c.distributed.use_distributed_optimizer, "params_dtype": c.model.params_dtype},
+            "has_optimizer": True,
+            "optimizer": {"name": c.optimizer.optimizer, "step": self._optimizer_step()},
+            "scheduler": scheduler.state_dict(), "loss_scaler": scaler.state_dict() if scaler is not None else None,
+            "config": c.to_dict(), "source": "megalith pretrain",
+        }
+
+    def save(self, root: str, iteration: int, consumed_samples: int, valid_batches: int, scheduler) -> str:
+        """Write checkpoint `iteration` under `root` on every rank; returns its directory."""
+        import json
+
+        final = os.path.join(root, iteration_dir_name(iteration))
+        temporary = final + ".tmp"
+        state = self.state
+        failed = None
+        if state.rank == 0:
+            try:
+                os.makedirs(root, exist_ok=True)
+                shutil.rmtree(temporary, ignore_errors=True)  # a save that was killed before
+                os.makedirs(temporary)
+            except OSError as error:
+                failed = error
+        if _any_rank_failed(failed is not None, state):
+            raise CheckpointError(f"cannot create {temporary}: {failed or 'rank 0 failed'}; check --save") from None
+        optimizer = self._optimizer_shards()  # collective over dp: every rank takes part
+        try:
+            if state.dp_rank == 0:
+                self._write_shard(temporary, optimizer)
+            save_tensors(os.path.join(temporary, rng_file_name(state.rank)), self._rng_states())
+            if state.rank == 0:
+                with open(os.path.join(temporary, METADATA_FILE), "w", encoding="utf-8") as out:
+                    json.dump(self.metadata(iteration, consumed_samples, valid_batches, scheduler), out, indent=1)
+        except Exception as error:  # every rank must hear of it, or the others would wait at the barrier
+            failed = error
+        if _any_rank_failed(failed is not None, state):
+            raise CheckpointError(f"saving {final} failed on a rank: {failed or 'see that rank'}; the previous "
+                                  "checkpoint is untouched") from None
+        if state.rank == 0:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+            write_tracker(root, iteration)
+        _any_rank_failed(False, state)  # nobody goes on before the checkpoint is visible
+        return final
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def load(self, root: str, *, load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
+             scheduler=None) -> dict | None:
+        """Load the checkpoint the tracker under `root` names into this rank; its metadata, or None
+        when `root` holds no checkpoint yet (training starts from scratch, as in Megatron)."""
+        iteration = read_tracker(root)
+        if iteration is None:
+            self.log(f"notice: no checkpoint in {root} ({os.path.join(root, 'latest_checkpointed_iteration.txt')} "
+                     "is missing); training starts from the initial weights")
+            return None
+        directory = os.path.join(root, iteration_dir_name(iteration))
+        reader = CheckpointReader(directory)
+        meta = reader.metadata
+        self._check_model(meta, directory)
+        self._load_model(reader)
+        with_optimizer = load_optim and not finetune
+        if with_optimizer and meta.get("has_optimizer"):
+            self._load_optimizer(reader, meta)
+            if scheduler is not None and meta.get("scheduler") is not None:
+                scheduler.load_state_dict(meta["scheduler"])
+            scaler = self.runner.optimizer.loss_scaler
+            if scaler is not None and meta.get("loss_scaler") is not None:
+                scaler.load_state_dict(meta["loss_scaler"])
+        else:
+            self._main_from_model()
+            if with_optimizer:
+                self.log(f"notice: {directory} holds no optimizer state (weights only); the optimizer starts fresh")
+        if load_rng and not finetune:
+            self._load_rng(directory, meta)
+        return meta
+
+    def _check_model(self, meta: dict, directory: str) -> None:
+        saved = meta.get("model_config") or {}
+        current = asdict(self.config.model)
+        differs = [f"--{key.replace('_', '-')} {saved.get(key)!r} in the checkpoint, {value!r} now"
+                   for key, value in current.items() if key not in RUNTIME_FIELDS and saved.get(key) != value]
+        if meta.get("model") not in (None, self.config.training.model):
+            differs.insert(0, f"--model {meta.get('model')!r} in the checkpoint, {self.config.training.model!r} now")
+        if differs:
+            raise CheckpointError(f"{directory} was written for another model: {'; '.join(differs)}; load it with the "
+                                  "model flags it was saved with")
+
+    def _local(self, reader: CheckpointReader, name: str, global_name: str) -> torch.Tensor:
+        param = self.params[name]
+        placement = placement_of(name, param, self.vocab_size)
+        return read_local(reader, global_name, tuple(param.shape), placement, self.state.tp_rank, self.state.tp_size)
+
+    @torch.no_grad()
+    def _load_model(self, reader: CheckpointReader) -> None:
+        for name, param in self.params.items():
+            param.copy_(self._local(reader, name, model_name(name)).to(param.dtype))
+
+    @torch.no_grad()
+    def _main_from_model(self) -> None:
+        """Fresh fp32 main weights from the loaded (bf16/fp16) parameters."""
+        for fragment in self.runner.optimizer.fragments:
+            if fragment.model is not None:
+                fragment.main.copy_(fragment.model.float())
+
+    @torch.no_grad()
+    def _load_optimizer(self, reader: CheckpointReader, meta: dict) -> None:
+        optimizer = self.runner.optimizer
+        step = (meta.get("optimizer") or {}).get("step")
+        kinds = sorted({name.split("/")[1] for name in reader.names() if name.startswith("optimizer/")})
+        wants_main = any(f.model is not None for f in optimizer.fragments)
+        for fragment in optimizer.fragments:
+            global_name = model_name(fragment.name)[len("model/"):]
+            state = optimizer.inner.state[fragment.main]
+            for kind in kinds:
+                stored = f"optimizer/{kind}/{global_name}"
+                if kind == "main" and not wants_main:
+                    continue
+                flat = self._local(reader, fragment.name, stored).reshape(-1)
+                value = flat[fragment.offset:fragment.offset + fragment.main.numel()].to(fragment.main.device)
+                if kind == "main":
+                    fragment.main.copy_(value)
+                else:
+                    state[kind] = value.to(fragment.main.dtype).clone()
+            if wants_main and "main" not in kinds and fragment.model is not None:
+                fragment.main.copy_(fragment.model.float())  # saved from an fp32 run: the weights are the mains
+            if step is not None and kinds:
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+    def _load_rng(self, directory: str, meta: dict) -> None:
+        saved = meta.get("layout") or {}
+        if any(saved.get(key) != value for key, value in _layout(self.state).items()):
+            if self.state.rank == self.state.grid.world_size - 1:
+                self.log(f"notice: {directory} was written under another layout ({saved}); random states are not "
+                         "restored (they belong to ranks)")
+            return
+        path = os.path.join(directory, rng_file_name(self.state.rank))
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no such file; the checkpoint is incomplete (or pass --no-load-rng)")
+        states = load_tensors(path)
+        torch.set_rng_state(states["torch_cpu"])
+        if "device" in states and self.state.device.type != "cpu":
+            device_policy.set_rng_state(states["device"], self.state.device)
+        tracker = self.runner.chunks[0].ctx.rng_tracker
+        tracked = {key[len("tracker/"):]: value for key, value in states.items() if key.startswith("tracker/")}
+        if tracker is not None and tracked:
+            tracker.set_states(tracked)

@@ -1,0 +1,121 @@
+"""Checkpoints: bitwise resume under 3D layouts (fp32 and bf16), resharding to other layouts,
+config checks, --finetune / --no-load-optim, and the on-disk format's safety."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalith.errors import ConfigError
+from megalith.testing import pretrain_on_rank, relative_error
+from megalith.training.checkpoint_format import TRACKER_FILE, CheckpointReader
+
+BASE = ["--mock-data", "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+        "--vocab-size", "100", "--micro-batch-size", "1", "--global-batch-size", "8", "--lr", "2e-3",
+        "--lr-warmup-iters", "1", "--lr-decay-style", "cosine", "--min-lr", "1e-4", "--adam-eps", "1e-6",
+        "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1", "--ddp-bucket-size", "3000",
+        "--overlap-grad-reduce", "--no-log-progress-bar", "--train-iters", "6"]
+LAYOUTS = {
+    "tp2.pp2.dp2.sp": (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                        "--sequence-parallel"], 8),
+    "tp2.pp2.dp2.zero1": (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                           "--use-distributed-optimizer"], 8),
+    "tp2.pp2.dp2": (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 8),
+    "tp1.pp4.dp2": (["--pipeline-model-parallel-size", "4"], 8),
+    "tp4.pp1.dp2.zero1": (["--tensor-model-parallel-size", "4", "--use-distributed-optimizer"], 8),
+    "pp2.vpp2.dp2.zero1": (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+                            "--use-distributed-optimizer"], 8),
+    "pp2.vpp2": (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], 2),
+    "pp4": (["--pipeline-model-parallel-size", "4"], 4),
+    "dp2.zero1": (["--use-distributed-optimizer"], 2),
+    "dp4.zero1": (["--use-distributed-optimizer"], 4),
+    "tp2.dp2.sp.zero1.bf16": (["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                               "--use-distributed-optimizer", "--bf16"], 4),
+}
+
+
+def _train(pool, layout: str, log: Path, extra: list[str]) -> list[dict]:
+    flags, world = LAYOUTS[layout]
+    pool.run(pretrain_on_rank, BASE + flags + ["--log-json", str(log)] + extra, world)
+    return [json.loads(line) for line in log.read_text().splitlines() if "consumed_samples" in line]
+
+
+def _values(records: list[dict], key: str, first: int) -> list[float]:
+    return [r[key] for r in records if r["iteration"] > first]
+
+
+@pytest.mark.parametrize("layout", ["tp2.pp2.dp2.sp", "pp2.vpp2.dp2.zero1", "dp4.zero1", "tp2.dp2.sp.zero1.bf16"])
+def test_resume_is_bitwise(rank_pools, tmp_path, layout):
+    """6 iterations straight == 3, save (--exit-interval), load, 3 more: identical losses and norms."""
+    pool = rank_pools(8)
+    straight = _train(pool, layout, tmp_path / "straight.jsonl", [])
+    first = _train(pool, layout, tmp_path / "first.jsonl", ["--save", str(tmp_path / "ckpt"), "--exit-interval", "3"])
+    assert [r["iteration"] for r in first] == [1, 2, 3]
+    assert (tmp_path / "ckpt" / TRACKER_FILE).read_text().strip() == "3"
+    resumed = _train(pool, layout, tmp_path / "resumed.jsonl", ["--load", str(tmp_path / "ckpt")])
+    assert [r["iteration"] for r in resumed] == [4, 5, 6]
+    for key in ("lm_loss", "grad_norm", "lr", "loss_scale"):
+        assert _values(resumed, key, 3) == _values(straight, key, 3), key  # rtol = atol = 0
+    assert [r["consumed_samples"] for r in resumed] == [32, 40, 48]
+
+
+@pytest.mark.parametrize("source, target", [
+    ("tp2.pp2.dp2", "tp1.pp4.dp2"), ("tp2.pp2.dp2.zero1", "tp4.pp1.dp2.zero1"), ("pp2.vpp2", "pp4"),
+    ("dp2.zero1", "dp4.zero1"),
+])
+def test_a_checkpoint_reshards_to_another_layout(rank_pools, tmp_path, source, target):
+    """Saved under `source` after 3 iterations, continued under `target`: the same losses as
+    continuing under `source` (which is bitwise the straight run), to 1e-6."""
+    pool = rank_pools(8)
+    straight = _train(pool, source, tmp_path / "straight.jsonl", [])
+    _train(pool, source, tmp_path / "first.jsonl", ["--save", str(tmp_path / "ckpt"), "--exit-interval", "3"])
+    moved = _train(pool, target, tmp_path / "moved.jsonl", ["--load", str(tmp_path / "ckpt")])
+    assert [r["iteration"] for r in moved] == [4, 5, 6]
+    for key in ("lm_loss", "grad_norm"):
+        expected = torch.tensor(_values(straight, key, 3), dtype=torch.float64)
+        assert relative_error(torch.tensor(_values(moved, key, 3), dtype=torch.float64), expected) < 1e-6, key
+
+
+def test_a_checkpoint_holds_global_tensors_whatever_the_layout(rank_pools, tmp_path):
+    pool = rank_pools(8)
+    for layout in ("tp2.pp2.dp2.zero1", "dp2.zero1"):
+        _train(pool, layout, tmp_path / f"{layout}.jsonl", ["--save", str(tmp_path / layout), "--exit-interval", "2"])
+    a = CheckpointReader(str(tmp_path / "tp2.pp2.dp2.zero1" / "iter_0000002"))
+    b = CheckpointReader(str(tmp_path / "dp2.zero1" / "iter_0000002"))
+    assert a.names() == b.names() and any(n.startswith("optimizer/exp_avg/") for n in a.names())
+    assert a.shape("model/embedding.word_embeddings.weight") == (100, 32)  # vocabulary padding is not stored
+    worst = max(relative_error(a.read(n), b.read(n)) for n in a.names())
+    assert worst < 1e-5  # two layouts after two identical steps
+
+
+def test_finetune_and_no_load_optim(rank_pools, tmp_path):
+    pool = rank_pools(8)
+    _train(pool, "dp2.zero1", tmp_path / "first.jsonl", ["--save", str(tmp_path / "ckpt"), "--exit-interval", "3"])
+    tuned = _train(pool, "dp2.zero1", tmp_path / "tuned.jsonl", ["--load", str(tmp_path / "ckpt"), "--finetune"])
+    assert [r["iteration"] for r in tuned] == [1, 2, 3, 4, 5, 6]  # weights only, iteration reset
+    fresh = _train(pool, "dp2.zero1", tmp_path / "fresh.jsonl", [])
+    assert tuned[0]["lm_loss"] < fresh[0]["lm_loss"]  # the loaded weights were trained
+    no_optim = _train(pool, "dp2.zero1", tmp_path / "no_optim.jsonl", ["--load", str(tmp_path / "ckpt"),
+                                                                        "--no-load-optim"])
+    assert [r["iteration"] for r in no_optim] == [4, 5, 6]
+
+
+def test_loading_into_another_model_names_what_differs(rank_pools, tmp_path):
+    pool = rank_pools(8)
+    _train(pool, "dp2.zero1", tmp_path / "first.jsonl", ["--save", str(tmp_path / "ckpt"), "--exit-interval", "1"])
+    flags, world = LAYOUTS["dp2.zero1"]
+    argv = [a if a != "32" else "64" for a in BASE] + flags + ["--load", str(tmp_path / "ckpt")]
+    with pytest.raises(Exception, match=r"written for another model: --hidden-size 32 in the checkpoint, 64 now"):
+        pool.run(pretrain_on_rank, argv, world)
+
+
+def test_a_pickled_checkpoint_is_refused(tmp_path):
+    (tmp_path / "iter_0000001").mkdir()
+    torch.save({"w": torch.zeros(1)}, tmp_path / "iter_0000001" / "model_optim_rng.pt")
+    with pytest.raises(ConfigError, match="pickled files .*can run code"):
+        CheckpointReader(str(tmp_path / "iter_0000001"))
+    os.remove(tmp_path / "iter_0000001" / "model_optim_rng.pt")
+    with pytest.raises(ConfigError, match="not a complete megalith checkpoint"):
+        CheckpointReader(str(tmp_path / "iter_0000001"))
