@@ -10,6 +10,7 @@ import torch
 
 from megalith.errors import ConfigError
 from megalith.testing import pretrain_on_rank, relative_error
+from megalith.training.arguments import parse_pretrain_args
 from megalith.training.checkpoint_format import TRACKER_FILE, CheckpointReader
 
 BASE = ["--mock-data", "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
@@ -107,8 +108,8 @@ def test_loading_into_another_model_names_what_differs(rank_pools, tmp_path):
     _train(pool, "dp2.zero1", tmp_path / "first.jsonl", ["--save", str(tmp_path / "ckpt"), "--exit-interval", "1"])
     flags, world = LAYOUTS["dp2.zero1"]
     argv = [a if a != "32" else "64" for a in BASE] + flags + ["--load", str(tmp_path / "ckpt")]
-    with pytest.raises(Exception, match=r"written for another model: --hidden-size 32 in the checkpoint, 64 now"):
-        pool.run(pretrain_on_rank, argv, world)
+    with pytest.raises(ConfigError, match=r"written for another model: --hidden-size 32 in the checkpoint, 64 now"):
+        parse_pretrain_args(argv, world)  # before any process group
 
 
 def test_a_pickled_checkpoint_is_refused(tmp_path):
@@ -119,3 +120,94 @@ def test_a_pickled_checkpoint_is_refused(tmp_path):
     os.remove(tmp_path / "iter_0000001" / "model_optim_rng.pt")
     with pytest.raises(ConfigError, match="not a complete megalith checkpoint"):
         CheckpointReader(str(tmp_path / "iter_0000001"))
+
+
+# --- atomic saves and preemption (one process, in a subprocess that is killed) -----------------
+
+ONE_PROCESS = [a for a in BASE if a != "--overlap-grad-reduce"] + ["--distributed-backend", "gloo"]
+KILLER = '''
+import os, signal, sys
+import megalith.training.checkpoint as checkpoint
+import megalith.training.checkpoint_format as fmt
+point, calls = sys.argv[1], {"n": 0}
+
+def kill_at(name, original, when=lambda *a: True):
+    def wrapper(*args, **kwargs):
+        if when(*args):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second checkpoint: the first one stays complete
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    return wrapper
+
+if point == "shard":
+    checkpoint.save_pieces = kill_at(point, checkpoint.save_pieces)
+elif point == "rng":
+    checkpoint.save_tensors = kill_at(point, checkpoint.save_tensors)
+elif point == "rename":
+    checkpoint.os.replace = kill_at(point, os.replace, lambda src, dst: src.endswith(".tmp") and os.path.isdir(src))
+elif point == "tracker":
+    fmt.write_tracker = kill_at(point, fmt.write_tracker)
+    checkpoint.write_tracker = fmt.write_tracker
+from megalith.cli import main
+sys.exit(main(["pretrain", *sys.argv[2:]]))
+'''
+
+
+def _run(args: list[str], *extra: str, timeout: float = 120) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    from megalith.parallel.spawn import free_port
+    env["MASTER_PORT"] = str(free_port())
+    return subprocess.run([sys.executable, *args, *extra], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("point", ["shard", "rng", "rename", "tracker"])
+def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_loadable(tmp_path, point):
+    driver = tmp_path / "killer.py"
+    driver.write_text(KILLER)
+    save = tmp_path / "ckpt"
+    done = _run([str(driver), point], *ONE_PROCESS, "--save", str(save), "--save-interval", "2")
+    assert done.returncode == -9, done.stderr[-2000:]  # SIGKILL, during the save at iteration 4
+    assert (save / TRACKER_FILE).read_text().strip() == "2"
+    reader = CheckpointReader(str(save / "iter_0000002"))
+    assert reader.metadata["iteration"] == 2 and "model/embedding.word_embeddings.weight" in reader
+    if point == "shard":
+        resumed = _run(["-m", "megalith", "pretrain"], *ONE_PROCESS, "--load", str(save), "--save", str(save))
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert "iteration        3/" in resumed.stdout and (save / TRACKER_FILE).read_text().strip() == "6"
+
+
+def test_sigterm_saves_and_exits_cleanly_and_the_run_resumes(tmp_path):
+    """What Slurm sends before it kills a job: the iteration finishes, a checkpoint is written, exit 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    save = tmp_path / "ckpt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-u", "-m", "megalith", "pretrain", *ONE_PROCESS, "--train-iters", "100000",
+            "--eval-iters", "0", "--save", str(save), "--exit-signal-handler"]
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        lines.append(line)
+        if "iteration        3/" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    assert "exiting at iteration" in out and "(SIGTERM)" in out
+    stopped = int((save / TRACKER_FILE).read_text())
+    assert stopped >= 3
+    again = ["-m", "megalith", "pretrain", *ONE_PROCESS, "--train-iters", str(stopped + 2), "--load", str(save)]
+    refused = _run(again)  # a resumed run keeps its schedule unless told otherwise (Megatron's rule)
+    assert refused.returncode == 2 and "--lr-decay-iters 100000" in refused.stderr
+    resumed = _run(again, "--override-opt-param-scheduler")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"iteration {stopped + 1:>8}/" in resumed.stdout

@@ -97,7 +97,12 @@ def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit:
         check_datasets(data.data_path)
         values["vocab_size"] = model_vocab_size(data, values["vocab_size"], "vocab_size" in given)
     sections = {name: cls(**{f.name: values[f.name] for f in fields(cls)}) for name, cls in SECTIONS.items()}
-    return PretrainConfig(**sections, world_size=world_size)
+    config = PretrainConfig(**sections, world_size=world_size)
+    if config.checkpointing.load:  # the checkpoint fits the model (reads its metadata only)
+        from megalith.training.checkpoint import check_load_target
+
+        check_load_target(config)
+    return config
 
 
 def parse_pretrain_args(argv: list[str], world_size: int) -> PretrainConfig:

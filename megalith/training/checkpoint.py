@@ -70,6 +70,37 @@ def _any_rank_failed(failed: bool, state) -> bool:
     return float(flag) > 0
 
 
+def check_model_matches(meta: dict, model_config, model: str, directory: str) -> None:
+    """Refuse a checkpoint of another architecture, naming every flag that differs."""
+    saved = meta.get("model_config") or {}
+    differs = [f"--{key.replace('_', '-')} {saved.get(key)!r} in the checkpoint, {value!r} now"
+               for key, value in asdict(model_config).items() if key not in RUNTIME_FIELDS and saved.get(key) != value]
+    if meta.get("model") not in (None, model):
+        differs.insert(0, f"--model {meta.get('model')!r} in the checkpoint, {model!r} now")
+    if differs:
+        raise CheckpointError(f"{directory} was written for another model: {'; '.join(differs)}; load it with the "
+                              "model flags it was saved with")
+
+
+def check_load_target(config) -> None:
+    """Before any process group: the checkpoint --load names exists, is complete and fits the model."""
+    import json
+
+    root = config.checkpointing.load
+    iteration = read_tracker(root)
+    if iteration is None:
+        return  # nothing to load yet: the run starts fresh (with a notice)
+    directory = os.path.join(root, iteration_dir_name(iteration))
+    path = os.path.join(directory, METADATA_FILE)
+    if not os.path.isfile(path):
+        CheckpointReader(directory)  # raises the precise error (missing, or pickled files)
+    try:
+        meta = json.load(open(path, encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error.msg}); the checkpoint is corrupt") from None
+    check_model_matches(meta, config.model, config.training.model, directory)
+
+
 class Checkpointer:
     """Saves and loads one rank's part of a run (`runner`: StepRunner; `state`: ParallelState)."""
 
@@ -193,7 +224,7 @@ class Checkpointer:
     # --- loading ------------------------------------------------------------------------------
 
     def load(self, root: str, *, load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
-             scheduler=None) -> dict | None:
+             scheduler=None, override_scheduler: bool = False) -> dict | None:
         """Load the checkpoint the tracker under `root` names into this rank; its metadata, or None
         when `root` holds no checkpoint yet (training starts from scratch, as in Megatron)."""
         iteration = read_tracker(root)
@@ -204,13 +235,13 @@ class Checkpointer:
         directory = os.path.join(root, iteration_dir_name(iteration))
         reader = CheckpointReader(directory)
         meta = reader.metadata
-        self._check_model(meta, directory)
+        check_model_matches(meta, self.config.model, self.config.training.model, directory)
         self._load_model(reader)
         with_optimizer = load_optim and not finetune
         if with_optimizer and meta.get("has_optimizer"):
             self._load_optimizer(reader, meta)
             if scheduler is not None and meta.get("scheduler") is not None:
-                scheduler.load_state_dict(meta["scheduler"])
+                scheduler.load_state_dict(meta["scheduler"], override_opt_param_scheduler=override_scheduler)
             scaler = self.runner.optimizer.loss_scaler
             if scaler is not None and meta.get("loss_scaler") is not None:
                 scaler.load_state_dict(meta["loss_scaler"])
@@ -221,17 +252,6 @@ class Checkpointer:
         if load_rng and not finetune:
             self._load_rng(directory, meta)
         return meta
-
-    def _check_model(self, meta: dict, directory: str) -> None:
-        saved = meta.get("model_config") or {}
-        current = asdict(self.config.model)
-        differs = [f"--{key.replace('_', '-')} {saved.get(key)!r} in the checkpoint, {value!r} now"
-                   for key, value in current.items() if key not in RUNTIME_FIELDS and saved.get(key) != value]
-        if meta.get("model") not in (None, self.config.training.model):
-            differs.insert(0, f"--model {meta.get('model')!r} in the checkpoint, {self.config.training.model!r} now")
-        if differs:
-            raise CheckpointError(f"{directory} was written for another model: {'; '.join(differs)}; load it with the "
-                                  "model flags it was saved with")
 
     def _local(self, reader: CheckpointReader, name: str, global_name: str) -> torch.Tensor:
         param = self.params[name]

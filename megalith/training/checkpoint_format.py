@@ -272,3 +272,28 @@ def _has_pickles(directory: str) -> bool:
         if any(f.endswith(PICKLE_SUFFIXES) for f in files):
             return True
     return False
+
+
+def describe(root: str) -> str:
+    """`megalith checkpoint inspect`: the newest checkpoint under `root` (or a checkpoint directory):
+    iteration, data position, layout, model config and every global tensor with its shape."""
+    directory = root
+    if not os.path.isfile(os.path.join(root, METADATA_FILE)):
+        iteration = read_tracker(root)
+        if iteration is None:
+            raise CheckpointError(f"{root} holds no checkpoint ({TRACKER_FILE} and {METADATA_FILE} are both missing); "
+                                  "give a --save directory or one of its iter_* folders")
+        directory = os.path.join(root, iteration_dir_name(iteration))
+    reader = CheckpointReader(directory)
+    meta = reader.metadata
+    layout = meta.get("layout") or {}
+    lines = [f"checkpoint {directory}",
+             f"iteration {meta.get('iteration')}, consumed samples {meta.get('consumed_samples')}, "
+             f"source {meta.get('source')}",
+             "layout " + ", ".join(f"{key} {value}" for key, value in layout.items()),
+             f"optimizer {meta.get('optimizer')}; scheduler {meta.get('scheduler')}; loss scaler {meta.get('loss_scaler')}",
+             f"model {meta.get('model')}: " + ", ".join(f"{k}={v}" for k, v in (meta.get("model_config") or {}).items())]
+    names = reader.names()
+    lines.append(f"{len(names)} tensors:")
+    lines += [f"  {name:<72} {list(reader.shape(name))}" for name in names]
+    return "\n".join(lines)

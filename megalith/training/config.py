@@ -236,6 +236,8 @@ class CheckpointConfig:
     no_load_optim: bool = flag_field(False, "load weights, schedule position and data position, not the optimizer")
     no_load_rng: bool = flag_field(False, "keep this run's random states")
     finetune: bool = flag_field(False, "load the weights only and start at iteration 0")
+    override_opt_param_scheduler: bool = flag_field(
+        False, "keep this run's LR schedule flags instead of refusing ones that differ from the checkpoint's")
     exit_signal_handler: bool = flag_field(False, "on SIGTERM save a checkpoint and exit with status 0")
     exit_interval: int | None = flag_field(None, "save and exit when the iteration is a multiple of this")
     exit_duration_in_mins: float | None = flag_field(None, "save and exit after this many minutes of training")

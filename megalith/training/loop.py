@@ -123,7 +123,8 @@ class Trainer:
     def _load(self, checkpointing) -> dict | None:
         meta = self.checkpointer.load(checkpointing.load, load_optim=not checkpointing.no_load_optim,
                                       load_rng=not checkpointing.no_load_rng, finetune=checkpointing.finetune,
-                                      scheduler=self.scheduler)
+                                      scheduler=self.scheduler,
+                                      override_scheduler=checkpointing.override_opt_param_scheduler)
         if meta is not None and not checkpointing.finetune:  # Megatron: --finetune starts at iteration 0
             self.iteration, self.consumed_samples = meta["iteration"], meta["consumed_samples"]
             self.valid_batches = meta.get("valid_batches", 0)

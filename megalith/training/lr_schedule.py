@@ -202,7 +202,7 @@ class LRScheduler:
                     raise ConfigError(
                         f"the checkpoint was trained with {flag} {state[name]} "
                         f"but this run sets {getattr(self.schedule, name)}; "
-                        "pass the checkpoint's value or --override-opt_param-scheduler to keep this run's schedule"
+                        "pass the checkpoint's value or --override-opt-param-scheduler to keep this run's schedule"
                     )
         num_steps = int(state["num_steps"])
         if num_steps < 0:
