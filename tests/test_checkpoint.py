@@ -211,3 +211,30 @@ def test_sigterm_saves_and_exits_cleanly_and_the_run_resumes(tmp_path):
     resumed = _run(again, "--override-opt-param-scheduler")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"iteration {stopped + 1:>8}/" in resumed.stdout
+
+
+def _pretrain_with_sigterm_to_one_rank(ctx, argv, world_size, log):
+    import signal
+    import threading
+    import time
+
+    def signal_once_training():
+        while not (os.path.exists(log) and len(open(log).read().splitlines()) >= 2):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if ctx.rank == 1:  # a signal that reaches one rank only: all must still stop at the same iteration
+        threading.Thread(target=signal_once_training, daemon=True).start()
+    return pretrain_on_rank(ctx, argv, world_size)
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_iteration(rank_pools, tmp_path):
+    flags, world = LAYOUTS["tp2.pp2.dp2.zero1"]
+    argv = [a if a != "6" else "100000" for a in BASE] + flags + [
+        "--eval-iters", "0", "--save", str(tmp_path / "ckpt"), "--exit-signal-handler", "--lr-decay-iters", "10",
+        "--log-json", str(tmp_path / "log.jsonl")]
+    lines = rank_pools(8).run(_pretrain_with_sigterm_to_one_rank, argv, world, str(tmp_path / "log.jsonl"))[world - 1]
+    stopped = int((tmp_path / "ckpt" / TRACKER_FILE).read_text())
+    assert 0 < stopped < 100000 and f"exiting at iteration {stopped} (SIGTERM)" in "\n".join(lines)
+    reader = CheckpointReader(str(tmp_path / "ckpt" / f"iter_{stopped:07d}"))
+    assert reader.metadata["iteration"] == stopped and reader.metadata["consumed_samples"] == 8 * stopped
