@@ -79,6 +79,13 @@ def _topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_inspect(args: argparse.Namespace) -> int:
+    from megalith.training.checkpoint_format import describe
+
+    print(describe(args.directory))
+    return 0
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, overrides: dict) -> None:
     from megalith.config import ModelConfig, add_config_arguments
 
@@ -219,6 +226,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_build_corpus_arguments(corpus)
     corpus.set_defaults(run=run_build_corpus)
+
+    from megalith.training.hf_convert import add_convert_arguments, run_convert
+
+    convert = commands.add_parser(
+        "convert", help="convert Hugging Face GPT-2 / Llama checkpoints to megalith checkpoints and back",
+        description="--from hf: a Hugging Face directory (config.json + safetensors or weights-only .bin) to a "
+        "megalith checkpoint for a layout; --to hf: a megalith checkpoint of any layout to a directory that "
+        "transformers' from_pretrained loads. --check compares both models' logits on a random batch.",
+    )
+    add_convert_arguments(convert)
+    convert.set_defaults(run=run_convert)
+
+    checkpoint = commands.add_parser("checkpoint", help="look into a checkpoint directory",
+                                     description="Commands on megalith checkpoints (--save directories).")
+    checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", required=True, metavar="COMMAND")
+    inspect = checkpoint_commands.add_parser(
+        "inspect", help="print iteration, layout, config and tensors",
+        description="Print the newest checkpoint under DIR (or the iter_* directory given): iteration, data "
+        "position, layout, optimizer, schedule, model config and every global tensor with its shape.")
+    inspect.add_argument("directory", metavar="DIR")
+    inspect.set_defaults(run=_checkpoint_inspect)
 
     topology = commands.add_parser("topology", help="print every rank's coordinates and process groups",
                                    description="Print the rank grid (order tp-cp-dp-pp) of a layout: no processes started.")

@@ -209,6 +209,7 @@ class ModelConfig:
     normalization: str = flag_field("LayerNorm", "normalization layer")
     norm_epsilon: float = flag_field(1e-5, "epsilon of the norms")
     swiglu: bool = flag_field(False, "SwiGLU MLP instead of GELU")
+    openai_gelu: bool = flag_field(False, "tanh-approximate GELU (OpenAI's, GPT-2's) instead of the exact one")
     untie_embeddings_and_output_weights: bool = flag_field(False, "own output layer instead of the word embedding")
     disable_bias_linear: bool = flag_field(False, "no biases in the linear layers")
     add_qkv_bias: bool = flag_field(False, "bias in the QKV projection even with --disable-bias-linear")
@@ -260,6 +261,8 @@ class ModelConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be in [0, 1)")
         if self.init_method_std <= 0 or self.norm_epsilon <= 0:
             raise ConfigError("--init-method-std and --norm-epsilon must be positive")
+        if self.openai_gelu and self.swiglu:
+            raise ConfigError("--openai-gelu picks a GELU but --swiglu replaces GELU with SwiGLU; give one of the two")
 
     def _check_shapes(self) -> None:
         if self.num_attention_heads % self.num_query_groups != 0:

@@ -76,11 +76,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """fc2(gelu(fc1(x))), or with swiglu fc1 yields [gate ; up] and the activation is silu(gate) * up."""
+    """fc2(gelu(fc1(x))) (tanh-approximate GELU with openai_gelu), or with swiglu fc1 yields [gate ; up]
+    and the activation is silu(gate) * up."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.swiglu = config.swiglu
+        self.gelu_approximate = "tanh" if config.openai_gelu else "none"
         width = config.ffn_hidden_size * (2 if config.swiglu else 1)
         self.fc1 = nn.Linear(config.hidden_size, width, bias=config.add_bias_linear)
         self.fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
@@ -91,7 +93,7 @@ class MLP(nn.Module):
             gate, up = y.chunk(2, dim=-1)
             y = F.silu(gate) * up
         else:
-            y = F.gelu(y)
+            y = F.gelu(y, approximate=self.gelu_approximate)
         return self.fc2(y)
 
 

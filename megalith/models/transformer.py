@@ -162,11 +162,13 @@ def _core_attention_call(q, k, v, attention_mask, kwargs):
 
 
 class MLP(nn.Module):
-    """fc1 (column-parallel) -> GELU or SwiGLU -> fc2 (row-parallel); nothing communicated between."""
+    """fc1 (column-parallel) -> GELU (exact, or tanh-approximate with openai_gelu) or SwiGLU -> fc2
+    (row-parallel); nothing communicated between."""
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod) -> None:
         super().__init__()
         self.swiglu = config.swiglu
+        self.gelu_approximate = "tanh" if config.openai_gelu else "none"
         common = dict(tp_group=ctx.tp_group, sequence_parallel=ctx.sequence_parallel, bias=config.add_bias_linear,
                       params_dtype=config.torch_dtype, device=ctx.device)
         parts = 2 if config.swiglu else 1  # SwiGLU's fc1 is [gate; up], each part split over tp
@@ -183,7 +185,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.gelu_approximate)
         return self.linear_fc2(h)
 
 

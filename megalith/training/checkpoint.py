@@ -295,6 +295,9 @@ class Checkpointer:
                 state["step"] = torch.tensor(float(step), dtype=torch.float32)
 
     def _load_rng(self, directory: str, meta: dict) -> None:
+        if not os.path.isdir(os.path.join(directory, os.path.dirname(rng_file_name(0)))):
+            self.log(f"notice: {directory} holds no random states ({meta.get('source')}); this run's are kept")
+            return
         saved = meta.get("layout") or {}
         if any(saved.get(key) != value for key, value in _layout(self.state).items()):
             if self.state.rank == self.state.grid.world_size - 1:
