@@ -238,3 +238,18 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_iteration(rank_pools, 
     assert 0 < stopped < 100000 and f"exiting at iteration {stopped} (SIGTERM)" in "\n".join(lines)
     reader = CheckpointReader(str(tmp_path / "ckpt" / f"iter_{stopped:07d}"))
     assert reader.metadata["iteration"] == stopped and reader.metadata["consumed_samples"] == 8 * stopped
+
+
+def test_checkpoint_inspect_prints_iteration_layout_config_and_tensors(rank_pools, tmp_path, capsys):
+    from megalith.cli import main
+
+    _train(rank_pools(8), "tp2.pp2.dp2.zero1", tmp_path / "log.jsonl",
+           ["--save", str(tmp_path / "ckpt"), "--exit-interval", "2"])
+    capsys.readouterr()
+    assert main(["checkpoint", "inspect", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "iteration 2, consumed samples 16" in out and "tp 2, pp 2, dp 2" in out and "zero1 True" in out
+    assert "hidden_size=32" in out and "model/embedding.word_embeddings.weight" in out
+    assert "optimizer/exp_avg_sq/decoder.layers.3.mlp.linear_fc2.weight" in out
+    assert main(["checkpoint", "inspect", str(tmp_path / "missing")]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
