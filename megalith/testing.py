@@ -66,3 +66,17 @@ def pretrain_on_rank(ctx, argv: list[str], world_size: int) -> list[str] | None:
     lines: list[str] = []
     pretrain(config, state, print_fn=lines.append)
     return lines
+
+
+def log_record_errors(reference: list[dict], actual: list[dict],
+                      keys: tuple[str, ...] = ("lm_loss", "grad_norm", "validation_lm_loss")) -> dict[str, float]:
+    """Per key, the relative error between two runs' --log-json records (the values of the
+    records that have the key, in order); a key missing from one run, or from both, is an error."""
+    errors = {}
+    for key in keys:
+        expected = torch.tensor([r[key] for r in reference if key in r], dtype=torch.float64)
+        got = torch.tensor([r[key] for r in actual if key in r], dtype=torch.float64)
+        if len(expected) == 0 or len(expected) != len(got):
+            raise ValueError(f"{key}: {len(expected)} values in the reference, {len(got)} in the run")
+        errors[key] = relative_error(got, expected)
+    return errors

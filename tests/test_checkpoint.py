@@ -3,6 +3,11 @@ config checks, --finetune / --no-load-optim, and the on-disk format's safety."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -154,9 +159,7 @@ sys.exit(main(["pretrain", *sys.argv[2:]]))
 '''
 
 
-def _run(args: list[str], *extra: str, timeout: float = 120) -> "subprocess.CompletedProcess":
-    import subprocess
-    import sys
+def _run(args: list[str], *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
     env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     from megalith.parallel.spawn import free_port
@@ -182,11 +185,6 @@ def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_loadable(tmp_
 
 def test_sigterm_saves_and_exits_cleanly_and_the_run_resumes(tmp_path):
     """What Slurm sends before it kills a job: the iteration finishes, a checkpoint is written, exit 0."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     save = tmp_path / "ckpt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     argv = [sys.executable, "-u", "-m", "megalith", "pretrain", *ONE_PROCESS, "--train-iters", "100000",
@@ -214,10 +212,6 @@ def test_sigterm_saves_and_exits_cleanly_and_the_run_resumes(tmp_path):
 
 
 def _pretrain_with_sigterm_to_one_rank(ctx, argv, world_size, log):
-    import signal
-    import threading
-    import time
-
     def signal_once_training():
         while not (os.path.exists(log) and len(open(log).read().splitlines()) >= 2):
             time.sleep(0.05)
