@@ -199,7 +199,7 @@ def test_sigterm_saves_and_exits_cleanly_and_the_run_resumes(tmp_path):
             break
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err[-2000:]
+    assert process.returncode == 0, (out[-1000:], err[-2000:])
     assert "exiting at iteration" in out and "(SIGTERM)" in out
     stopped = int((save / TRACKER_FILE).read_text())
     assert stopped >= 3

@@ -203,7 +203,7 @@ def test_resuming_with_a_different_schedule_is_refused_unless_overridden():
     with pytest.raises(ConfigError) as info:
         LRScheduler(new_schedule).load_state_dict(old.state_dict())
     assert "the checkpoint was trained with --lr-decay-style linear but this run sets cosine" in str(info.value)
-    assert "--override-opt_param-scheduler" in str(info.value)
+    assert "--override-opt-param-scheduler" in str(info.value)
     assert "\n" not in str(info.value)
     overridden = LRScheduler(new_schedule)
     overridden.load_state_dict(old.state_dict(), override_opt_param_scheduler=True)

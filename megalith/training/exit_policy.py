@@ -30,6 +30,7 @@ class ExitPolicy:
         self._previous_handler = None
         if checkpointing.exit_signal_handler:
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # see block_sigterm_in_new_threads
         self.active = bool(checkpointing.exit_signal_handler or self.interval or self.duration_s)
 
     def _on_signal(self, signum, frame) -> None:
@@ -54,6 +55,15 @@ class ExitPolicy:
                 3.0: "SIGTERM"}[float(flag)]
 
     def close(self) -> None:
+        """Give SIGTERM back, unless it came: then a repeat during the clean exit is ignored."""
         if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if self.signalled else self._previous_handler)
             self._previous_handler = None
+
+
+def block_sigterm_in_new_threads() -> None:
+    """Call before the process groups start: the threads they create (gloo's, the store's)
+    inherit a mask without SIGTERM, so the signal reaches the main thread, where Python runs the
+    handler, instead of interrupting a library thread's system call (seen as an abort at exit).
+    ExitPolicy unblocks it in the main thread once its handler is installed."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

@@ -31,7 +31,7 @@ from megalith.training.batch import BatchPlan
 from megalith.training.checkpoint import Checkpointer
 from megalith.training.config import PretrainConfig
 from megalith.training.data import TRAIN_SPLIT, VALID_SPLIT, DatasetBatches, MockBatches, run_tokenizer
-from megalith.training.exit_policy import ExitPolicy
+from megalith.training.exit_policy import ExitPolicy, block_sigterm_in_new_threads
 from megalith.training.flops import gpt_flops_per_iteration, tflops_per_device
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line
 from megalith.training.lr_schedule import LRScheduler
@@ -279,6 +279,8 @@ def run_pretrain(config: PretrainConfig) -> int:
     from megalith.parallel.state import ParallelState
 
     timeout = config.distributed.distributed_timeout_minutes
+    if config.checkpointing.exit_signal_handler:
+        block_sigterm_in_new_threads()
     state = ParallelState.initialize(config.distributed.tensor_model_parallel_size,
                                      config.distributed.pipeline_model_parallel_size,
                                      backend=config.distributed_backend,
