@@ -21,7 +21,14 @@ def _verify(args: argparse.Namespace) -> int:
     from megalith.config import parse_layout
     from megalith.verify import VerifySettings, check_layouts, format_table, run_verify
 
+    from megalith.config import explicit_flags
+    from megalith.models.registry import get_model_spec
+
     layouts = [parse_layout(text) for text in args.layouts]
+    given = explicit_flags(args)
+    for name, value in get_model_spec(args.model).defaults.items():  # the model's own small defaults
+        if name not in given:
+            setattr(args, name, value)
     config = _model_config(args)
     settings = VerifySettings(model=args.model, config=config, steps=args.steps, micro_batches=args.micro_batches,
                               micro_batch_size=args.micro_batch_size, lr=args.lr, min_lr=args.min_lr,
@@ -119,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
         "gradients and of the final parameters; PASS below 1e-5 in fp32 (bf16/fp16 layouts: against one process "
         "in the same precision, with the bounds of megalith.testing.RELATIVE_TOLERANCES). Exit status 1 on any FAIL.",
     )
-    verify.add_argument("--model", default="gpt", choices=list(BUILTIN_MODELS), help="registry name (default: gpt)")
+    verify.add_argument("--model", default="gpt", metavar="NAME",
+                        help=f"a built-in model ({', '.join(BUILTIN_MODELS)}), module.path:ATTRIBUTE naming a "
+                        "ModelSpec, or an entry point of the group megalith.models (docs/custom_models.md; "
+                        "default: %(default)s)")
     verify.add_argument("--layouts", nargs="+", default=DEFAULT_VERIFY_LAYOUTS, metavar="LAYOUT",
                         help="dotted tokens: tpN, ppN, vppN, dpN, mbN (micro-batches per dp rank), sp, zero1 "
                         "(distributed optimizer), recompute-full, recompute-selective, bf16, fp16 "

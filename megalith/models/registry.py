@@ -2,13 +2,21 @@
 
 `megalith verify --model NAME` and `megalith pretrain --model NAME` look models up
 here. `build(config, ctx, init_seed, stage)` gives one pipeline stage (StageSpec) of the model:
-a module with the pipeline engine's interface (`pipeline_forward`, `pipeline_shapes`) whose
-last stage returns the per-token loss `[b, s]`, and `finish_grad_sync()` for what sequence
-parallelism and tied embeddings leave to be summed.
+a module with the pipeline engine's interface (`pipeline_forward`, `pipeline_shapes`,
+`outputs_freeable`) whose last stage returns the per-token loss `[b, s]`, and
+`finish_grad_sync()` for what sequence parallelism and tied embeddings leave to be summed.
+
+A NAME is a built-in model (`gpt`), a `module.path:ATTRIBUTE` naming a ModelSpec that Python
+can import, or the name of an entry point in the group `megalith.models` that an installed
+package declares. Nothing is registered at run time, so there is no table to mutate: every
+process (a forked rank, a torchrun rank) resolves the same name to the same spec on its own,
+because imports are deterministic. docs/custom_models.md walks through defining one.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable
@@ -23,10 +31,15 @@ from megalith.models.parallel_context import ParallelContext, StageSpec
 
 BuildModel = Callable[[ModelConfig, ParallelContext, int, StageSpec], nn.Module]
 MakeBatch = Callable[[ModelConfig, int, torch.Generator], dict]
+ENTRY_POINT_GROUP = "megalith.models"  # installed packages declare their models here (name = "module:attr")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A model as the training loop and verify see it: `build` one pipeline stage, `make_batch`
+    a seeded global batch (tensors with the batch first; `loss_mask [b, s]` is required), and
+    `defaults` for the model flags not given."""
+
     name: str
     description: str
     build: BuildModel
@@ -66,6 +79,57 @@ BUILTIN_MODELS = MappingProxyType({
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    if name not in BUILTIN_MODELS:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(BUILTIN_MODELS)}")
-    return BUILTIN_MODELS[name]
+    """The spec a --model NAME stands for: built-in, then `module.path:ATTRIBUTE`, then an entry point."""
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name]
+    if ":" in name:
+        return _spec_from_path(name, name)
+    points = [point for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if point.name == name]
+    if not points:
+        raise ConfigError(
+            f"unknown model {name!r}; known models: {', '.join(BUILTIN_MODELS)}; for your own model give "
+            f"'module.path:ATTRIBUTE' (a ModelSpec Python can import) or install a package that declares it as an "
+            f"entry point in the group {ENTRY_POINT_GROUP!r}"
+        )
+    values = sorted({f"{point.module}:{point.attr}" for point in points})
+    if len(values) > 1:
+        raise ConfigError(f"model {name!r} is declared by {len(values)} entry points in the group "
+                          f"{ENTRY_POINT_GROUP!r} ({', '.join(values)}); uninstall one or give 'module.path:ATTRIBUTE'")
+    return _spec_from_path(values[0], f"{name!r} (entry point {values[0]!r})")
+
+
+def _spec_from_path(path: str, what: str) -> ModelSpec:
+    """Import `module.path` and follow `ATTRIBUTE` (dots allowed, as in entry points) to a ModelSpec."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute or ":" in attribute:
+        raise ConfigError(f"model {what} is not of the form 'module.path:ATTRIBUTE'; "
+                          "e.g. --model examples.custom_model.tiny_lm:SPEC")
+    try:
+        target = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and (module_name + ".").startswith(error.name + "."):  # the module itself (or a parent)
+            raise ConfigError(f"model {what}: no module named {error.name!r} on the Python path; install its package "
+                              "or add the directory that holds it to PYTHONPATH (python -m megalith also searches the "
+                              "current directory)") from None
+        raise ConfigError(f"model {what}: importing {module_name!r} failed: {_one_line(error)}; install what it "
+                          "needs") from None
+    except Exception as error:  # the module's own code raised: say so in one line, not a traceback
+        raise ConfigError(f"model {what}: importing {module_name!r} raised {type(error).__name__}: "
+                          f"{_one_line(error)}; fix the module") from None
+    module = target
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            specs = [n for n, v in vars(module).items() if isinstance(v, ModelSpec)]
+            hint = f"it defines the ModelSpecs {', '.join(specs)}" if specs else "it defines no ModelSpec"
+            raise ConfigError(f"model {what}: {module_name!r} has no attribute {attribute!r} ({hint}); "
+                              "name the ModelSpec after the colon")
+        target = getattr(target, part)
+    if not isinstance(target, ModelSpec):
+        raise ConfigError(f"model {what}: {module_name}:{attribute} is a {type(target).__name__}, not a "
+                          "megalith.models.registry.ModelSpec; name a ModelSpec(name=..., build=..., make_batch=...)")
+    return target
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -174,7 +174,8 @@ class OptimizerConfig:
 class TrainingConfig:
     """What to train, for how long, on which batches (group "training")."""
 
-    model: str = flag_field("gpt", f"registry model, one of {', '.join(BUILTIN_MODELS)}")
+    model: str = flag_field("gpt", f"a built-in model ({', '.join(BUILTIN_MODELS)}), module.path:ATTRIBUTE naming a "
+                            "ModelSpec, or an entry point of the group megalith.models (docs/custom_models.md)")
     train_iters: int = flag_field(100, "optimizer steps")
     micro_batch_size: int = flag_field(1, "sequences per micro-batch")
     global_batch_size: int | None = flag_field(None, "sequences per step (None: micro-batch size x dp)")
