@@ -13,10 +13,12 @@
 #   DATA_PATH=data/my_text_document TOKENIZER_MODEL=tok.model scripts/pretrain_gpt.sh
 #   MOCK_DATA=1 scripts/pretrain_gpt.sh       # synthetic tokens
 #   DRY_RUN=1 scripts/pretrain_gpt.sh          # print the command instead of running it
+#   CKPT_DIR=ckpt scripts/pretrain_gpt.sh      # save to and resume from ckpt; SIGTERM saves and exits 0
 #
 # Environment: GPUS_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT TP PP VPP_LAYERS NUM_LAYERS
 # HIDDEN_SIZE NUM_HEADS SEQ_LENGTH MICRO_BATCH GLOBAL_BATCH TRAIN_ITERS OUTPUT_DIR PYTHON DRY_RUN
-# DATA_PATH TOKENIZER_TYPE TOKENIZER_MODEL MOCK_DATA (MEGALITH_DATA_CACHE: where the corpus is built).
+# DATA_PATH TOKENIZER_TYPE TOKENIZER_MODEL MOCK_DATA (MEGALITH_DATA_CACHE: where the corpus is built)
+# CKPT_DIR SAVE_INTERVAL EXIT_SIGNAL_HANDLER (checkpoints: none unless CKPT_DIR is set).
 set -euo pipefail
 
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
@@ -64,6 +66,28 @@ GPT_MODEL_ARGS=(
     --num-attention-heads "${NUM_HEADS:-4}"
     --seq-length "${SEQ_LENGTH:-64}"
 )
+
+# Checkpoints only when asked for: CKPT_DIR is both where to save and where to resume from (a run
+# with no checkpoint there yet starts fresh), so rerunning or requeueing the same command continues.
+# With a directory to save to, SIGTERM (what Slurm sends before a kill) saves and exits 0 unless
+# EXIT_SIGNAL_HANDLER=0; SAVE_INTERVAL=0 saves only at the end and on SIGTERM.
+CHECKPOINT_ARGS=()
+if [[ ! "${EXIT_SIGNAL_HANDLER:-1}" =~ ^[01]$ ]]; then
+    echo "pretrain_gpt.sh: EXIT_SIGNAL_HANDLER=${EXIT_SIGNAL_HANDLER} must be 0 or 1" >&2
+    exit 1
+fi
+if [[ -n "${CKPT_DIR:-}" ]]; then
+    CHECKPOINT_ARGS=(--save "${CKPT_DIR}" --load "${CKPT_DIR}")
+    if [[ "${SAVE_INTERVAL:-1000}" != "0" ]]; then
+        CHECKPOINT_ARGS+=(--save-interval "${SAVE_INTERVAL:-1000}")
+    fi
+    if [[ "${EXIT_SIGNAL_HANDLER:-1}" == "1" ]]; then
+        CHECKPOINT_ARGS+=(--exit-signal-handler)
+    fi
+elif [[ -n "${SAVE_INTERVAL:-}" || "${EXIT_SIGNAL_HANDLER:-0}" == "1" ]]; then
+    echo "pretrain_gpt.sh: SAVE_INTERVAL or EXIT_SIGNAL_HANDLER=1 needs CKPT_DIR (where checkpoints go)" >&2
+    exit 1
+fi
 
 # Data: the embedded corpus unless DATA_PATH (your preprocessed data) or MOCK_DATA=1 is given.
 if [[ "${MOCK_DATA:-0}" == "1" ]]; then
@@ -118,7 +142,8 @@ LOGGING_ARGS=(
     --wandb-save-dir "${OUTPUT_DIR}/wandb"
 )
 
-ARGS=("${GPT_MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${TRAINING_ARGS[@]}" "${LOGGING_ARGS[@]}")
+ARGS=("${GPT_MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${TRAINING_ARGS[@]}" "${LOGGING_ARGS[@]}"
+      ${CHECKPOINT_ARGS[@]+"${CHECKPOINT_ARGS[@]}"})
 COMMAND=("${PYTHON}" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" -m megalith pretrain "${ARGS[@]}" "$@")
 
 if [[ "${DRY_RUN:-0}" == "1" ]]; then   # the command, with the variables this script sets in front

@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_gpt.sh"
 OVERRIDES = ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TP", "PP", "VPP_LAYERS",
              "NUM_LAYERS", "HIDDEN_SIZE", "NUM_HEADS", "SEQ_LENGTH", "MICRO_BATCH", "GLOBAL_BATCH", "TRAIN_ITERS",
              "OUTPUT_DIR", "OMP_NUM_THREADS", "WANDB_MODE", "DATA_PATH", "TOKENIZER_TYPE", "TOKENIZER_MODEL",
-             "MOCK_DATA", "MEGALITH_DATA_CACHE")
+             "MOCK_DATA", "MEGALITH_DATA_CACHE", "CKPT_DIR", "SAVE_INTERVAL", "EXIT_SIGNAL_HANDLER")
 
 
 @pytest.fixture(autouse=True)
@@ -139,3 +139,37 @@ def test_data_comes_from_the_environment(tmp_path):
     assert flags[start:start + 9] == ["--data-path", "0.3", "data/a_text_document", "0.7", "data/b_text_document",
                                       "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "tok.model"]
     assert "--mock-data" not in flags and "--vocab-size" not in flags
+
+
+def test_checkpoints_only_when_asked_for(tmp_path):
+    """CKPT_DIR: save there and resume from there, every 1000 iterations, and save-and-exit on SIGTERM;
+    SAVE_INTERVAL and EXIT_SIGNAL_HANDLER=0 adjust that; without CKPT_DIR no checkpoint flag at all."""
+    _, _, _, flags = run_script(tmp_path, MOCK_DATA="1")
+    assert not {"--save", "--load", "--save-interval", "--exit-signal-handler"} & set(flags)
+    assert parse_pretrain_args(flags, world_size=8).checkpointing.save is None
+    ckpt = str(tmp_path / "my ckpt")
+    _, _, _, flags = run_script(tmp_path, "--bf16", MOCK_DATA="1", CKPT_DIR=ckpt)
+    assert flags[-8:] == ["--save", ckpt, "--load", ckpt, "--save-interval", "1000", "--exit-signal-handler", "--bf16"]
+    saving = parse_pretrain_args(flags, world_size=8).checkpointing
+    assert (saving.save, saving.load, saving.save_interval, saving.exit_signal_handler) == (ckpt, ckpt, 1000, True)
+    _, _, _, flags = run_script(tmp_path, MOCK_DATA="1", CKPT_DIR=ckpt, SAVE_INTERVAL="50", EXIT_SIGNAL_HANDLER="0")
+    saving = parse_pretrain_args(flags, world_size=8).checkpointing
+    assert (saving.save_interval, saving.exit_signal_handler) == (50, False)
+    _, _, _, flags = run_script(tmp_path, MOCK_DATA="1", CKPT_DIR=ckpt, SAVE_INTERVAL="0")  # at the end and on SIGTERM
+    saving = parse_pretrain_args(flags, world_size=8).checkpointing
+    assert (saving.save, saving.save_interval, saving.exit_signal_handler) == (ckpt, None, True)
+    _, _, _, flags = run_script(tmp_path, "--save-interval", "7", MOCK_DATA="1", CKPT_DIR=ckpt)  # arguments win
+    assert parse_pretrain_args(flags, world_size=8).checkpointing.save_interval == 7
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SAVE_INTERVAL": "100"}, "SAVE_INTERVAL or EXIT_SIGNAL_HANDLER=1 needs CKPT_DIR (where checkpoints go)"),
+    ({"EXIT_SIGNAL_HANDLER": "1"}, "SAVE_INTERVAL or EXIT_SIGNAL_HANDLER=1 needs CKPT_DIR (where checkpoints go)"),
+    ({"CKPT_DIR": "ckpt", "EXIT_SIGNAL_HANDLER": "yes"}, "EXIT_SIGNAL_HANDLER=yes must be 0 or 1"),
+])
+def test_checkpoint_variables_that_cannot_work_are_refused(tmp_path, env, message):
+    environ = {k: v for k, v in os.environ.items() if k not in OVERRIDES}
+    environ.update({"PYTHON": sys.executable, "DRY_RUN": "1", "MOCK_DATA": "1", **env})
+    done = subprocess.run(["bash", str(SCRIPT)], env=environ, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"pretrain_gpt.sh: {message}\n"
