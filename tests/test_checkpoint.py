@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from megalith.errors import ConfigError
+from megalith.parallel.spawn import free_port
 from megalith.testing import pretrain_on_rank, relative_error
 from megalith.training.arguments import parse_pretrain_args
 from megalith.training.checkpoint_format import TRACKER_FILE, CheckpointReader
@@ -161,9 +162,8 @@ sys.exit(main(["pretrain", *sys.argv[2:]]))
 
 def _run(args: list[str], *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    from megalith.parallel.spawn import free_port
-    env["MASTER_PORT"] = str(free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
     return subprocess.run([sys.executable, *args, *extra], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -186,7 +186,7 @@ def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_loadable(tmp_
 def test_sigterm_saves_and_exits_cleanly_and_the_run_resumes(tmp_path):
     """What Slurm sends before it kills a job: the iteration finishes, a checkpoint is written, exit 0."""
     save = tmp_path / "ckpt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))  # not the default port: it may be taken
     argv = [sys.executable, "-u", "-m", "megalith", "pretrain", *ONE_PROCESS, "--train-iters", "100000",
             "--eval-iters", "0", "--save", str(save), "--exit-signal-handler"]
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
