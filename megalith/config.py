@@ -222,6 +222,10 @@ class ModelConfig:
     recompute_granularity: str | None = flag_field(None, "activation recompute (None: off)")
     recompute_method: str | None = flag_field(None, "full recompute: uniform groups or the first N layers")
     recompute_num_layers: int | None = flag_field(None, "layers per group (uniform) or recomputed (block)")
+    post_layer_norm: bool = flag_field(False, "norm after each residual sum (original BERT, HF's BertModel) "
+                                              "instead of before each sublayer; no final norm")
+    num_tokentypes: int = flag_field(0, "token-type (segment) embeddings; BERT: 2 (GPT ignores them)")
+    bert_no_binary_head: bool = flag_field(False, "BERT without the sentence-order (binary) head")
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
@@ -259,6 +263,8 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be in [0, 1)")
+        if not isinstance(self.num_tokentypes, int) or self.num_tokentypes < 0:
+            raise ConfigError(f"--num-tokentypes must be a non-negative integer, got {self.num_tokentypes!r}")
         if self.init_method_std <= 0 or self.norm_epsilon <= 0:
             raise ConfigError("--init-method-std and --norm-epsilon must be positive")
         if self.openai_gelu and self.swiglu:

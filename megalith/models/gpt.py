@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from megalith.config import ModelConfig, ParallelConfig
+from megalith.errors import ConfigError
 from megalith.models.parallel_context import ParallelContext, StageSpec
 from megalith.models.transformer import TransformerBlock, TransformerLayer, dropout, rotary_cos_sin
 from megalith.parallel import comm
@@ -105,6 +106,8 @@ class GPTModel(nn.Module):
         ctx = ctx or ParallelContext()
         stage = stage or StageSpec(layers=tuple(range(config.num_layers)))
         config.check_parallel(ParallelConfig(ctx.tp_size, sequence_parallel=ctx.sequence_parallel))
+        if config.post_layer_norm:
+            raise ConfigError("--post-layer-norm is for BERT-style encoders; GPT is pre-norm (drop the flag)")
         if ctx.rng_tracker is None:
             ctx.rng_tracker = model_parallel_rng_tracker(init_seed, ctx.tp_rank, ctx.device or "cpu")
         self.config, self.ctx, self.stage = config, ctx, stage

@@ -6,7 +6,7 @@ a module with the pipeline engine's interface (`pipeline_forward`, `pipeline_sha
 `outputs_freeable`) whose last stage returns the per-token loss `[b, s]`, and
 `finish_grad_sync()` for what sequence parallelism and tied embeddings leave to be summed.
 
-A NAME is a built-in model (`gpt`), a `module.path:ATTRIBUTE` naming a ModelSpec that Python
+A NAME is a built-in model (`gpt`, `bert`), a `module.path:ATTRIBUTE` naming a ModelSpec that Python
 can import, or the name of an entry point in the group `megalith.models` that an installed
 package declares. Nothing is registered at run time, so there is no table to mutate: every
 process (a forked rank, a torchrun rank) resolves the same name to the same spec on its own,
@@ -26,6 +26,7 @@ from torch import nn
 
 from megalith.config import ModelConfig
 from megalith.errors import ConfigError
+from megalith.models.bert import BertModel
 from megalith.models.gpt import GPTModel
 from megalith.models.parallel_context import ParallelContext, StageSpec
 
@@ -62,6 +63,53 @@ def gpt_batch(config: ModelConfig, batch_size: int, generator: torch.Generator) 
     return {"input_ids": stream[:, :-1], "labels": stream[:, 1:], "loss_mask": loss_mask}
 
 
+BERT_PAD, BERT_CLS, BERT_SEP, BERT_MASK = 0, 1, 2, 3  # mock BERT's special ids; words are 4 .. V-1
+
+
+def bert_batch(config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict:
+    """BertDataset items, batched: `[CLS] A [SEP] B [SEP]` and padding, where A + B is a learnable
+    stream (next = 3 * word + 1 over the words) of random length, split at a random point and,
+    when `is_random`, swapped (sentence order); 15% of the words (at least one) become [MASK]."""
+    words, seq = config.vocab_size - 4, config.seq_length
+    if words < 4 or seq < 8:
+        raise ConfigError(f"mock BERT batches need --vocab-size >= 8 and --seq-length >= 8, got "
+                          f"{config.vocab_size} and {seq}")
+    binary = not config.bert_no_binary_head
+    keys = ("input_ids", "token_type_ids", "labels", "loss_mask", "padding_mask", "is_random")
+    items = {key: [] for key in keys}
+    for _ in range(batch_size):
+        n = int(torch.randint(seq // 2, seq + 1, (), generator=generator))  # real tokens
+        length = n - 3 if binary else n - 2
+        stream = [int(torch.randint(0, words, (), generator=generator))]
+        while len(stream) < length:
+            stream.append((3 * stream[-1] + 1) % words)
+        stream = torch.tensor(stream) + 4
+        swapped = binary and bool(torch.rand((), generator=generator) < 0.5)
+        if binary:
+            pivot = int(torch.randint(1, length, (), generator=generator))
+            a, b = (stream[pivot:], stream[:pivot]) if swapped else (stream[:pivot], stream[pivot:])
+            tokens = torch.cat([torch.tensor([BERT_CLS]), a, torch.tensor([BERT_SEP]), b, torch.tensor([BERT_SEP])])
+            types = torch.cat([torch.zeros(len(a) + 2, dtype=torch.long), torch.ones(len(b) + 1, dtype=torch.long)])
+        else:
+            tokens = torch.cat([torch.tensor([BERT_CLS]), stream, torch.tensor([BERT_SEP])])
+            types = torch.zeros(n, dtype=torch.long)
+        candidates = ((tokens != BERT_CLS) & (tokens != BERT_SEP)).nonzero().flatten()
+        count = max(1, round(0.15 * len(candidates)))
+        positions = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+        padded = lambda values, fill: torch.cat([values, torch.full((seq - n,), fill, dtype=values.dtype)])
+        labels = torch.full((n,), -1, dtype=torch.long)
+        labels[positions] = tokens[positions]
+        masked = tokens.clone()
+        masked[positions] = BERT_MASK
+        items["input_ids"].append(padded(masked, BERT_PAD))
+        items["token_type_ids"].append(padded(types, 0))
+        items["labels"].append(padded(labels, -1))
+        items["loss_mask"].append(padded((labels >= 0).float(), 0.0))
+        items["padding_mask"].append(padded(torch.ones(n, dtype=torch.bool), False))
+        items["is_random"].append(torch.tensor(int(swapped)))
+    return {key: torch.stack(values) for key, values in items.items()}
+
+
 def _build_gpt(config: ModelConfig, ctx: ParallelContext, init_seed: int, stage: StageSpec) -> nn.Module:
     return GPTModel(config, ctx, init_seed, stage)
 
@@ -74,6 +122,14 @@ BUILTIN_MODELS = MappingProxyType({
         make_batch=gpt_batch,
         defaults=dict(num_layers=8, hidden_size=64, num_attention_heads=8, seq_length=32, vocab_size=300,
                       hidden_dropout=0.0, attention_dropout=0.0),
+    ),
+    "bert": ModelSpec(
+        name="bert",
+        description="BERT (bidirectional encoder): masked LM with tied output + sentence-order binary head",
+        build=BertModel,
+        make_batch=bert_batch,
+        defaults=dict(num_layers=4, hidden_size=64, num_attention_heads=8, seq_length=32, vocab_size=300,
+                      num_tokentypes=2, hidden_dropout=0.0, attention_dropout=0.0),
     ),
 })
 

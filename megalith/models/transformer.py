@@ -70,10 +70,12 @@ def core_attention(
     config: ModelConfig,
     ctx: ParallelContext,
     training: bool,
+    causal: bool = True,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v for this rank's heads: q `[s, b, nh, d]`, k and v
-    `[s, b, ng, d]` -> `[s, b, nh * d]`. Causal; `attention_mask` (bool, broadcastable to
-    `[b, 1, s, s]`, True = masked out, Megatron's convention) adds padding masks.
+    `[s, b, ng, d]` -> `[s, b, nh * d]`. Causal unless `causal=False` (bidirectional, BERT);
+    `attention_mask` (bool, broadcastable to `[b, 1, s, s]`, True = masked out, Megatron's
+    convention) adds padding masks.
 
     Two paths compute the same thing: PyTorch's scaled_dot_product_attention ("sdpa") and an
     explicit matmul-softmax-matmul ("unfused") that is easy to read and to check.
@@ -90,8 +92,9 @@ def core_attention(
 
     additive = None
     if attention_mask is not None:
-        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-        masked = attention_mask | causal
+        masked = attention_mask
+        if causal:
+            masked = masked | torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
         # a large negative number, not -inf: a fully masked row stays finite on both paths
         additive = torch.zeros(masked.shape, dtype=q.dtype, device=q.device).masked_fill(
             masked, torch.finfo(q.dtype).min
@@ -102,14 +105,14 @@ def core_attention(
     with streams:
         if config.attention_backend == "sdpa":
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=additive, dropout_p=p, is_causal=additive is None, enable_gqa=repeat > 1
+                q, k, v, attn_mask=additive, dropout_p=p, is_causal=causal and additive is None, enable_gqa=repeat > 1
             )
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
-            if additive is None:
-                causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-                scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)
-            else:
+            if additive is None and causal:
+                upper = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(upper, torch.finfo(scores.dtype).min)
+            elif additive is not None:
                 scores = scores + additive
             probs = torch.softmax(scores, dim=-1)
             out = torch.matmul(F.dropout(probs, p=p, training=p > 0), v)
@@ -120,12 +123,14 @@ class SelfAttention(nn.Module):
     """Fused QKV (column-parallel, heads split over tp), core attention, output projection (row-parallel).
 
     QKV rows use Megatron's grouped layout: for each key/value group, its query heads, then its
-    key head, then its value head — so a contiguous tp slice holds whole groups.
+    key head, then its value head — so a contiguous tp slice holds whole groups. `causal=False`
+    attends both ways (an encoder: BERT).
     """
 
-    def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod) -> None:
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod,
+                 causal: bool = True) -> None:
         super().__init__()
-        self.config, self.ctx = config, ctx
+        self.config, self.ctx, self.causal = config, ctx, causal
         d, heads, groups = config.kv_channels, config.num_attention_heads, config.num_query_groups
         self.heads_per_group = heads // groups
         self.groups_per_rank = groups // ctx.tp_size
@@ -149,7 +154,7 @@ class SelfAttention(nn.Module):
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        kwargs = dict(config=self.config, ctx=self.ctx, training=self.training)
+        kwargs = dict(config=self.config, ctx=self.ctx, training=self.training, causal=self.causal)
         if self.config.recompute_granularity == "selective":
             context = checkpoint(_core_attention_call, q, k, v, attention_mask, kwargs, rng_tracker=self.ctx.rng_tracker)
         else:
@@ -190,18 +195,34 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm: x + dropout(attention(norm(x))), then + dropout(mlp(norm(x)))."""
+    """Pre-norm: x + dropout(attention(norm(x))), then + dropout(mlp(norm(x))).
 
-    def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod) -> None:
+    With `config.post_layer_norm` (the original BERT, Hugging Face's BertModel) the norms follow
+    the residual sums instead: norm(x + dropout(attention(x))), then norm(x + dropout(mlp(x)));
+    they are then named `post_self_attn_layernorm` and `post_mlp_layernorm` (Megatron-Core's names).
+    """
+
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod,
+                 causal: bool = True) -> None:
         super().__init__()
         self.config, self.ctx = config, ctx
+        if config.post_layer_norm:
+            self.self_attention = SelfAttention(config, ctx, init, output_init, causal)
+            self.post_self_attn_layernorm = build_norm(config, ctx)
+            self.mlp = MLP(config, ctx, init, output_init)
+            self.post_mlp_layernorm = build_norm(config, ctx)
+            return
         self.input_layernorm = build_norm(config, ctx)
-        self.self_attention = SelfAttention(config, ctx, init, output_init)
+        self.self_attention = SelfAttention(config, ctx, init, output_init, causal)
         self.pre_mlp_layernorm = build_norm(config, ctx)
         self.mlp = MLP(config, ctx, init, output_init)
 
     def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         p, stream = self.config.hidden_dropout, self.ctx.hidden_stream
+        if self.config.post_layer_norm:
+            x = self.post_self_attn_layernorm(
+                x + dropout(self.self_attention(x, rotary, attention_mask), p, self.training, self.ctx, stream))
+            return self.post_mlp_layernorm(x + dropout(self.mlp(x), p, self.training, self.ctx, stream))
         x = x + dropout(self.self_attention(self.input_layernorm(x), rotary, attention_mask), p, self.training, self.ctx, stream)
         return x + dropout(self.mlp(self.pre_mlp_layernorm(x)), p, self.training, self.ctx, stream)
 

@@ -333,3 +333,88 @@ def global_to_hf(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[
             out[f"model.layers.{index}.mlp.gate_proj.{kind}"] = gate.contiguous()
             out[f"model.layers.{index}.mlp.up_proj.{kind}"] = up.contiguous()
     return out
+
+
+# --- BERT (BertForMaskedLM, BertForPreTraining) -> megalith's BertModel -----------------------
+
+BERT_GELUS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}  # hidden_act -> openai_gelu
+
+
+def bert_config_from_hf(hf: dict, binary_head: bool = False) -> ModelConfig:
+    """megalith's post-norm BERT for an HF BertConfig dict (dropout 0: conversion is for exact
+    weights). `binary_head`: the checkpoint has a pooler and seq_relationship (BertForPreTraining)."""
+    activation = hf.get("hidden_act", "gelu")
+    if activation not in BERT_GELUS:
+        _refuse("bert", f"hidden_act {activation!r} (megalith has {', '.join(BERT_GELUS)})")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        _refuse("bert", f"position_embedding_type {hf['position_embedding_type']!r}")
+    if hf.get("is_decoder", False) or hf.get("add_cross_attention", False):
+        _refuse("bert", "is_decoder / add_cross_attention")
+    positions = hf.get("max_position_embeddings", 512)
+    return ModelConfig(
+        num_layers=hf.get("num_hidden_layers", 12), hidden_size=hf.get("hidden_size", 768),
+        num_attention_heads=hf.get("num_attention_heads", 12), ffn_hidden_size=hf.get("intermediate_size", 3072),
+        seq_length=positions, max_position_embeddings=positions, vocab_size=hf.get("vocab_size", 30522),
+        norm_epsilon=hf.get("layer_norm_eps", 1e-12), openai_gelu=BERT_GELUS[activation], post_layer_norm=True,
+        num_tokentypes=hf.get("type_vocab_size", 2), bert_no_binary_head=not binary_head,
+        init_method_std=hf.get("initializer_range", 0.02), hidden_dropout=0.0, attention_dropout=0.0,
+    )
+
+
+def _bert_hf_names(config: ModelConfig) -> dict[str, str]:
+    """megalith BertModel name -> HF name for the tensors that map one to one."""
+    pairs = {f"embedding.{ours}": f"bert.embeddings.{theirs}" for ours, theirs in (
+        ("word_embeddings.weight", "word_embeddings.weight"),
+        ("position_embeddings.weight", "position_embeddings.weight"),
+        ("tokentype_embeddings.weight", "token_type_embeddings.weight"), ("layernorm.weight", "LayerNorm.weight"),
+        ("layernorm.bias", "LayerNorm.bias"))}
+    layer = {"self_attention.linear_proj": "attention.output.dense",
+             "post_self_attn_layernorm": "attention.output.LayerNorm", "mlp.linear_fc1": "intermediate.dense",
+             "mlp.linear_fc2": "output.dense", "post_mlp_layernorm": "output.LayerNorm"}
+    head = {"lm_head.dense": "cls.predictions.transform.dense",
+            "lm_head.layernorm": "cls.predictions.transform.LayerNorm"}
+    if not config.bert_no_binary_head:
+        head.update({"pooler": "bert.pooler.dense", "binary_head": "cls.seq_relationship"})
+    for suffix in ("weight", "bias"):
+        for i in range(config.num_layers):
+            for ours, theirs in layer.items():
+                pairs[f"encoder.layers.{i}.{ours}.{suffix}"] = f"bert.encoder.layer.{i}.{theirs}.{suffix}"
+        for ours, theirs in head.items():
+            pairs[f"{ours}.{suffix}"] = f"{theirs}.{suffix}"
+    pairs["lm_head.bias"] = "cls.predictions.bias"
+    return pairs
+
+
+def bert_hf_to_global(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF BERT state dict -> megalith BertModel's global tensors (fp32, no vocabulary padding),
+    checking that every HF tensor is used. Needs `config.post_layer_norm` (HF's layer order)."""
+    if not config.post_layer_norm:
+        raise ConvertError("Hugging Face BERT is post-norm; use a config with post_layer_norm (bert_config_from_hf)")
+    tensors = {key: value for key, value in tensors.items() if not key.endswith(("position_ids", "token_type_ids"))}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise ConvertError(f"the HF checkpoint has no tensor {key!r}, which its config needs; "
+                               "the weights do not belong to this config")
+        used.add(key)
+        return tensors[key].float()
+
+    out = {ours: take(theirs) for ours, theirs in _bert_hf_names(config).items()}
+    for i in range(config.num_layers):
+        for kind in ("weight", "bias"):
+            parts = (take(f"bert.encoder.layer.{i}.attention.self.{p}.{kind}") for p in ("query", "key", "value"))
+            out[f"encoder.layers.{i}.self_attention.linear_qkv.{kind}"] = fuse_qkv(*parts, config.num_query_groups)
+    tied = {"cls.predictions.decoder.weight": out["embedding.word_embeddings.weight"],
+            "cls.predictions.decoder.bias": out["lm_head.bias"]}
+    for key, expected in tied.items():
+        if key in tensors:
+            if not torch.equal(tensors[key].float(), expected):
+                raise ConvertError(f"{key} differs from the tensor it is tied to; megalith's BERT ties them")
+            used.add(key)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ConvertError(f"the HF checkpoint has tensors megalith's BERT has no place for ({', '.join(unused[:3])}"
+                           f"{', ...' if len(unused) > 3 else ''}); convert BertForMaskedLM or BertForPreTraining "
+                           "with the matching binary_head")
+    return out
