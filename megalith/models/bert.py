@@ -18,7 +18,10 @@ from torch.nn.utils import skip_init
 
 from megalith.config import ModelConfig, ParallelConfig
 from megalith.errors import ConfigError
-from megalith.models.gpt import EMBEDDING_STREAM, FIRST_LAYER_STREAM, OUTPUT_STREAM, init_generator, word_embeddings
+from megalith.models.gpt import (
+    EMBEDDING_STREAM, FIRST_LAYER_STREAM, OUTPUT_STREAM, init_generator, mark_tied_embedding, sum_tied_embedding_grads,
+    word_embeddings,
+)
 from megalith.models.parallel_context import ParallelContext, StageSpec
 from megalith.models.transformer import TransformerBlock, TransformerLayer, build_norm, dropout
 from megalith.parallel import comm
@@ -169,11 +172,7 @@ class BertModel(nn.Module):
                 generator = init_generator(init_seed, EMBEDDING_STREAM)
                 self.word_embeddings_for_head = word_embeddings(config, ctx, generator)
         if stage.count > 1:
-            for module in (self.embedding and self.embedding.word_embeddings, self.word_embeddings_for_head):
-                if module is not None:
-                    module.weight.shared_embedding = True
-            if self.word_embeddings_for_head is not None:  # counted once in the global grad norm
-                self.word_embeddings_for_head.weight.is_tied_copy = True
+            mark_tied_embedding(self.embedding and self.embedding.word_embeddings, self.word_embeddings_for_head)
 
     def output_weight(self) -> torch.Tensor:
         if self.word_embeddings_for_head is not None:
@@ -239,8 +238,4 @@ class BertModel(nn.Module):
         if self.lm_head is not None:
             partial.append(self.lm_head.bias)
         comm.all_reduce_grads(partial, self.ctx.tp_group)
-        shared = [p for p in self.parameters() if getattr(p, "shared_embedding", False)]
-        if shared:
-            if self.ctx.embedding_group is None:
-                raise RuntimeError("a tied embedding split over pipeline stages needs ctx.embedding_group")
-            comm.all_reduce_grads(shared, self.ctx.embedding_group)
+        sum_tied_embedding_grads(self, self.ctx.embedding_group)

@@ -51,6 +51,26 @@ def word_embeddings(config: ModelConfig, ctx: ParallelContext, generator: torch.
     )
 
 
+def mark_tied_embedding(word_embedding: nn.Module | None, head_copy: nn.Module | None) -> None:
+    """A word embedding tied to the output across pipeline stages: both copies' gradients are
+    summed over the embedding group (`sum_tied_embedding_grads`) and the copy on the last stage
+    is counted once in the global grad norm."""
+    for module in (word_embedding, head_copy):
+        if module is not None:
+            module.weight.shared_embedding = True
+    if head_copy is not None:
+        head_copy.weight.is_tied_copy = True
+
+
+def sum_tied_embedding_grads(model: nn.Module, embedding_group) -> None:
+    """The tied embedding's two copies' gradients, summed over the first and last stage."""
+    shared = [p for p in model.parameters() if getattr(p, "shared_embedding", False)]
+    if shared:
+        if embedding_group is None:
+            raise RuntimeError("a tied embedding split over pipeline stages needs ctx.embedding_group")
+        comm.all_reduce_grads(shared, embedding_group)
+
+
 class GPTEmbedding(nn.Module):
     """Word embeddings (vocab-parallel) plus learned positions; output `[s, b, h]` (SP: `[s/tp, b, h]`)."""
 
@@ -131,11 +151,7 @@ class GPTModel(nn.Module):
         elif stage.is_last and not stage.is_first:  # drawn from the embedding's generator: equal at start
             self.word_embeddings_for_head = word_embeddings(config, ctx, init_generator(init_seed, EMBEDDING_STREAM))
         if stage.count > 1 and not config.untie_embeddings_and_output_weights:
-            for module in (self.embedding and self.embedding.word_embeddings, self.word_embeddings_for_head):
-                if module is not None:
-                    module.weight.shared_embedding = True
-            if self.word_embeddings_for_head is not None:  # counted once in the global grad norm
-                self.word_embeddings_for_head.weight.is_tied_copy = True
+            mark_tied_embedding(self.embedding and self.embedding.word_embeddings, self.word_embeddings_for_head)
 
     def output_weight(self) -> torch.Tensor:
         if self.output_layer is not None:
@@ -188,8 +204,4 @@ class GPTModel(nn.Module):
         """Sum over tp the gradients each rank computed from its tokens only (SP), then the tied
         embedding's two copies over the embedding group."""
         comm.all_reduce_grads(sequence_parallel_parameters(self), self.ctx.tp_group)
-        shared = [p for p in self.parameters() if getattr(p, "shared_embedding", False)]
-        if shared:
-            if self.ctx.embedding_group is None:
-                raise RuntimeError("a tied embedding split over pipeline stages needs ctx.embedding_group")
-            comm.all_reduce_grads(shared, self.ctx.embedding_group)
+        sum_tied_embedding_grads(self, self.ctx.embedding_group)
