@@ -236,3 +236,14 @@ def all_reduce_grads(params, group) -> None:
     dist.all_reduce(flat, group=group)
     for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         grad.copy_(synced)
+
+
+def max_over_job(value: float, state) -> float:
+    """The largest `value` over every rank of `state`'s layout, and only those (idle RankPool ranks
+    stay out): a max over mp, then over dp, reaches all of them because every mp group holds one
+    rank of every dp group. Also a barrier; used to agree on a failure or on stopping."""
+    flag = torch.tensor([float(value)], device=state.device)
+    for group in (state.mp_group, state.dp_group):
+        if group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return float(flag)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from megalith import device as device_policy
 from megalith.models.gpt import PADDED_VOCAB_PARAMETERS, TIED_COPY_ALIASES
+from megalith.parallel.comm import max_over_job
 from megalith.training.checkpoint_format import (
     FORMAT_VERSION, METADATA_FILE, CheckpointError, CheckpointReader, Placement, global_shape, iteration_dir_name,
     load_tensors, pieces, read_local, read_tracker, rng_file_name, save_pieces, save_tensors, shard_file_name,
@@ -62,12 +63,8 @@ def _layout(state) -> dict:
 
 
 def _any_rank_failed(failed: bool, state) -> bool:
-    """A sum over the job (mp, then dp: together every rank of the layout); a barrier too."""
-    flag = torch.tensor([1.0 if failed else 0.0], device=state.device)
-    for group in (state.mp_group, state.dp_group):
-        if group is not None:
-            dist.all_reduce(flag, group=group)
-    return float(flag) > 0
+    """Whether any rank of the job failed; a barrier too."""
+    return max_over_job(1.0 if failed else 0.0, state) > 0
 
 
 def check_model_matches(meta: dict, model_config, model: str, directory: str) -> None:

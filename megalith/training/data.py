@@ -14,7 +14,6 @@ whatever the number of ranks, and no rank reads a half-written index.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megalith.data.blended import build_gpt_datasets, parse_data_path
 from megalith.data.errors import DataError
@@ -23,6 +22,7 @@ from megalith.data.sampler import collate, local_batch_indices
 from megalith.data.tokenizers import Tokenizer, build_tokenizer
 from megalith.errors import ConfigError
 from megalith.models.registry import get_model_spec
+from megalith.parallel.comm import max_over_job
 from megalith.training.batch import BatchPlan
 
 TRAIN_SPLIT, VALID_SPLIT, TEST_SPLIT = 0, 1, 2
@@ -109,16 +109,11 @@ class DatasetBatches:
                 self.datasets = build()
             except Exception as error:  # every rank must hear of it, or they would wait forever
                 failed = error
-        # Rank 0 has written the cached indices (or failed); the others then read them (or stop
-        # too). Rank 0's model-parallel group holds one rank of every dp group, so a sum over mp
-        # and then over dp reaches every rank of the job (and only those).
-        flag = torch.tensor([1.0 if failed is not None else 0.0], device=device)
-        for group in (state.mp_group, state.dp_group):
-            if group is not None:
-                dist.all_reduce(flag, group=group)
+        # rank 0 has written the cached indices (or failed); the others then read them (or stop too)
+        someone_failed = max_over_job(1.0 if failed is not None else 0.0, state) > 0
         if failed is not None:
             raise failed
-        if float(flag) > 0:
+        if someone_failed:
             raise DataError("rank 0 could not build the datasets (its error is above); fix that and restart")
         if state.rank != 0:
             self.datasets = build()

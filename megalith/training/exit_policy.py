@@ -14,8 +14,7 @@ from __future__ import annotations
 import signal
 import time
 
-import torch
-import torch.distributed as dist
+from megalith.parallel.comm import max_over_job
 
 
 class ExitPolicy:
@@ -47,12 +46,8 @@ class ExitPolicy:
             wants = 2.0
         elif self.interval is not None and iteration % self.interval == 0:
             wants = 1.0
-        flag = torch.tensor([wants], device=self.state.device)
-        for group in (self.state.mp_group, self.state.dp_group):  # together: every rank of the job
-            if group is not None:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return {0.0: None, 1.0: f"--exit-interval {self.interval}", 2.0: "--exit-duration-in-mins",
-                3.0: "SIGTERM"}[float(flag)]
+                3.0: "SIGTERM"}[max_over_job(wants, self.state)]
 
     def close(self) -> None:
         """Give SIGTERM back, unless it came: then a repeat during the clean exit is ignored."""
