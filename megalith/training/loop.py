@@ -14,6 +14,7 @@ dp rank takes its fixed slice and micro-batches are slices of that.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.valid_batches = 0  # validation walks on through its stream, as Megatron's does
+        self.exit_reason = None  # why training stopped early, if it did
         self.checkpointer = Checkpointer(self.runner, state, config, log=self._notice)
         self.loaded = None
         if config.checkpointing.load:
@@ -247,7 +249,7 @@ class Trainer:
                 if checkpointing.save_interval and self.iteration % checkpointing.save_interval == 0:
                     self.save()
                     saved_at = self.iteration
-                reason = exits.reason(self.iteration)
+                reason = self.exit_reason = exits.reason(self.iteration)
                 if reason is not None:
                     self._notice(f"exiting at iteration {self.iteration} ({reason})")
                     break
@@ -286,7 +288,18 @@ def run_pretrain(config: PretrainConfig) -> int:
                                      backend=config.distributed_backend,
                                      timeout_s=timeout * 60 if timeout else None)
     try:
-        pretrain(config, state)
-    finally:
+        trainer = Trainer(config, state)
+        trainer.train()
+    except BaseException:
         state.destroy()
+        raise
+    if trainer.exit_reason == "SIGTERM":
+        # The checkpoint is written and the logs closed. Leave at once with status 0: the job is
+        # being ended, and tearing down the process groups after the signal has been seen to
+        # abort in C++ ("terminate called without an active exception"), turning a clean exit
+        # into a failure for the scheduler.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    state.destroy()
     return 0
