@@ -29,7 +29,7 @@ def _verify(args: argparse.Namespace) -> int:
     for name, value in get_model_spec(args.model).defaults.items():  # the model's own small defaults
         if name not in given:
             setattr(args, name, value)
-    config = _model_config(args)
+    config = get_model_spec(args.model).resolved(_model_config(args))
     settings = VerifySettings(model=args.model, config=config, steps=args.steps, micro_batches=args.micro_batches,
                               micro_batch_size=args.micro_batch_size, lr=args.lr, min_lr=args.min_lr,
                               lr_warmup_iters=args.lr_warmup_iters, lr_decay_style=args.lr_decay_style,

@@ -161,7 +161,8 @@ def parse_layout(text: str) -> Layout:
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "relative")
+ACTIVATIONS = ("gelu", "relu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ATTENTION_BACKENDS = ("sdpa", "unfused")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
@@ -226,8 +227,17 @@ class ModelConfig:
                                               "instead of before each sublayer; no final norm")
     num_tokentypes: int = flag_field(0, "token-type (segment) embeddings; BERT: 2 (GPT ignores them)")
     bert_no_binary_head: bool = flag_field(False, "BERT without the sentence-order (binary) head")
+    activation: str = flag_field("gelu", "MLP activation without --swiglu (T5: relu)", ACTIVATIONS)
+    encoder_num_layers: int | None = flag_field(None, "T5: encoder layers (None: --num-layers)")
+    decoder_num_layers: int | None = flag_field(None, "T5: decoder layers (None: --num-layers)")
+    encoder_seq_length: int | None = flag_field(None, "T5: encoder tokens per sample; sets --seq-length (Megatron)")
+    decoder_seq_length: int | None = flag_field(None, "T5: decoder tokens per sample (None: the encoder's)")
+    relative_attention_num_buckets: int = flag_field(32, "T5: buckets of relative positions")
+    relative_attention_max_distance: int = flag_field(128, "T5: distance beyond which relative positions share a bucket")
 
     def __post_init__(self) -> None:
+        if self.encoder_seq_length is not None:  # Megatron: --encoder-seq-length is the sequence length
+            object.__setattr__(self, "seq_length", self.encoder_seq_length)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
                      "make_vocab_size_divisible_by", "rotary_base"):
             _positive(name, getattr(self, name))
@@ -249,8 +259,12 @@ class ModelConfig:
         for name, value in derived.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "max_position_embeddings"):
+        for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "max_position_embeddings",
+                     "relative_attention_num_buckets", "relative_attention_max_distance"):
             _positive(name, getattr(self, name))
+        for name in ("encoder_num_layers", "decoder_num_layers", "decoder_seq_length"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
         self._check_choices()
         self._check_shapes()
         self._check_recompute()
@@ -269,6 +283,9 @@ class ModelConfig:
             raise ConfigError("--init-method-std and --norm-epsilon must be positive")
         if self.openai_gelu and self.swiglu:
             raise ConfigError("--openai-gelu picks a GELU but --swiglu replaces GELU with SwiGLU; give one of the two")
+        _choice("activation", self.activation, ACTIVATIONS)
+        if self.activation != "gelu" and (self.openai_gelu or self.swiglu):
+            raise ConfigError(f"--activation {self.activation} contradicts --openai-gelu / --swiglu; give one of them")
 
     def _check_shapes(self) -> None:
         if self.num_attention_heads % self.num_query_groups != 0:
@@ -321,6 +338,11 @@ class ModelConfig:
             ffn_hidden_size=self.ffn_hidden_size,
             seq_length=self.seq_length,
         )
+        tp = parallel.tensor_model_parallel_size
+        if parallel.sequence_parallel and self.decoder_seq_length is not None and self.decoder_seq_length % tp != 0:
+            raise ConfigError(
+                f"--decoder-seq-length {self.decoder_seq_length} is not divisible by --tensor-model-parallel-size "
+                f"{tp} under --sequence-parallel; use a multiple of {tp} or drop --sequence-parallel")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -329,6 +351,7 @@ class ModelConfig:
 
 CHOICES = {
     "position_embedding_type": POSITION_EMBEDDING_TYPES,
+    "activation": ACTIVATIONS,
     "normalization": NORMALIZATIONS,
     "attention_backend": ATTENTION_BACKENDS,
     "params_dtype": tuple(PRECISIONS),

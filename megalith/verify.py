@@ -169,6 +169,7 @@ def build_runner(settings: VerifySettings, layout: Layout, state=None, record: b
         state.tp_group if state is not None else None, layout.sequence_parallel,
         model_parallel_rng_tracker(settings.seed, state.tp_rank if state else 0),
         embedding_group=state.embedding_group if state is not None else None,
+        pipeline_group=state.pp_group if state is not None else None,
     )
     scaler = make_loss_scaler(fp16=config.params_dtype == "fp16", loss_scale=None,
                               initial_loss_scale=settings.initial_loss_scale, hysteresis=settings.hysteresis)

@@ -19,6 +19,7 @@ class ParallelContext:
     rng_tracker: RNGStatesTracker | None = None
     device: torch.device | None = None
     embedding_group: object = None  # first + last pipeline stage: sums the tied embedding's gradients
+    pipeline_group: object = None  # every stage (T5 sums its tables shared between stages over it)
 
     @property
     def tp_size(self) -> int:

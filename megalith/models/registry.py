@@ -39,13 +39,20 @@ ENTRY_POINT_GROUP = "megalith.models"  # installed packages declare their models
 class ModelSpec:
     """A model as the training loop and verify see it: `build` one pipeline stage, `make_batch`
     a seeded global batch (tensors with the batch first; `loss_mask [b, s]` is required), and
-    `defaults` for the model flags not given."""
+    `defaults` for the model flags not given; `resolve` derives model-specific fields (T5: its
+    encoder and decoder layers, whose sum becomes num_layers, the layers the pipeline splits)."""
 
     name: str
     description: str
     build: BuildModel
     make_batch: MakeBatch
     defaults: dict = field(default_factory=dict)  # ModelConfig fields for small CPU runs
+    resolve: Callable[[ModelConfig], ModelConfig] | None = None  # fills what only this model derives (T5)
+    dataset: str = "gpt"  # the --data-path samples it trains on: "gpt", "bert" or "t5"
+
+    def resolved(self, config: ModelConfig) -> ModelConfig:
+        """`config` with what this model derives filled in (idempotent; most models change nothing)."""
+        return self.resolve(config) if self.resolve is not None else config
 
 
 def gpt_batch(config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict:

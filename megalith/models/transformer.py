@@ -71,17 +71,23 @@ def core_attention(
     ctx: ParallelContext,
     training: bool,
     causal: bool = True,
+    attention_bias: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v for this rank's heads: q `[s, b, nh, d]`, k and v
-    `[s, b, ng, d]` -> `[s, b, nh * d]`. Causal unless `causal=False` (bidirectional, BERT);
-    `attention_mask` (bool, broadcastable to `[b, 1, s, s]`, True = masked out, Megatron's
-    convention) adds padding masks.
+    """softmax(q k^T * scale + bias + mask) v for this rank's heads: q `[sq, b, nh, d]`, k and v
+    `[sk, b, ng, d]` -> `[sq, b, nh * d]`. Causal unless `causal=False` (bidirectional: BERT,
+    T5's encoder and cross-attention); `attention_mask` (bool, broadcastable to `[b, 1, sq, sk]`,
+    True = masked out, Megatron's convention) adds padding masks; `attention_bias` (float,
+    broadcastable to `[b, nh, sq, sk]`) adds T5's relative position bias; `softmax_scale`
+    defaults to 1/sqrt(d) (T5: 1).
 
     Two paths compute the same thing: PyTorch's scaled_dot_product_attention ("sdpa") and an
     explicit matmul-softmax-matmul ("unfused") that is easy to read and to check.
     """
     s, b, heads, d = q.shape
+    sk = k.shape[0]
     repeat = heads // k.shape[2]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
     dtype = q.dtype
     if config.attention_softmax_in_fp32:
         q, k, v = q.float(), k.float(), v.float()
@@ -91,26 +97,29 @@ def core_attention(
     p = config.attention_dropout if training else 0.0
 
     additive = None
-    if attention_mask is not None:
-        masked = attention_mask
+    if attention_mask is not None or attention_bias is not None:
+        masked = attention_mask if attention_mask is not None else torch.zeros(1, 1, 1, 1, dtype=torch.bool,
+                                                                               device=q.device)
         if causal:
-            masked = masked | torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+            masked = masked | torch.ones(s, sk, dtype=torch.bool, device=q.device).triu(1)
+        additive = torch.zeros(masked.shape, dtype=q.dtype, device=q.device)
+        if attention_bias is not None:
+            additive = additive + attention_bias.to(q.dtype)
         # a large negative number, not -inf: a fully masked row stays finite on both paths
-        additive = torch.zeros(masked.shape, dtype=q.dtype, device=q.device).masked_fill(
-            masked, torch.finfo(q.dtype).min
-        )
+        additive = additive.masked_fill(masked, torch.finfo(q.dtype).min)
 
     # heads are split over tp: each rank draws its own attention-dropout mask
     streams = ctx.rng_tracker.fork(TP_LOCAL) if p > 0 else contextlib.nullcontext()
     with streams:
         if config.attention_backend == "sdpa":
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=additive, dropout_p=p, is_causal=causal and additive is None, enable_gqa=repeat > 1
+                q, k, v, attn_mask=additive, dropout_p=p, is_causal=causal and additive is None, enable_gqa=repeat > 1,
+                scale=scale,
             )
         else:
-            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
+            scores = torch.matmul(q, k.transpose(-1, -2)) * scale
             if additive is None and causal:
-                upper = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+                upper = torch.ones(s, sk, dtype=torch.bool, device=q.device).triu(1)
                 scores = scores.masked_fill(upper, torch.finfo(scores.dtype).min)
             elif additive is not None:
                 scores = scores + additive
@@ -128,9 +137,9 @@ class SelfAttention(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod,
-                 causal: bool = True) -> None:
+                 causal: bool = True, softmax_scale: float | None = None) -> None:
         super().__init__()
-        self.config, self.ctx, self.causal = config, ctx, causal
+        self.config, self.ctx, self.causal, self.softmax_scale = config, ctx, causal, softmax_scale
         d, heads, groups = config.kv_channels, config.num_attention_heads, config.num_query_groups
         self.heads_per_group = heads // groups
         self.groups_per_rank = groups // ctx.tp_size
@@ -145,7 +154,8 @@ class SelfAttention(nn.Module):
             init_method=output_init, **common,
         )
 
-    def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None,
+                attention_bias: torch.Tensor | None = None) -> torch.Tensor:
         qkv = self.linear_qkv(x)
         s, b = qkv.shape[:2]
         d = self.config.kv_channels
@@ -154,25 +164,30 @@ class SelfAttention(nn.Module):
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        kwargs = dict(config=self.config, ctx=self.ctx, training=self.training, causal=self.causal)
-        if self.config.recompute_granularity == "selective":
-            context = checkpoint(_core_attention_call, q, k, v, attention_mask, kwargs, rng_tracker=self.ctx.rng_tracker)
-        else:
-            context = core_attention(q, k, v, attention_mask, **kwargs)
-        return self.linear_proj(context)
+        return self.linear_proj(attend(q, k, v, attention_mask, attention_bias, self))
 
 
-def _core_attention_call(q, k, v, attention_mask, kwargs):
-    return core_attention(q, k, v, attention_mask, **kwargs)
+def attend(q, k, v, attention_mask, attention_bias, attention: nn.Module) -> torch.Tensor:
+    """core_attention with `attention`'s settings, recomputed in backward under selective recompute."""
+    kwargs = dict(config=attention.config, ctx=attention.ctx, training=attention.training, causal=attention.causal,
+                  softmax_scale=attention.softmax_scale)
+    if attention.config.recompute_granularity == "selective":
+        return checkpoint(_core_attention_call, q, k, v, attention_mask, attention_bias, kwargs,
+                          rng_tracker=attention.ctx.rng_tracker)
+    return core_attention(q, k, v, attention_mask, attention_bias=attention_bias, **kwargs)
+
+
+def _core_attention_call(q, k, v, attention_mask, attention_bias, kwargs):
+    return core_attention(q, k, v, attention_mask, attention_bias=attention_bias, **kwargs)
 
 
 class MLP(nn.Module):
-    """fc1 (column-parallel) -> GELU (exact, or tanh-approximate with openai_gelu) or SwiGLU -> fc2
+    """fc1 (column-parallel) -> GELU (exact, or tanh-approximate with openai_gelu), ReLU or SwiGLU -> fc2
     (row-parallel); nothing communicated between."""
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod) -> None:
         super().__init__()
-        self.swiglu = config.swiglu
+        self.swiglu, self.relu = config.swiglu, config.activation == "relu"
         self.gelu_approximate = "tanh" if config.openai_gelu else "none"
         common = dict(tp_group=ctx.tp_group, sequence_parallel=ctx.sequence_parallel, bias=config.add_bias_linear,
                       params_dtype=config.torch_dtype, device=ctx.device)
@@ -189,6 +204,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.relu:
+            h = F.relu(h)
         else:
             h = F.gelu(h, approximate=self.gelu_approximate)
         return self.linear_fc2(h)
@@ -242,27 +259,29 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleDict({str(index): layer for index, layer in layers.items()})
         self.final_layernorm = build_norm(config, ctx) if final_norm else None
 
-    def _run(self, x, rotary, attention_mask, start: int, end: int):
+    def _run(self, start: int, end: int, x, *args):
         for layer in list(self.layers.values())[start:end]:
-            x = layer(x, rotary, attention_mask)
+            x = layer(x, *args)
         return x
 
-    def _layers(self, x, rotary, attention_mask):
+    def _layers(self, x, *args):
         config, count = self.config, len(self.layers)
         if config.recompute_granularity != "full" or not self.training:
-            return self._run(x, rotary, attention_mask, 0, count)
+            return self._run(0, count, x, *args)
         n, tracker = min(config.recompute_num_layers, count), self.ctx.rng_tracker
         if config.recompute_method == "uniform":
             for start in range(0, count, max(n, 1)):
-                x = checkpoint(self._run, x, rotary, attention_mask, start, min(start + n, count), rng_tracker=tracker)
+                x = checkpoint(self._run, start, min(start + n, count), x, *args, rng_tracker=tracker)
             return x
         for index in range(count):
             if index < n:
-                x = checkpoint(self._run, x, rotary, attention_mask, index, index + 1, rng_tracker=tracker)
+                x = checkpoint(self._run, index, index + 1, x, *args, rng_tracker=tracker)
             else:
-                x = self._run(x, rotary, attention_mask, index, index + 1)
+                x = self._run(index, index + 1, x, *args)
         return x
 
-    def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self._layers(x, rotary, attention_mask)
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        """`layer(x, *args)` for each layer (GPT, BERT: rotary and attention_mask; T5's layers take
+        their own), then the final norm if this block has it."""
+        x = self._layers(x, *args)
         return x if self.final_layernorm is None else self.final_layernorm(x)

@@ -362,7 +362,8 @@ class PretrainConfig:
 
     def _resolve_sections(self, notices: list[str]) -> None:
         """Megatron's silent adjustments, made here with a notice each."""
-        dist, precision, model = self.distributed, self.precision, self.model
+        dist, precision = self.distributed, self.precision
+        model = get_model_spec(self.training.model).resolved(self.model)
         if dist.sequence_parallel and dist.tensor_model_parallel_size == 1:
             dist = replace(dist, sequence_parallel=False)
             notices.append("--sequence-parallel does nothing with --tensor-model-parallel-size 1; turned off")

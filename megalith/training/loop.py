@@ -81,7 +81,8 @@ class Trainer:
         torch.manual_seed(training.seed)
         ctx = ParallelContext(state.tp_group, dist.sequence_parallel,
                               model_parallel_rng_tracker(training.seed, state.tp_rank, state.device, state.pp_rank),
-                              device=state.device, embedding_group=state.embedding_group)
+                              device=state.device, embedding_group=state.embedding_group,
+                              pipeline_group=state.pp_group)
         vpp = config.virtual_pipeline_size
         stage_layers = split_layers(config.model.num_layers, state.pp_size, vpp, dist.decoder_first_pipeline_num_layers,
                                     dist.decoder_last_pipeline_num_layers)

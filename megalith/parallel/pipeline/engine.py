@@ -10,7 +10,9 @@ the chunk says its outputs are not saved by autograd (`outputs_freeable`).
 
 A chunk is a module with `pipeline_forward(inputs, batch)` (inputs: the received tensors, None
 on the first stage; returns the tensors to send, or the per-token loss on the last stage) and
-`pipeline_shapes(micro_batch_size)`.
+`pipeline_shapes(micro_batch_size)` (the shapes of the tensors it receives); a chunk whose outputs
+differ from its inputs (T5's stages around the end of the encoder) also has
+`pipeline_output_shapes(micro_batch_size)`.
 """
 
 from __future__ import annotations
@@ -74,8 +76,11 @@ class PipelineEngine:
     def _global_rank(self, pipeline_rank: int) -> int:
         return dist.get_global_rank(self.pp_group, pipeline_rank)
 
-    def _buffers(self, chunk: int) -> list[torch.Tensor]:
-        shapes = self.chunks[chunk].pipeline_shapes(self.micro_batch_size)
+    def _buffers(self, chunk: int, outputs: bool = False) -> list[torch.Tensor]:
+        """Receive buffers for a chunk's inputs, or (`outputs`) for its outputs' gradients."""
+        module = self.chunks[chunk]
+        shapes = (getattr(module, "pipeline_output_shapes", module.pipeline_shapes) if outputs
+                  else module.pipeline_shapes)(self.micro_batch_size)
         return [torch.empty(shape, dtype=self.dtype, device=self.device) for shape in shapes]
 
     def step(
@@ -159,7 +164,7 @@ class _StepRun:
             if action.kind is Kind.RECV_FORWARD:
                 tensors = self.inputs[key] = engine._buffers(action.chunk)
             elif action.kind is Kind.RECV_BACKWARD:
-                tensors = self.output_grads[key] = engine._buffers(action.chunk)
+                tensors = self.output_grads[key] = engine._buffers(action.chunk, outputs=True)
             elif action.kind is Kind.SEND_FORWARD:
                 tensors = [t.detach() for t in self.outputs[key]]
                 freeable = getattr(engine.chunks[action.chunk], "outputs_freeable", False)
