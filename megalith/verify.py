@@ -144,6 +144,7 @@ def plan(settings: VerifySettings, layout: Layout) -> RunPlan:
             )
         micro_batch_size = size // (layout.dp * layout.microbatches)
     batch = BatchPlan(size, micro_batch_size, layout.dp)
+    get_model_spec(settings.model).check_virtual_pipeline(layout.vpp)
     uneven = layout.pp > 1
     stage_layers = split_layers(
         config.num_layers, layout.pp, layout.vpp,

@@ -6,7 +6,7 @@ a module with the pipeline engine's interface (`pipeline_forward`, `pipeline_sha
 `outputs_freeable`) whose last stage returns the per-token loss `[b, s]`, and
 `finish_grad_sync()` for what sequence parallelism and tied embeddings leave to be summed.
 
-A NAME is a built-in model (`gpt`, `bert`), a `module.path:ATTRIBUTE` naming a ModelSpec that Python
+A NAME is a built-in model (`gpt`, `bert`, `t5`), a `module.path:ATTRIBUTE` naming a ModelSpec that Python
 can import, or the name of an entry point in the group `megalith.models` that an installed
 package declares. Nothing is registered at run time, so there is no table to mutate: every
 process (a forked rank, a torchrun rank) resolves the same name to the same spec on its own,
@@ -28,6 +28,7 @@ from megalith.config import ModelConfig
 from megalith.errors import ConfigError
 from megalith.models.bert import BertModel
 from megalith.models.gpt import GPTModel
+from megalith.models.t5 import T5Model, resolve_t5_config
 from megalith.models.parallel_context import ParallelContext, StageSpec
 
 BuildModel = Callable[[ModelConfig, ParallelContext, int, StageSpec], nn.Module]
@@ -49,10 +50,16 @@ class ModelSpec:
     defaults: dict = field(default_factory=dict)  # ModelConfig fields for small CPU runs
     resolve: Callable[[ModelConfig], ModelConfig] | None = None  # fills what only this model derives (T5)
     dataset: str = "gpt"  # the --data-path samples it trains on: "gpt", "bert" or "t5"
+    interleaved_pipeline: bool = True  # whether its stages may be interleaved (vpp > 1)
 
     def resolved(self, config: ModelConfig) -> ModelConfig:
         """`config` with what this model derives filled in (idempotent; most models change nothing)."""
         return self.resolve(config) if self.resolve is not None else config
+
+    def check_virtual_pipeline(self, vpp: int) -> None:
+        if vpp > 1 and not self.interleaved_pipeline:
+            raise ConfigError(f"model {self.name!r} does not support interleaved pipelines (vpp {vpp}); "
+                              "drop --num-layers-per-virtual-pipeline-stage (or the vpp token)")
 
 
 def gpt_batch(config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict:
@@ -117,6 +124,47 @@ def bert_batch(config: ModelConfig, batch_size: int, generator: torch.Generator)
     return {key: torch.stack(values) for key, values in items.items()}
 
 
+T5_PAD, T5_BOS, T5_EOS, T5_SENTINELS = 0, 1, 2, 8  # mock T5's special ids: sentinels 3..10, words 11 .. V-1
+
+
+def t5_batch(config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict:
+    """T5Dataset items, batched: a learnable stream (next = 3 * word + 1 over the words) of random
+    length in which one to three spans become sentinels; the decoder reads [bos] + target and
+    predicts target + [eos], where the target is each sentinel followed by its span."""
+    first_word, se, sd = 3 + T5_SENTINELS, config.seq_length, config.decoder_seq_length or config.seq_length
+    words = config.vocab_size - first_word
+    if words < 4 or se < 8 or sd < 6:
+        raise ConfigError(f"mock T5 batches need --vocab-size >= {first_word + 4}, --seq-length >= 8 and "
+                          f"--decoder-seq-length >= 6, got {config.vocab_size}, {se} and {sd}")
+    keys = ("encoder_input_ids", "decoder_input_ids", "labels", "loss_mask", "encoder_padding_mask",
+            "decoder_padding_mask")
+    items = {key: [] for key in keys}
+    for _ in range(batch_size):
+        n = int(torch.randint(se // 2, se + 1, (), generator=generator))
+        stream = [int(torch.randint(0, words, (), generator=generator))]
+        while len(stream) < n:
+            stream.append((3 * stream[-1] + 1) % words)
+        stream = torch.tensor(stream) + first_word
+        spans = int(torch.randint(1, min(3, (sd - 1) // 3) + 1, (), generator=generator))
+        starts = sorted(torch.randperm(n // 2, generator=generator)[:spans].mul(2).tolist())
+        encoder, target, previous = [], [], 0
+        for k, start in enumerate(starts):
+            length = min(2, n - start) if k + 1 == len(starts) else min(2, starts[k + 1] - start)
+            encoder += stream[previous:start].tolist() + [3 + k]
+            target += [3 + k] + stream[start:start + length].tolist()
+            previous = start + length
+        encoder += stream[previous:].tolist()
+        target = target[:sd - 1]
+        pad = lambda values, fill, size: torch.tensor(values + [fill] * (size - len(values)))
+        items["encoder_input_ids"].append(pad(encoder, T5_PAD, se))
+        items["decoder_input_ids"].append(pad([T5_BOS] + target, T5_PAD, sd))
+        items["labels"].append(pad(target + [T5_EOS], -1, sd))
+        items["loss_mask"].append(pad([1.0] * (len(target) + 1), 0.0, sd))
+        items["encoder_padding_mask"].append(pad([True] * len(encoder), False, se))
+        items["decoder_padding_mask"].append(pad([True] * (len(target) + 1), False, sd))
+    return {key: torch.stack(values) for key, values in items.items()}
+
+
 def _build_gpt(config: ModelConfig, ctx: ParallelContext, init_seed: int, stage: StageSpec) -> nn.Module:
     return GPTModel(config, ctx, init_seed, stage)
 
@@ -137,6 +185,20 @@ BUILTIN_MODELS = MappingProxyType({
         make_batch=bert_batch,
         defaults=dict(num_layers=4, hidden_size=64, num_attention_heads=8, seq_length=32, vocab_size=300,
                       num_tokentypes=2, hidden_dropout=0.0, attention_dropout=0.0),
+        dataset="bert",
+    ),
+    "t5": ModelSpec(
+        name="t5",
+        description="T5 (encoder-decoder): relative position buckets, cross-attention, span-corruption targets",
+        build=T5Model,
+        make_batch=t5_batch,
+        defaults=dict(num_layers=2, hidden_size=64, num_attention_heads=8, seq_length=32, decoder_seq_length=16,
+                      vocab_size=300, normalization="RMSNorm", norm_epsilon=1e-6, disable_bias_linear=True,
+                      activation="relu", position_embedding_type="relative", hidden_dropout=0.0,
+                      attention_dropout=0.0),
+        resolve=resolve_t5_config,
+        dataset="t5",
+        interleaved_pipeline=False,
     ),
 })
 

@@ -220,27 +220,29 @@ class TransformerLayer(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod,
-                 causal: bool = True) -> None:
+                 causal: bool = True, softmax_scale: float | None = None) -> None:
         super().__init__()
         self.config, self.ctx = config, ctx
         if config.post_layer_norm:
-            self.self_attention = SelfAttention(config, ctx, init, output_init, causal)
+            self.self_attention = SelfAttention(config, ctx, init, output_init, causal, softmax_scale)
             self.post_self_attn_layernorm = build_norm(config, ctx)
             self.mlp = MLP(config, ctx, init, output_init)
             self.post_mlp_layernorm = build_norm(config, ctx)
             return
         self.input_layernorm = build_norm(config, ctx)
-        self.self_attention = SelfAttention(config, ctx, init, output_init, causal)
+        self.self_attention = SelfAttention(config, ctx, init, output_init, causal, softmax_scale)
         self.pre_mlp_layernorm = build_norm(config, ctx)
         self.mlp = MLP(config, ctx, init, output_init)
 
-    def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None,
+                attention_bias: torch.Tensor | None = None) -> torch.Tensor:
         p, stream = self.config.hidden_dropout, self.ctx.hidden_stream
         if self.config.post_layer_norm:
-            x = self.post_self_attn_layernorm(
-                x + dropout(self.self_attention(x, rotary, attention_mask), p, self.training, self.ctx, stream))
+            attention = self.self_attention(x, rotary, attention_mask, attention_bias)
+            x = self.post_self_attn_layernorm(x + dropout(attention, p, self.training, self.ctx, stream))
             return self.post_mlp_layernorm(x + dropout(self.mlp(x), p, self.training, self.ctx, stream))
-        x = x + dropout(self.self_attention(self.input_layernorm(x), rotary, attention_mask), p, self.training, self.ctx, stream)
+        attention = self.self_attention(self.input_layernorm(x), rotary, attention_mask, attention_bias)
+        x = x + dropout(attention, p, self.training, self.ctx, stream)
         return x + dropout(self.mlp(self.pre_mlp_layernorm(x)), p, self.training, self.ctx, stream)
 
 

@@ -52,7 +52,7 @@ def _check_split(size: int, tp_size: int, what: str) -> int:
     return size // tp_size
 
 
-def _sharded_parameter(
+def sharded_parameter(
     full_shape: tuple[int, ...],
     dim: int,
     group,
@@ -144,7 +144,7 @@ class ColumnParallelLinear(nn.Module):
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
         self.skip_bias_add = skip_bias_add
-        self.weight = _sharded_parameter(
+        self.weight = sharded_parameter(
             (output_size, input_size), 0, tp_group, init_method or normal_init(), params_dtype, device, stride=stride
         )
         self.bias = _bias(self.output_size_per_partition, params_dtype, device, 0, stride) if bias else None
@@ -202,7 +202,7 @@ class RowParallelLinear(nn.Module):
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel
         self.skip_bias_add = skip_bias_add
-        self.weight = _sharded_parameter(
+        self.weight = sharded_parameter(
             (output_size, input_size), 1, tp_group, init_method or normal_init(), params_dtype, device
         )
         self.bias = _bias(output_size, params_dtype, device, None) if bias else None
@@ -264,7 +264,7 @@ class VocabParallelEmbedding(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.num_embeddings_per_partition = self.padded_num_embeddings // tp_size
         self.vocab_start_index = comm.group_rank(tp_group) * self.num_embeddings_per_partition
-        self.weight = _sharded_parameter(
+        self.weight = sharded_parameter(
             (self.padded_num_embeddings, embedding_dim),
             0,
             tp_group,

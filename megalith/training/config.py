@@ -335,6 +335,7 @@ class PretrainConfig:
                                             context_parallel_size=dist.context_parallel_size,
                                             sequence_parallel=dist.sequence_parallel))
         vpp = self._virtual_pipeline_size()
+        get_model_spec(training.model).check_virtual_pipeline(vpp)
         split_layers(model.num_layers, pp, vpp, dist.decoder_first_pipeline_num_layers,
                      dist.decoder_last_pipeline_num_layers)
         batch = BatchPlan(training.global_batch_size or training.micro_batch_size * dp, training.micro_batch_size, dp)
