@@ -125,3 +125,30 @@ def test_tflops_per_device():
         tflops_per_device(1e12, 0.0, 1)
     with pytest.raises(ValueError, match="world size must be positive"):
         tflops_per_device(1e12, 1.0, 0)
+
+
+@pytest.mark.parametrize("encoders, decoders, swiglu", [(2, 1, False), (1, 2, True)])
+def test_t5_model_equals_what_torch_counts_for_megaliths_t5(encoders, decoders, swiglu):
+    """The T5 FLOP model against a count of the GEMMs megalith's own T5Model runs (explicit
+    attention matmuls) in a forward and backward."""
+    from megalith.config import ModelConfig
+    from megalith.models.registry import BUILTIN_MODELS, t5_batch
+    from megalith.models.t5 import T5Model
+    from megalith.parallel.layers import padded_vocab_size
+    from megalith.training.flops import model_flops_per_iteration
+
+    spec = BUILTIN_MODELS["t5"]
+    changes = dict(encoder_num_layers=encoders, decoder_num_layers=decoders, hidden_size=32, ffn_hidden_size=48,
+                   num_attention_heads=4, kv_channels=6, seq_length=16, decoder_seq_length=8,
+                   attention_backend="unfused", swiglu=swiglu)
+    if swiglu:
+        changes["activation"] = "gelu"
+    config = spec.resolved(ModelConfig(**{**spec.defaults, **changes}))
+    model = T5Model(config)
+    batch = t5_batch(config, 3, torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        loss = model(batch["encoder_input_ids"], batch["decoder_input_ids"], batch["labels"],
+                     batch["encoder_padding_mask"], batch["decoder_padding_mask"])
+        loss.sum().backward()
+    expected = model_flops_per_iteration(config, 3, padded_vocab_size(config.vocab_size, 1))
+    assert expected == pytest.approx(counter.get_total_flops(), rel=1e-12)

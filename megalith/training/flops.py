@@ -21,6 +21,11 @@ GEMM), so each term is multiplied by 3. Collected, this is Megatron's expression
 Activation recompute re-runs the forward but is not counted (as in Megatron), so the figure
 measures useful model FLOPs, comparable across recompute settings. Newer Megatron releases
 halve the s/h term for causal attention; this model keeps the classic full-matrix count.
+
+T5 (`t5_flops_per_iteration`) counts the same GEMMs per stack: encoder layers over the encoder's
+tokens, decoder layers over the decoder's, plus each decoder layer's cross-attention (queries
+from the decoder, keys and values projected from the encoder's tokens, scores decoder x encoder
+long) and the logits over the decoder's tokens.
 """
 
 from __future__ import annotations
@@ -54,6 +59,45 @@ def gpt_flops_per_iteration(
     mlp = (f / h) * (1.5 if swiglu else 1.0)
     logits = V / (2 * L * h)
     return 12.0 * b * s * L * h * h * (attention + mlp + logits)
+
+
+def _layer_forward_flops(tokens: int, keys: int, h: int, f: int, n: int, g: int, d: int, swiglu: bool) -> float:
+    """One self-attention layer's forward GEMMs over `tokens` tokens attending to `keys` each."""
+    return 2.0 * tokens * (h * d * (n + 2 * g) + 2 * keys * n * d + n * d * h + h * f * (3 if swiglu else 2))
+
+
+def t5_flops_per_iteration(*, batch_size: int, encoder_seq_length: int, decoder_seq_length: int,
+                           encoder_num_layers: int, decoder_num_layers: int, hidden_size: int, ffn_hidden_size: int,
+                           num_attention_heads: int, num_query_groups: int, kv_channels: int, padded_vocab_size: int,
+                           swiglu: bool) -> float:
+    """FLOPs of one T5 training iteration (forward + backward) over `batch_size` samples."""
+    sizes = dict(batch_size=batch_size, encoder_seq_length=encoder_seq_length, decoder_seq_length=decoder_seq_length,
+                 hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size, num_attention_heads=num_attention_heads,
+                 num_query_groups=num_query_groups, kv_channels=kv_channels, padded_vocab_size=padded_vocab_size)
+    bad = [f"{name}={value}" for name, value in sizes.items() if value < 1]
+    if bad:
+        raise ValueError(f"FLOP model needs positive sizes, got {', '.join(bad)}")
+    h, f, n, g, d = hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups, kv_channels
+    se, sd = encoder_seq_length, decoder_seq_length
+    encoder_tokens, decoder_tokens = batch_size * se, batch_size * sd
+    cross = 2.0 * (decoder_tokens * (h * n * d + 2 * se * n * d + n * d * h) + encoder_tokens * h * 2 * n * d)
+    forward = (encoder_num_layers * _layer_forward_flops(encoder_tokens, se, h, f, n, g, d, swiglu)
+               + decoder_num_layers * (_layer_forward_flops(decoder_tokens, sd, h, f, n, g, d, swiglu) + cross)
+               + 2.0 * decoder_tokens * h * padded_vocab_size)
+    return 3.0 * forward
+
+
+def model_flops_per_iteration(config, batch_size: int, padded_vocab_size: int) -> float:
+    """The FLOP model that fits `config` (a ModelConfig): T5's when it has an encoder and a decoder."""
+    common = dict(batch_size=batch_size, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
+                  num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
+                  kv_channels=config.kv_channels, padded_vocab_size=padded_vocab_size, swiglu=config.swiglu)
+    if config.encoder_num_layers is not None and config.decoder_num_layers is not None:
+        return t5_flops_per_iteration(encoder_seq_length=config.seq_length,
+                                      decoder_seq_length=config.decoder_seq_length or config.seq_length,
+                                      encoder_num_layers=config.encoder_num_layers,
+                                      decoder_num_layers=config.decoder_num_layers, **common)
+    return gpt_flops_per_iteration(seq_length=config.seq_length, num_layers=config.num_layers, **common)
 
 
 def tflops_per_device(flops: float, seconds: float, world_size: int) -> float:

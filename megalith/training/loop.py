@@ -33,7 +33,7 @@ from megalith.training.checkpoint import Checkpointer
 from megalith.training.config import PretrainConfig
 from megalith.training.data import TRAIN_SPLIT, VALID_SPLIT, DatasetBatches, MockBatches, run_tokenizer
 from megalith.training.exit_policy import ExitPolicy, block_sigterm_in_new_threads
-from megalith.training.flops import gpt_flops_per_iteration, tflops_per_device
+from megalith.training.flops import model_flops_per_iteration, tflops_per_device
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line
 from megalith.training.lr_schedule import LRScheduler
 from megalith.training.progress import NullProgressBar, progress_bar
@@ -102,14 +102,9 @@ class Trainer:
         self.data = (MockBatches(config, state.device) if config.data.mock_data else
                      DatasetBatches(config, run_tokenizer(config), state.device, state))
         self.timers = Timers(config.logging.timing_log_level, state.device)
-        self.flops = gpt_flops_per_iteration(
-            batch_size=config.global_batch_size, seq_length=config.model.seq_length,
-            num_layers=config.model.num_layers, hidden_size=config.model.hidden_size,
-            ffn_hidden_size=config.model.ffn_hidden_size, num_attention_heads=config.model.num_attention_heads,
-            num_query_groups=config.model.num_query_groups, kv_channels=config.model.kv_channels,
-            padded_vocab_size=padded_vocab_size(config.model.vocab_size, state.tp_size,
-                                                config.model.make_vocab_size_divisible_by),
-            swiglu=config.model.swiglu)
+        self.flops = model_flops_per_iteration(
+            config.model, config.global_batch_size,
+            padded_vocab_size(config.model.vocab_size, state.tp_size, config.model.make_vocab_size_divisible_by))
         self.iteration = 0
         self.consumed_samples = 0
         self.valid_batches = 0  # validation walks on through its stream, as Megatron's does
