@@ -99,7 +99,7 @@ def test_names_resolve_to_built_ins_paths_and_entry_points(monkeypatch):
 @pytest.mark.parametrize(
     "name,fragment",
     [
-        ("llama", "unknown model 'llama'; known models: gpt, bert; for your own model give 'module.path:ATTRIBUTE'"),
+        ("llama", "unknown model 'llama'; known models: gpt, bert, t5; for your own model give 'module.path:ATTRIBUTE'"),
         ("no_such_package.models:SPEC", "no module named 'no_such_package' on the Python path; install its package"),
         ("examples.custom_model.tiny_lm:NOPE", "has no attribute 'NOPE' (it defines the ModelSpecs SPEC)"),
         ("examples.custom_model.tiny_lm:TinyLM", "is a type, not a megalith.models.registry.ModelSpec"),

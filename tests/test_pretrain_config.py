@@ -173,7 +173,7 @@ def test_overlap_and_distributed_optimizer_work_at_any_dp(cpu_only):
     (["--log-interval", "0"], 1, "--log-interval must be an integer >= 1, got 0"),
     (["--eval-interval", "0"], 1, "--eval-interval must be an integer >= 1, got 0"),
     (["--eval-iters", "-1"], 1, "--eval-iters must be an integer >= 0, got -1"),
-    (["--model", "t5"], 1, "unknown model 't5'; known models: gpt, bert;"),
+    (["--model", "gpt2"], 1, "unknown model 'gpt2'; known models: gpt, bert, t5;"),
     (["--distributed-backend", "nccl"], 1, "backend 'nccl' needs CUDA, which is not available; use --distributed-backend gloo"),
     (["--context-parallel-size", "2"], 2, "--context-parallel-size 2 is not supported yet"),
     (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--num-layers", "8",
