@@ -240,9 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     from megalith.training.hf_convert import add_convert_arguments, run_convert
 
     convert = commands.add_parser(
-        "convert", help="convert Hugging Face GPT-2 / Llama checkpoints to megalith checkpoints and back",
-        description="--from hf: a Hugging Face directory (config.json + safetensors or weights-only .bin) to a "
-        "megalith checkpoint for a layout; --to hf: a megalith checkpoint of any layout to a directory that "
+        "convert", help="convert Hugging Face GPT-2 / Llama / BERT checkpoints to megalith checkpoints and back",
+        description="--from hf: a Hugging Face directory (config.json + safetensors or weights-only .bin) of "
+        "GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM or BertForPreTraining to a megalith checkpoint "
+        "(--model gpt or bert) for a layout; --to hf: a megalith checkpoint of any layout to a directory that "
         "transformers' from_pretrained loads. --check compares both models' logits on a random batch.",
     )
     add_convert_arguments(convert)

@@ -1,6 +1,9 @@
-"""megalith convert: tiny random HF GPT-2 and Llama models to megalith checkpoints and back.
+"""megalith convert: tiny random HF GPT-2 and Llama models to megalith checkpoints and back, and
+the family-independent parts (files, layouts, errors, the command line).
 
-No downloads: every HF model is built from a config here and saved with save_pretrained.
+No downloads: every HF model is built from a config here and saved with save_pretrained. The
+helpers here (`_perturb`, `_assert_files_hold_each_ranks_shards`, `_model_flags`, ...) serve the
+other families' tests too (test_hf_bert.py).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from megalith.training.hf_convert import (  # noqa: E402
     CHECK_TOLERANCE, add_convert_arguments, check_logits, hf_to_megalith, megalith_to_hf, open_checkpoint,
     read_global_tensors, run_convert, write_checkpoint,
 )
-from megalith.training.hf_mapping import megalith_parameter_names, model_config_from_hf, placement  # noqa: E402
+from megalith.training.hf_families import FAMILIES, family_for_hf  # noqa: E402
+from megalith.training.hf_gpt import GPT2, gpt_parameter_names  # noqa: E402
+from megalith.training.hf_mapping import placement  # noqa: E402
 
 VOCAB, LAYERS = 100, 4
 
@@ -71,6 +76,11 @@ def models(tmp_path_factory):
                                                                             tie_word_embeddings=True)}
 
 
+def model_config_from_hf(hf: dict, names=()) -> ModelConfig:
+    """The config `megalith convert` derives from a config.json dict (and the weights' names)."""
+    return family_for_hf(hf).config_from_hf(hf, names)
+
+
 def _hf_tensors(path: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(path, "model.safetensors"))
 
@@ -107,7 +117,7 @@ def test_placement_table_matches_megalith_layers(models, kind):
     """The pure names and splits used to write shards are GPTModel's own parameters and attributes."""
     config = model_config_from_hf(json.load(open(os.path.join(models[kind], "config.json"))))
     params = dict(GPTModel(config).named_parameters())
-    assert list(params) == megalith_parameter_names(config)
+    assert list(params) == gpt_parameter_names(config)
     for name, param in params.items():
         where = placement(name, config)
         assert where.dim == getattr(param, "tensor_parallel_dim", None), name
@@ -153,15 +163,17 @@ def test_checkpoint_files_and_metadata(models, tmp_path):
     _assert_files_hold_each_ranks_shards(directory, config, tp=2, pp=2, vpp=2)
 
 
-def _assert_files_hold_each_ranks_shards(directory: str, config: ModelConfig, tp: int, pp: int, vpp: int) -> None:
-    """File (t, p) holds exactly the parameters of rank p's stages, as tp rank t's slices."""
+def _assert_files_hold_each_ranks_shards(directory: str, config: ModelConfig, tp: int, pp: int, vpp: int,
+                                         build=GPTModel) -> None:
+    """File (t, p) holds exactly the parameters of rank p's stages (`build(config, stage=...)`
+    builds one), as tp rank t's slices."""
     reader = CheckpointReader(directory)
     stages = split_layers(config.num_layers, pp, vpp)
     for p in range(pp):
         names = set()
         for chunk in range(vpp):
             index = chunk * pp + p
-            stage = GPTModel(config, stage=StageSpec(index, pp * vpp, tuple(stages[index])))
+            stage = build(config, stage=StageSpec(index, pp * vpp, tuple(stages[index])))
             names |= {n for n, _ in stage.named_parameters() if not n.endswith("word_embeddings_for_head.weight")}
         for t in range(tp):
             path = os.path.join(directory, shard_file_name(t, p))
@@ -187,8 +199,8 @@ def test_global_tensors_do_not_depend_on_the_layout(models, tmp_path):
     hf_to_megalith(models["gpt2"], str(tmp_path / "a"), 2, 2)
     hf_to_megalith(models["gpt2"], str(tmp_path / "b"), 1, 1)
     (reader_a, config), (reader_b, _) = open_checkpoint(str(tmp_path / "a")), open_checkpoint(str(tmp_path / "b"))
-    a, b = read_global_tensors(reader_a, config), read_global_tensors(reader_b, config)
-    assert sorted(a) == sorted(b) == sorted(megalith_parameter_names(config))
+    a, b = read_global_tensors(reader_a), read_global_tensors(reader_b)
+    assert sorted(a) == sorted(b) == sorted(gpt_parameter_names(config))
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert reader_a.names() == reader_b.names()
@@ -209,11 +221,11 @@ def test_sharded_and_pickled_hf_inputs(models, tmp_path):
     reference = str(tmp_path / "reference")
     hf_to_megalith(models["gpt2"], reference, 1, 1)
     (reader, config) = open_checkpoint(reference)
-    expected = read_global_tensors(reader, config)
+    expected = read_global_tensors(reader)
     for source in (sharded, str(pickled)):
         out = str(tmp_path / f"from-{os.path.basename(source)}")
         hf_to_megalith(source, out, 2, 1)
-        got = read_global_tensors(open_checkpoint(out)[0], config)
+        got = read_global_tensors(open_checkpoint(out)[0])
         assert all(torch.equal(got[name], expected[name]) for name in expected)
 
 
@@ -278,7 +290,7 @@ def _edit_config(source: str, target, **changes) -> str:
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}), "rope_type 'yarn'"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
-    (dict(model_type="bert"), "model_type 'bert' is not supported"),
+    (dict(model_type="roberta"), "model_type 'roberta' is not supported; megalith converts GPT-2 (gpt2)"),
     (dict(num_hidden_layers=5), "no tensor 'model.layers.4"),
     (dict(num_hidden_layers=3), "has tensors megalith's GPT has no place for (model.layers.3."),
 ])
@@ -331,7 +343,7 @@ def test_export_refuses_a_model_no_hf_architecture_fits(tmp_path):
     model = GPTModel(config)
     ckpt = str(tmp_path / "ckpt")
     write_checkpoint({n: p.detach()[: config.vocab_size] if "word_embeddings" in n else p.detach()
-                      for n, p in model.named_parameters()}, config, ckpt, 1, 1)
+                      for n, p in model.named_parameters()}, config, ckpt, 1, 1, 1, GPT2)
     with pytest.raises(ConfigError) as error:
         megalith_to_hf(ckpt, str(tmp_path / "hf"))
     assert "GPT-2 needs learned positions" in _one_line(error) and "rotary positions" in str(error.value)
@@ -370,12 +382,19 @@ def _model_flags(config: ModelConfig) -> list[str]:
 def test_a_converted_checkpoint_trains_under_any_layout(models, tmp_path, rank_pools, kind):
     """Converted at tp2.pp2, loaded by `megalith pretrain --finetune` under tp2.pp2.dp2 and in one
     process: the same first losses (the checkpoint reshards like any other)."""
-    from megalith.testing import pretrain_on_rank
-
     ckpt = str(tmp_path / "ckpt")
     config = hf_to_megalith(models[kind], ckpt, tp=2, pp=2)
-    common = ["--mock-data", "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "2", "--lr",
-              "1e-3", "--eval-iters", "0", "--log-interval", "1", "--no-log-progress-bar", "--load", ckpt, "--finetune"]
+    _assert_trains_under_any_layout(ckpt, config, "gpt", tmp_path, rank_pools)
+
+
+def _assert_trains_under_any_layout(ckpt: str, config: ModelConfig, model: str, tmp_path, rank_pools) -> None:
+    """`megalith pretrain --model MODEL --load ckpt --finetune` accepts the checkpoint; one process and
+    tp2.pp2.dp2 give the same first losses, and both differ from a run that does not load it."""
+    from megalith.testing import pretrain_on_rank
+
+    common = ["--model", model, "--mock-data", "--micro-batch-size", "1", "--global-batch-size", "4",
+              "--train-iters", "2", "--lr", "1e-3", "--eval-iters", "0", "--log-interval", "1",
+              "--no-log-progress-bar", "--load", ckpt, "--finetune"]
     losses = {}
     tp2pp2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
     for name, layout, world in (("one", [], 1), ("tp2.pp2.dp2", tp2pp2, 8), ("not loaded", [], 1)):
@@ -386,3 +405,12 @@ def test_a_converted_checkpoint_trains_under_any_layout(models, tmp_path, rank_p
     assert len(losses["one"]) == 2
     assert (losses["one"] - losses["not loaded"]).abs().max() > 1e-2  # the HF weights were loaded
     assert (losses["one"] - losses["tp2.pp2.dp2"]).abs().max() / losses["one"].abs().max() < 1e-5
+
+
+def test_every_family_converts_a_registered_model():
+    """The family table: distinct model_types, each family's megalith model built in."""
+    from megalith.models.registry import BUILTIN_MODELS
+
+    types = [t for family in FAMILIES for t in family.model_types]
+    assert len(types) == len(set(types))
+    assert all(family.model in BUILTIN_MODELS for family in FAMILIES)
