@@ -45,6 +45,12 @@ def truncate_pair(a: np.ndarray, b: np.ndarray, target: int, rng: np.random.Gene
     return a[bounds[0][0]:bounds[0][1]], b[bounds[1][0]:bounds[1][1]], True
 
 
+def check_tokenizer(tokenizer) -> tuple[int, int, int, int]:
+    """(cls, sep, mask, pad) of `tokenizer`, or a DataError naming the one BERT samples need and it lacks."""
+    cls, sep, mask, pad = (masking.require_token(tokenizer, name, "BERT") for name in ("cls", "sep", "mask", "pad"))
+    return cls, sep, mask, pad
+
+
 class BertDataset:
     """`num_samples` (or more: whole epochs) BERT samples from documents [start, end) of `indexed`.
 
@@ -72,10 +78,7 @@ class BertDataset:
                             "raise --seq-length")
         self.indexed, self.seq_length, self.seed = indexed, int(seq_length), int(seed)
         self.masked_lm_prob, self.binary_head = float(masked_lm_prob), bool(binary_head)
-        self.cls = masking.require_token(tokenizer, "cls", "BERT")
-        self.sep = masking.require_token(tokenizer, "sep", "BERT")
-        self.mask = masking.require_token(tokenizer, "mask", "BERT")
-        self.pad = masking.require_token(tokenizer, "pad", "BERT")
+        self.cls, self.sep, self.mask, self.pad = check_tokenizer(tokenizer)
         self.special_ids = masking.special_token_ids(tokenizer)
         self.random_ids = masking.replacement_ids(int(tokenizer.vocab_size), self.special_ids)
         self.word_starts = None
@@ -89,6 +92,9 @@ class BertDataset:
         self.sample_mapping = masking.load_sample_mapping(
             indexed, document_range, num_samples, self.seq_length - 3, short_seq_prob, self.seed,
             2 if self.binary_head else 1, class_name=type(self).__name__, cache_dir=cache_dir, split=split)
+        self.description_fields = masking.description_fields(
+            self, indexed, document_range, num_samples, split, sequence_length=self.seq_length,
+            short_sequence_probability=float(short_seq_prob), binary_head=self.binary_head)
 
     def __len__(self) -> int:
         return len(self.sample_mapping)

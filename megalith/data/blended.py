@@ -1,4 +1,4 @@
-"""Blending datasets by weight, and building the train/valid/test GPT datasets from --data-path.
+"""Blending datasets by weight, and building the train/valid/test datasets (GPT, BERT, T5) from --data-path.
 
 Megatron's BlendedDataset and BlendedMegatronDatasetBuilder (megatron/core/datasets): each
 prefix is split with --split on its own documents; with several prefixes every split is a
@@ -10,6 +10,7 @@ one sample per dataset.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ def parse_data_path(data_path: list[str] | str) -> list[tuple[float | None, str]
     """--data-path -> [(weight, prefix)], weights normalised to sum 1, or all None when not given.
 
     `["0.3", "A", "0.7", "B"]` is a weighted blend; `["A", "B"]` is unweighted (Megatron then
-    weighs each prefix by its number of samples, one epoch each: see build_gpt_datasets).
+    weighs each prefix by its number of samples, one epoch each: see build_blended_datasets).
     """
     items = [data_path] if isinstance(data_path, str) else [str(item).strip() for item in data_path]
     usage = "give prefixes (A B) or weight-prefix pairs (0.3 A 0.7 B) to --data-path"
@@ -143,17 +144,24 @@ def samples_per_dataset(weights: list[float], size: int) -> list[int]:
     return [int(math.ceil(size * w * (1 + MID_LEVEL_SURPLUS))) for w in weights]
 
 
-def build_gpt_datasets(data_path: list[str] | str, split: str, seq_length: int, seed: int,
-                       train_valid_test_num_samples: tuple[int, int, int], *, cache_dir: str | None = None,
-                       eod_id: int, eod_mask_loss: bool = False, reset_position_ids: bool = False,
-                       reset_attention_mask: bool = False, add_extra_token: bool = True) -> tuple:
-    """(train, valid, test): a GPTDataset or BlendedDataset per split, None where a split has weight 0
-    in --split or 0 samples requested.
+PartFactory = Callable[[IndexedDataset, tuple[int, int], "int | None", str, str], object]
+"""(indexed, document range, samples or None for one epoch, split name, cache dir) -> a dataset
+of one prefix's split: what `build_blended_datasets` makes for each prefix (GPT, BERT, T5)."""
+
+
+def build_blended_datasets(data_path: list[str] | str, split: str, train_valid_test_num_samples: tuple[int, int, int],
+                           make_part: PartFactory, *, cache_dir: str | None = None, class_name: str = "GPTDataset",
+                           by_documents: bool = False) -> tuple:
+    """(train, valid, test): `make_part`'s dataset or a BlendedDataset of them per split, None where
+    a split has weight 0 in --split or 0 samples requested. Megatron's BlendedMegatronDatasetBuilder,
+    whatever the samples are.
 
     One prefix: its split of --split, `n` samples. Weighted prefixes: each prefix's split built
     with ceil(n * weight * 1.005) samples, blended to `n`. Unweighted prefixes (Megatron): each
     prefix's split is one epoch, blended by their sample counts to min(n, their total).
-    `cache_dir=None` caches beside each prefix (default_cache_dir), falling back to memory.
+    --split divides each prefix's sequences (GPT, Megatron's GPTDataset), or with `by_documents` its
+    documents (BERT, T5: their samples are runs of a document's sentences, as Megatron's masked
+    datasets). `cache_dir=None` caches beside each prefix (`default_cache_dir(prefix, class_name)`).
     """
     # a prefix of weight 0 is left out (Megatron's greedy blend could still pick it on a tie)
     blend = [(w, prefix) for w, prefix in parse_data_path(data_path) if w is None or w > 0]
@@ -163,16 +171,23 @@ def build_gpt_datasets(data_path: list[str] | str, split: str, seq_length: int, 
         raise DataError("train/valid/test sample counts must be three numbers >= 0, "
                         f"got {train_valid_test_num_samples}")
     indexed = {prefix: IndexedDataset(prefix) for _, prefix in blend}
-    options = dict(eod_id=eod_id, eod_mask_loss=eod_mask_loss, reset_position_ids=reset_position_ids,
-                   reset_attention_mask=reset_attention_mask, add_extra_token=add_extra_token)
 
     def cache_for(prefix: str) -> str:
-        return cache_dir if cache_dir is not None else default_cache_dir(prefix)
+        return cache_dir if cache_dir is not None else default_cache_dir(prefix, class_name)
 
-    def part(prefix: str, s: int, num_samples: int | None) -> GPTDataset:
-        ranges = split_document_ranges(len(indexed[prefix]), split_weights)
-        return GPTDataset(indexed[prefix], ranges[s], num_samples, seq_length, seed, split_name=SPLIT_NAMES[s],
-                          cache_dir=cache_for(prefix), **options)
+    def units(prefix: str) -> int:
+        return indexed[prefix].num_documents if by_documents else len(indexed[prefix])
+
+    def document_range(prefix: str, s: int) -> tuple[int, int]:
+        return split_document_ranges(units(prefix), split_weights)[s]
+
+    def part(prefix: str, s: int, num_samples: int | None):
+        start, end = document_range(prefix, s)
+        if start == end:
+            raise DataError(f"{prefix}: its {SPLIT_NAMES[s]} split has no documents (--split {split} of "
+                            f"{units(prefix)} documents) but {SPLIT_NAMES[s]} samples are needed; give it "
+                            "more weight in --split or add data")
+        return make_part(indexed[prefix], (start, end), num_samples, SPLIT_NAMES[s], cache_for(prefix))
 
     result = []
     for s, n in enumerate(sizes):
@@ -184,11 +199,28 @@ def build_gpt_datasets(data_path: list[str] | str, split: str, seq_length: int, 
             weights = [w for w, _ in blend]
             parts = [part(prefix, s, count) for (_, prefix), count in zip(blend, samples_per_dataset(weights, n))]
             result.append(BlendedDataset(parts, weights, n, cache_dir=cache_for(blend[0][1])))
-        else:
-            parts = [part(prefix, s, None) for _, prefix in blend]
+        else:  # prefixes whose split is empty hold no sample: left out, as a weight of 0
+            present = [prefix for _, prefix in blend if document_range(prefix, s)[0] < document_range(prefix, s)[1]]
+            parts = [part(prefix, s, None) for prefix in present]
             lengths = [len(p) for p in parts]
             if sum(lengths) == 0:
                 raise DataError(f"the {SPLIT_NAMES[s]} split of every --data-path prefix is too small for one "
-                                f"sample of {seq_length} tokens; give it more weight in --split or add data")
+                                "sample; give it more weight in --split or add data")
             result.append(BlendedDataset(parts, lengths, min(n, sum(lengths)), cache_dir=cache_for(blend[0][1])))
     return tuple(result)
+
+
+def build_gpt_datasets(data_path: list[str] | str, split: str, seq_length: int, seed: int,
+                       train_valid_test_num_samples: tuple[int, int, int], *, cache_dir: str | None = None,
+                       eod_id: int, eod_mask_loss: bool = False, reset_position_ids: bool = False,
+                       reset_attention_mask: bool = False, add_extra_token: bool = True) -> tuple:
+    """(train, valid, test) GPTDatasets (or blends of them): `build_blended_datasets` with GPT samples
+    of `seq_length` tokens."""
+    options = dict(eod_id=eod_id, eod_mask_loss=eod_mask_loss, reset_position_ids=reset_position_ids,
+                   reset_attention_mask=reset_attention_mask, add_extra_token=add_extra_token)
+
+    def make_part(indexed, document_range, num_samples, split_name, part_cache):
+        return GPTDataset(indexed, document_range, num_samples, seq_length, seed, split_name=split_name,
+                          cache_dir=part_cache, **options)
+
+    return build_blended_datasets(data_path, split, train_valid_test_num_samples, make_part, cache_dir=cache_dir)

@@ -84,10 +84,12 @@ class DefaultCorpus:
     def tokenizer(self, vocab_extra_ids: int = 0) -> SentencePieceTokenizer:
         return SentencePieceTokenizer(self.tokenizer_model, vocab_extra_ids=vocab_extra_ids)
 
-    def flags(self) -> list[str]:
-        """Megatron-style flags that train on this corpus."""
-        return ["--data-path", self.data_prefix, "--tokenizer-type", "SentencePieceTokenizer",
-                "--tokenizer-model", self.tokenizer_model]
+    def flags(self, sentences: bool = False) -> list[str]:
+        """Megatron-style flags that train on this corpus: its documents (GPT), or with `sentences`
+        its sentence-split documents (BERT, T5; the tokenizer has their special tokens, and T5's
+        sentinels come from --vocab-extra-ids)."""
+        return ["--data-path", self.sentence_prefix if sentences else self.data_prefix, "--tokenizer-type",
+                "SentencePieceTokenizer", "--tokenizer-model", self.tokenizer_model]
 
 
 def default_corpus_dir(vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
@@ -355,6 +357,8 @@ def add_build_corpus_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete corpus is there")
     parser.add_argument("--print-flags", action="store_true",
                         help="print only the pretrain flags that train on it, one word per line (for scripts)")
+    parser.add_argument("--sentences", action="store_true",
+                        help="with --print-flags: the sentence-split data, for BERT and T5 (default: documents, GPT)")
     return parser
 
 
@@ -362,7 +366,7 @@ def run_build_corpus(args: argparse.Namespace) -> int:
     """`megalith corpus`: build (or find) the default corpus and print its paths."""
     corpus = build_default_corpus(args.directory, vocab_size=args.vocab_size, force=args.force)
     if getattr(args, "print_flags", False):
-        print("\n".join(corpus.flags()))
+        print("\n".join(corpus.flags(sentences=getattr(args, "sentences", False))))
         return 0
     print(f"default corpus in {corpus.directory}: {corpus.documents} documents, {corpus.characters} characters, "
           f"{corpus.tokens} tokens, {corpus.sentences} sentences, vocab size {corpus.vocab_size}")
@@ -370,7 +374,8 @@ def run_build_corpus(args: argparse.Namespace) -> int:
     print(f"  tokenizer model  {corpus.tokenizer_model}")
     print(f"  data prefix      {corpus.data_prefix}")
     print(f"  sentence prefix  {corpus.sentence_prefix}")
-    print(f"  train with: {' '.join(corpus.flags())}")
+    print(f"  train GPT with: {' '.join(corpus.flags())}")
+    print(f"  train BERT, T5 with: {' '.join(corpus.flags(sentences=True))} (T5: and --vocab-extra-ids 100)")
     return 0
 
 

@@ -191,9 +191,9 @@ def ltor_masks_and_position_ids(tokens: torch.Tensor, eod_id: int, *, reset_posi
 # --- the dataset ------------------------------------------------------------------------------
 
 
-def default_cache_dir(prefix: str) -> str:
-    """--data-cache-path's default: `cache/GPTDataset_indices` beside the data files."""
-    return os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache", "GPTDataset_indices")
+def default_cache_dir(prefix: str, class_name: str = "GPTDataset") -> str:
+    """--data-cache-path's default: `cache/<class_name>_indices` beside the data files (Megatron's)."""
+    return os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache", f"{class_name}_indices")
 
 
 class GPTDataset(torch.utils.data.Dataset):

@@ -23,6 +23,7 @@ same whatever the data-parallel layout, worker count or order of access.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -190,9 +191,12 @@ def load_sample_mapping(indexed, document_range, num_samples: int | None, max_se
               "long_sentence_length": LONG_SENTENCE_LEN}
 
     def build() -> dict[str, np.ndarray]:
-        return {"sample_mapping": build_sample_mapping(
-            indexed.document_indices[start:end + 1], indexed.sequence_lengths, num_samples, max_seq_length,
-            short_seq_prob, seed, min_sentences)}
+        try:
+            mapping = build_sample_mapping(indexed.document_indices[start:end + 1], indexed.sequence_lengths,
+                                           num_samples, max_seq_length, short_seq_prob, seed, min_sentences)
+        except DataError as error:  # name the file and split: a blend has several
+            raise DataError(f"{indexed.prefix} ({split or 'documents'} [{start}, {end})): {error}") from None
+        return {"sample_mapping": mapping}
 
     def valid(arrays: dict[str, np.ndarray]) -> bool:
         mapping, least = arrays["sample_mapping"], 1 if num_samples is None else num_samples
@@ -200,6 +204,14 @@ def load_sample_mapping(indexed, document_range, num_samples: int | None, max_se
 
     arrays, _ = load_or_build(cache_dir, fields, class_name, split, ["sample_mapping"], build, valid)
     return arrays["sample_mapping"]
+
+
+def description_fields(dataset, indexed, document_range, num_samples: int | None, split: str | None,
+                       **settings) -> dict:
+    """What identifies a BERT/T5 dataset's samples, for the cache key of a blend built over it."""
+    return {"class": type(dataset).__name__, "dataset_path": os.path.abspath(str(indexed.prefix)),
+            "document_range": [int(x) for x in document_range], "num_samples": num_samples,
+            "index_split": split, "random_seed": int(dataset.seed), **settings}
 
 
 # --- masking -----------------------------------------------------------------------------------

@@ -36,6 +36,22 @@ from megalith.data import masking
 from megalith.data.errors import DataError
 
 
+def check_tokenizer(tokenizer, encoder_seq_length: int, decoder_seq_length: int, masked_lm_prob: float = 0.15,
+                    max_predictions_per_seq: int | None = None) -> tuple[int, int, int, list[int]]:
+    """(bos, eos, pad, sentinels) of `tokenizer`, or a DataError naming what T5 samples of these
+    lengths need and it lacks: bos, eos, pad, and a sentinel for the most spans a sample can hold."""
+    bos, eos, pad = (masking.require_token(tokenizer, name, "T5") for name in ("bos", "eos", "pad"))
+    sentinels = [int(i) for i in (getattr(tokenizer, "additional_special_tokens_ids", None) or [])]
+    target = int(encoder_seq_length) - 2
+    most_masked = masking.num_to_mask(target, masked_lm_prob, target, max_predictions_per_seq)
+    most_spans = max(1, min(int(most_masked), (int(decoder_seq_length) - 1) // 2))
+    if len(sentinels) < most_spans:
+        raise DataError(f"T5 span masking needs up to {most_spans} sentinel tokens "
+                        f"(additional_special_tokens_ids) but the tokenizer has {len(sentinels)}; "
+                        f"build it with --vocab-extra-ids {most_spans} or more (Megatron's T5 uses 100)")
+    return bos, eos, pad, sentinels
+
+
 class T5Dataset:
     """`num_samples` (or more: whole epochs) T5 samples from documents [start, end) of `indexed`.
 
@@ -69,10 +85,8 @@ class T5Dataset:
         self.indexed, self.seed = indexed, int(seed)
         self.encoder_seq_length, self.decoder_seq_length = int(encoder_seq_length), int(decoder_seq_length)
         self.masked_lm_prob = float(masked_lm_prob)
-        self.bos = masking.require_token(tokenizer, "bos", "T5")
-        self.eos = masking.require_token(tokenizer, "eos", "T5")
-        self.pad = masking.require_token(tokenizer, "pad", "T5")
-        self.sentinels = [int(i) for i in (getattr(tokenizer, "additional_special_tokens_ids", None) or [])]
+        self.bos, self.eos, self.pad, self.sentinels = check_tokenizer(
+            tokenizer, self.encoder_seq_length, self.decoder_seq_length, masked_lm_prob, max_predictions_per_seq)
         self.special_ids = masking.special_token_ids(tokenizer)
         self.word_starts = None
         if whole_word_masking:
@@ -81,16 +95,13 @@ class T5Dataset:
             self.word_starts = masking.word_start_table(word_start, int(tokenizer.vocab_size))
         target = self.encoder_seq_length - 2
         self.max_predictions_per_seq = None if max_predictions_per_seq is None else int(max_predictions_per_seq)
-        most_masked = masking.num_to_mask(target, masked_lm_prob, target, max_predictions_per_seq)
-        most_spans = min(int(most_masked), (self.decoder_seq_length - 1) // 2)
-        if len(self.sentinels) < max(1, most_spans):
-            raise DataError(f"T5 span masking needs up to {max(1, most_spans)} sentinel tokens "
-                            f"(additional_special_tokens_ids) but the tokenizer has {len(self.sentinels)}; "
-                            f"build it with --vocab-extra-ids {most_spans} or more (Megatron's T5 uses 100)")
         self.ngrams = masking.NgramSampler(int(masking_max_ngram), 1.0 / float(mean_span_length))
         self.sample_mapping = masking.load_sample_mapping(
             indexed, document_range, num_samples, target, short_seq_prob, self.seed, 1,
             class_name=type(self).__name__, cache_dir=cache_dir, split=split)
+        self.description_fields = masking.description_fields(
+            self, indexed, document_range, num_samples, split, sequence_length=self.encoder_seq_length,
+            sequence_length_decoder=self.decoder_seq_length, short_sequence_probability=float(short_seq_prob))
 
     def __len__(self) -> int:
         return len(self.sample_mapping)

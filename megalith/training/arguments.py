@@ -98,6 +98,10 @@ def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit:
         values["vocab_size"] = model_vocab_size(data, values["vocab_size"], "vocab_size" in given)
     sections = {name: cls(**{f.name: values[f.name] for f in fields(cls)}) for name, cls in SECTIONS.items()}
     config = PretrainConfig(**sections, world_size=world_size)
+    if data.data_path:  # the tokenizer has the tokens the model's samples need (BERT: [MASK]; T5: sentinels)
+        from megalith.training.data import check_data_tokenizer
+
+        check_data_tokenizer(config)
     if config.checkpointing.load:  # the checkpoint fits the model (reads its metadata only)
         from megalith.training.checkpoint import check_load_target
 

@@ -212,10 +212,14 @@ class DataConfig:
     eod_mask_loss: bool = flag_field(False, "no loss on the end-of-document token's position")
     reset_position_ids: bool = flag_field(False, "positions restart after each end-of-document token")
     reset_attention_mask: bool = flag_field(False, "no attention across end-of-document tokens")
+    mask_prob: float = flag_field(0.15, "BERT, T5: share of a sample's tokens masked (BERT) or corrupted in spans (T5)")
+    short_seq_prob: float = flag_field(0.1, "BERT, T5: probability that a sample is cut to a random shorter length")
 
     def __post_init__(self) -> None:
         _check_choice(self, "tokenizer_type", TOKENIZER_TYPES)
         _check_int(self, "vocab_extra_ids", 0)
+        _check_range(self, "mask_prob", 0.0, 1.0, open_low=True)
+        _check_range(self, "short_seq_prob", 0.0, 1.0, open_high=False)
         if self.mock_data and self.data_path:
             raise ConfigError("--mock-data and --data-path are both given; drop one (mock data is synthetic, "
                               "--data-path reads datasets)")

@@ -1,5 +1,10 @@
 """The batches `megalith pretrain` trains on: synthetic (`--mock-data`) or read from indexed datasets.
 
+The model's registry entry says which samples it reads (`ModelSpec.dataset`): GPT windows of
+documents (GPTDataset), BERT masked sentence pairs (BertDataset) or T5 span-corrupted samples
+(T5Dataset), each built per --data-path prefix and split, then blended by one builder
+(megalith.data.blended.build_blended_datasets).
+
 Either way one global batch is the same list of samples whatever the layout: iteration i of a
 split is samples [i x global batch, (i + 1) x global batch) of that split's (blended, shuffled)
 dataset, dp rank r reads only rows [r x b/dp, (r + 1) x b/dp) of it, and micro-batches are
@@ -15,10 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from megalith.data.blended import build_gpt_datasets, parse_data_path
+from megalith.data import bert_dataset, t5_dataset
+from megalith.data.bert_dataset import BertDataset
+from megalith.data.blended import build_blended_datasets, parse_data_path
 from megalith.data.errors import DataError
+from megalith.data.gpt_dataset import GPTDataset
 from megalith.data.indexed import IndexedDataset
+from megalith.data.masking import word_start_from_tokenizer, word_start_table
 from megalith.data.sampler import collate, local_batch_indices
+from megalith.data.t5_dataset import T5Dataset
 from megalith.data.tokenizers import Tokenizer, build_tokenizer
 from megalith.errors import ConfigError
 from megalith.models.registry import get_model_spec
@@ -60,6 +70,85 @@ def model_vocab_size(data, given_vocab_size: int, explicit: bool) -> int:
     return size
 
 
+DATASET_KINDS = ("gpt", "bert", "t5")
+
+# Megatron's fixed masking choices (pretrain_bert.py, pretrain_t5.py): BERT spans of up to 3 words;
+# T5 spans geometric with p = 0.2 (mean 5 words), at most 10; whole words where the tokenizer tells.
+BERT_MAX_NGRAM = 3
+T5_MAX_NGRAM, T5_MEAN_SPAN_LENGTH = 10, 5.0
+
+
+def dataset_kind(config) -> str:
+    """The samples `--model` trains on from --data-path: its registry entry's `dataset`."""
+    kind = get_model_spec(config.training.model).dataset
+    if kind not in DATASET_KINDS:
+        raise ConfigError(f"model {config.training.model!r} asks for {kind!r} samples, but --data-path builds "
+                          f"{', '.join(DATASET_KINDS)} samples; set its ModelSpec.dataset to one of them or "
+                          "use --mock-data")
+    return kind
+
+
+def decoder_seq_length(model) -> int:
+    """T5's decoder length (--decoder-seq-length; the encoder's when not given)."""
+    return model.decoder_seq_length or model.seq_length
+
+
+def check_sample_tokenizer(config, tokenizer: Tokenizer) -> None:
+    """A DataError of one line when the tokenizer lacks a token the model's samples need (BERT:
+    cls, sep, mask, pad; T5: bos, eos, pad and enough --vocab-extra-ids sentinels)."""
+    kind, model = dataset_kind(config), config.model
+    if kind == "bert":
+        bert_dataset.check_tokenizer(tokenizer)
+    elif kind == "t5":
+        t5_dataset.check_tokenizer(tokenizer, model.seq_length, decoder_seq_length(model), config.data.mask_prob)
+
+
+def check_data_tokenizer(config) -> None:
+    """For a resolved run that reads --data-path: its tokenizer has what the model's samples need
+    (a DataError of one line, before any process group, otherwise)."""
+    if config.data.data_path:
+        check_sample_tokenizer(config, run_tokenizer(config))
+
+
+def _word_starts(tokenizer: Tokenizer):
+    """Megatron masks whole words: which ids start one by the tokenizer's pieces ('##', '\u2581' or
+    '\u0120' conventions), a table over the vocabulary; None (every token a word) where they do not tell."""
+    try:
+        return word_start_table(word_start_from_tokenizer(tokenizer), tokenizer.vocab_size)
+    except DataError:
+        return None
+
+
+def sample_factory(config, tokenizer: Tokenizer) -> dict:
+    """The keyword arguments of build_blended_datasets for the model's samples: `make_part`, the
+    class whose name the default cache folder carries, and whether --split divides documents
+    (BERT, T5: samples are runs of one document's sentences) or sequences (GPT)."""
+    data, model, seed = config.data, config.model, config.training.seed
+    kind = dataset_kind(config)
+    if kind == "gpt":
+        def make_gpt(indexed, document_range, num_samples, split_name, cache_dir):
+            return GPTDataset(indexed, document_range, num_samples, model.seq_length, seed, split_name=split_name,
+                              cache_dir=cache_dir, eod_id=tokenizer.eod, eod_mask_loss=data.eod_mask_loss,
+                              reset_position_ids=data.reset_position_ids,
+                              reset_attention_mask=data.reset_attention_mask)
+        return dict(make_part=make_gpt, class_name=GPTDataset.__name__, by_documents=False)
+    word_start = _word_starts(tokenizer)
+    masking = dict(masked_lm_prob=data.mask_prob, short_seq_prob=data.short_seq_prob,
+                   whole_word_masking=word_start is not None, word_start=word_start)
+    if kind == "bert":
+        def make_bert(indexed, document_range, num_samples, split_name, cache_dir):
+            return BertDataset(indexed, document_range, num_samples, model.seq_length, seed, tokenizer,
+                               binary_head=not model.bert_no_binary_head, masking_max_ngram=BERT_MAX_NGRAM,
+                               cache_dir=cache_dir, split=split_name, **masking)
+        return dict(make_part=make_bert, class_name=BertDataset.__name__, by_documents=True)
+
+    def make_t5(indexed, document_range, num_samples, split_name, cache_dir):
+        return T5Dataset(indexed, document_range, num_samples, model.seq_length, decoder_seq_length(model), seed,
+                         tokenizer, mean_span_length=T5_MEAN_SPAN_LENGTH, masking_max_ngram=T5_MAX_NGRAM,
+                         cache_dir=cache_dir, split=split_name, **masking)
+    return dict(make_part=make_t5, class_name=T5Dataset.__name__, by_documents=True)
+
+
 class MockBatches:
     """Synthetic global batches from the model's registry entry, the same for every layout."""
 
@@ -93,12 +182,12 @@ class DatasetBatches:
         data = config.data
         self.device, self.global_batch_size = device, config.global_batch_size
 
+        check_sample_tokenizer(config, tokenizer)  # on every rank, before any of them waits for another
+        samples = sample_factory(config, tokenizer)
+
         def build():
-            return build_gpt_datasets(
-                list(data.data_path), data.split, config.model.seq_length, config.training.seed,
-                samples_per_split(config), cache_dir=data.data_cache_path, eod_id=tokenizer.eod,
-                eod_mask_loss=data.eod_mask_loss, reset_position_ids=data.reset_position_ids,
-                reset_attention_mask=data.reset_attention_mask)
+            return build_blended_datasets(list(data.data_path), data.split, samples_per_split(config),
+                                          cache_dir=data.data_cache_path, **samples)
 
         if state is None or state.grid.world_size == 1:
             self.datasets = build()
