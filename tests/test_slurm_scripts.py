@@ -1,4 +1,4 @@
-"""scripts/slurm/: the batch script run under a fake Slurm (no cluster here).
+"""scripts/slurm/: the batch scripts (GPT, and their BERT and T5 siblings) run under a fake Slurm (no cluster here).
 
 Stub `srun`, `scontrol`, `scancel` and `nvidia-smi` executables on PATH stand in for Slurm: the fake
 srun starts its command once per task of the step, locally, with the SLURM_* variables a real step
@@ -26,6 +26,8 @@ from megalith.training.arguments import parse_pretrain_args, world_size_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "scripts" / "slurm" / "pretrain_gpt.sbatch"
+SIBLINGS = {"bert": ROOT / "scripts" / "slurm" / "pretrain_bert.sbatch",
+            "t5": ROOT / "scripts" / "slurm" / "pretrain_t5.sbatch"}
 LAUNCH = ROOT / "scripts" / "slurm" / "launch.sh"
 JOB_ID = "4242"
 HOSTS = ["gpu001", "gpu002", "gpu003", "gpu004"]
@@ -35,7 +37,8 @@ CLEARED = ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
            "NUM_LAYERS", "HIDDEN_SIZE", "NUM_HEADS", "SEQ_LENGTH", "MICRO_BATCH", "GLOBAL_BATCH", "TRAIN_ITERS",
            "OUTPUT_DIR", "OMP_NUM_THREADS", "WANDB_MODE", "DATA_PATH", "TOKENIZER_TYPE", "TOKENIZER_MODEL",
            "MOCK_DATA", "CKPT_DIR", "SAVE_INTERVAL", "EXIT_SIGNAL_HANDLER", "LAUNCHER", "REQUEUE", "SRUN_ARGS",
-           "MEGALITH_DIR", "DRY_RUN", "PYTHON", "RANK", "WORLD_SIZE", "LOCAL_RANK", "CUDA_DEVICE_MAX_CONNECTIONS")
+           "MEGALITH_DIR", "DRY_RUN", "PYTHON", "RANK", "WORLD_SIZE", "LOCAL_RANK", "CUDA_DEVICE_MAX_CONNECTIONS",
+           "ENCODER_SEQ_LENGTH", "DECODER_SEQ_LENGTH", "VOCAB_EXTRA_IDS")
 
 FAKE_SRUN = r"""#!/usr/bin/env bash
 # Fake srun: runs the command once per task of the step (nodes x tasks per node), here, each with the
@@ -127,7 +130,8 @@ def write_tool(directory: Path, name: str, text: str) -> None:
 class FakeSlurm:
     """A fake Slurm job of `nodes` nodes with `gpus` GPUs each (0: no GPU, nvidia-smi fails)."""
 
-    def __init__(self, tmp_path: Path, nodes: int = 4, gpus: int = 8, **env: str):
+    def __init__(self, tmp_path: Path, nodes: int = 4, gpus: int = 8, sbatch: Path = SBATCH, **env: str):
+        self.sbatch = sbatch
         self.log = tmp_path / "slurm"
         self.log.mkdir()
         bin_dir = tmp_path / "bin"
@@ -160,11 +164,11 @@ class FakeSlurm:
 
     def popen(self, *args: str) -> subprocess.Popen:
         """The batch script in the background, in a process group of its own (with its tasks)."""
-        return subprocess.Popen(["bash", str(SBATCH), *args], env=self.env, cwd=self.cwd, text=True,
+        return subprocess.Popen(["bash", str(self.sbatch), *args], env=self.env, cwd=self.cwd, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
     def submit(self, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-        done = subprocess.run(["bash", str(SBATCH), *args], env=self.env, cwd=self.cwd, capture_output=True,
+        done = subprocess.run(["bash", str(self.sbatch), *args], env=self.env, cwd=self.cwd, capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == expect, done.stderr
         return done
@@ -201,13 +205,14 @@ def megalith_flags(words: list[str]) -> tuple[list[str], list[str]]:
 
 
 def test_scripts_parse_as_bash():
-    for script in (SBATCH, LAUNCH):
+    for script in (SBATCH, LAUNCH, *SIBLINGS.values()):
         done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
 
 
-def test_header_asks_for_whole_nodes_a_warning_and_requeue():
-    lines = SBATCH.read_text().splitlines()
+@pytest.mark.parametrize("sbatch", [SBATCH, *SIBLINGS.values()], ids=lambda path: path.stem)
+def test_header_asks_for_whole_nodes_a_warning_and_requeue(sbatch):
+    lines = sbatch.read_text().splitlines()
     assert lines[0] == "#!/bin/bash"
     # sbatch reads #SBATCH lines only before the first command
     first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
@@ -217,6 +222,7 @@ def test_header_asks_for_whole_nodes_a_warning_and_requeue():
     assert all(not line.startswith("#SBATCH") for line in lines[first_command:])
     assert options["ntasks-per-node"] == "1" and options["nodes"] == "2" and options["gpus-per-node"] == "8"
     assert {"exclusive", "requeue", "time", "output"} <= set(options)
+    assert options["job-name"] == "megalith-" + sbatch.stem.removeprefix("pretrain_")
     assert options["open-mode"] == "append"  # a requeued job keeps its log
     lead = re.fullmatch(r"B:USR1@(\d+)", options["signal"])
     assert lead, options["signal"]  # to the batch shell only: it decides to requeue
@@ -467,3 +473,73 @@ def test_requeued_job_resumes_from_the_warning_checkpoint(tmp_path):
     resumed = int((tmp_path / "run" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
     assert saved < resumed <= saved + 5 and resumed % 5 == 0  # from 0 it would have stopped at 5
     assert f"exiting at iteration {resumed} (--exit-interval 5)" in (slurm.log / "task-1.out").read_text()
+
+
+# --- the BERT and T5 siblings: the same launch.sh, their own launch script -------------------------
+
+
+@pytest.mark.parametrize("model", ["bert", "t5"])
+def test_siblings_torchrun_form_runs_their_launch_script_on_every_node(tmp_path, model):
+    slurm = FakeSlurm(tmp_path, sbatch=SIBLINGS[model], TP="2", PP="2", GLOBAL_BATCH="64")
+    del slurm.env["OUTPUT_DIR"]  # the sibling's own default: runs/<model>, checkpoints beneath
+    done = slurm.submit("--bf16")
+    port = str(default_slurm_port(JOB_ID))
+    assert f"4 nodes, torchrun form, rendezvous gpu001:{port}" in done.stderr
+    (srun,) = slurm.lines("srun")
+    assert srun[:5] == ["--nodes=4", "--ntasks=4", "--ntasks-per-node=1", "--cpus-per-task=64", "bash"]
+    assert srun[5:9] == ["-c", 'NODE_RANK="${SLURM_NODEID}" exec bash "$@"', "node", f"scripts/pretrain_{model}.sh"]
+    ckpt = f"runs/{model}/checkpoints"
+    flag_sets = []
+    for node in range(4):
+        settings, words = slurm.task_command(node)
+        assert settings == {"WANDB_MODE": "offline"}
+        launcher, flags = megalith_flags(words)
+        assert launcher == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "4",
+                            "--node-rank", str(node), "--master-addr", HOSTS[0], "--master-port", port]
+        assert flags[-8:] == ["--save", ckpt, "--load", ckpt, "--save-interval", "1000", "--exit-signal-handler",
+                              "--bf16"]
+        flag_sets.append(flags)
+    assert all(flags == flag_sets[0] for flags in flag_sets)
+    config = parse_pretrain_args([*flags, "--distributed-backend", "gloo"], world_size=32)
+    assert config.training.model == model and config.model.params_dtype == "bf16"
+    assert (config.distributed.tensor_model_parallel_size, config.distributed.pipeline_model_parallel_size,
+            config.data_parallel_size, config.num_micro_batches) == (2, 2, 8, 4)
+    assert config.logging.log_json == f"runs/{model}/log.jsonl"
+
+
+@pytest.mark.parametrize("model", ["bert", "t5"])
+def test_siblings_srun_form_one_task_per_gpu(tmp_path, model):
+    slurm = FakeSlurm(tmp_path, nodes=2, gpus=4, sbatch=SIBLINGS[model], LAUNCHER="srun", TP="2", PP="2",
+                      GLOBAL_BATCH="8", MICRO_BATCH="1")
+    done = slurm.submit()
+    assert "2 nodes, srun form" in done.stderr
+    (srun,) = slurm.lines("srun")
+    assert srun[:5] == ["--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--cpus-per-task=16",
+                        "--kill-on-bad-exit=1"]
+    flag_sets = []
+    for task in range(8):
+        settings, words = slurm.task_command(task)
+        launcher, flags = megalith_flags(words)
+        assert settings == {"WANDB_MODE": "offline"} and launcher == [sys.executable]
+        launch = read_launch_env(slurm.task_env(task))
+        assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("slurm", task, 8, task % 4)
+        flag_sets.append(flags)
+    assert all(flags == flag_sets[0] for flags in flag_sets)
+    assert flags[flags.index("--model") + 1] == model
+    config = parse_pretrain_args([*flags, "--distributed-backend", "gloo"], world_size=8)
+    assert (config.training.model, config.data_parallel_size, config.num_micro_batches) == (model, 2, 4)
+    assert config.checkpointing.save == str(tmp_path / "run" / "checkpoints")
+
+
+def test_t5_sibling_passes_its_data_and_sentinels(tmp_path):
+    slurm = FakeSlurm(tmp_path, nodes=2, gpus=4, sbatch=SIBLINGS["t5"], LAUNCHER="srun", MOCK_DATA="0",
+                      DATA_PATH="data/a_text_sentence", TOKENIZER_MODEL="tok.model", ENCODER_SEQ_LENGTH="512",
+                      DECODER_SEQ_LENGTH="128")
+    slurm.submit()
+    flags = megalith_flags(slurm.task_command(7)[1])[1]
+    start = flags.index("--data-path")
+    assert flags[start:start + 8] == ["--data-path", "data/a_text_sentence", "--tokenizer-type",
+                                      "SentencePieceTokenizer", "--tokenizer-model", "tok.model",
+                                      "--vocab-extra-ids", "100"]
+    assert flags[flags.index("--encoder-seq-length") + 1] == "512"
+    assert flags[flags.index("--decoder-seq-length") + 1] == "128"
