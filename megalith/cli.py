@@ -240,11 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     from megalith.training.hf_convert import add_convert_arguments, run_convert
 
     convert = commands.add_parser(
-        "convert", help="convert Hugging Face GPT-2 / Llama / BERT checkpoints to megalith checkpoints and back",
+        "convert", help="convert Hugging Face GPT-2 / Llama / BERT / T5 checkpoints to megalith checkpoints and back",
         description="--from hf: a Hugging Face directory (config.json + safetensors or weights-only .bin) of "
-        "GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM or BertForPreTraining to a megalith checkpoint "
-        "(--model gpt or bert) for a layout; --to hf: a megalith checkpoint of any layout to a directory that "
-        "transformers' from_pretrained loads. --check compares both models' logits on a random batch.",
+        "GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM, BertForPreTraining or T5ForConditionalGeneration "
+        "(T5 v1.0) to a megalith checkpoint (--model gpt, bert or t5) for a layout; --to hf: a megalith checkpoint "
+        "of any layout to a directory that transformers' from_pretrained loads. --check compares both models' "
+        "logits on a random batch.",
     )
     add_convert_arguments(convert)
     convert.set_defaults(run=run_convert)

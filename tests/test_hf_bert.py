@@ -207,7 +207,7 @@ def test_export_refuses_a_pre_norm_bert(tmp_path):
     assert not (tmp_path / "hf").exists()
     with pytest.raises(ConfigError) as error:
         family_for_model("mamba", config)
-    assert "megalith converts bert, gpt models" in _one_line(error)
+    assert "megalith converts bert, gpt, t5 models" in _one_line(error)
 
 
 def test_bert_config_refuses_an_untied_head():

@@ -1,5 +1,5 @@
 """`megalith convert`: Hugging Face directories <-> megalith checkpoints, for every family in
-hf_families (GPT-2, Llama, BERT).
+hf_families (GPT-2, Llama, BERT, T5).
 
 Import writes a megalith checkpoint (iteration 0, no optimizer) for any tp x pp (x vpp) layout,
 computing each rank's shard purely, the way megalith's layers slice the global tensor, so no

@@ -12,8 +12,9 @@ from megalith.config import ModelConfig
 from megalith.training.hf_bert import BERT
 from megalith.training.hf_gpt import GPT2, LLAMA
 from megalith.training.hf_mapping import ConvertError, HFFamily
+from megalith.training.hf_t5 import T5
 
-FAMILIES: tuple[HFFamily, ...] = (GPT2, LLAMA, BERT)
+FAMILIES: tuple[HFFamily, ...] = (GPT2, LLAMA, BERT, T5)
 
 
 def _known(families=FAMILIES) -> str:
