@@ -41,7 +41,7 @@ from megalith.training.checkpoint_format import (
 # ModelConfig fields that may differ between the run that saved and the run that loads.
 RUNTIME_FIELDS = ("params_dtype", "hidden_dropout", "attention_dropout", "recompute_granularity", "recompute_method",
                   "recompute_num_layers", "attention_backend", "attention_softmax_in_fp32", "seq_length",
-                  "make_vocab_size_divisible_by")
+                  "encoder_seq_length", "decoder_seq_length", "make_vocab_size_divisible_by")
 
 
 def model_name(name: str) -> str:
