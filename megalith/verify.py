@@ -143,6 +143,12 @@ def plan(settings: VerifySettings, layout: Layout) -> RunPlan:
                 f"{layout.microbatches} micro-batches; use an mb token that divides {size // math.gcd(size, layout.dp)}"
             )
         micro_batch_size = size // (layout.dp * layout.microbatches)
+    elif settings.micro_batches % layout.dp != 0:  # verify has no --global-batch-size to suggest
+        raise ConfigError(
+            f"layout {layout}: the global batch of --micro-batches {settings.micro_batches} x --micro-batch-size "
+            f"{micro_batch_size} sequences does not split over dp {layout.dp}; use --micro-batches that is a "
+            f"multiple of {layout.dp}"
+        )
     batch = BatchPlan(size, micro_batch_size, layout.dp)
     get_model_spec(settings.model).check_virtual_pipeline(layout.vpp)
     uneven = layout.pp > 1

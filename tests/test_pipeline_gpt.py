@@ -76,6 +76,7 @@ def test_negative_control_tied_embedding_gradients_must_be_summed(rank_pools):
         (["verify", "--layouts", "tp2.vpp2"], "virtual pipeline stages (2) need a pipeline"),
         (["verify", "--layouts", "pp4.vpp2", "--micro-batches", "6"], "multiple of pipeline size 4"),
         (["verify", "--layouts", "pp2.mb3"], "does not split into dp 1 x 3 micro-batches"),
+        (["verify", "--layouts", "dp3"], "does not split over dp 3; use --micro-batches that is a multiple of 3"),
         (["verify", "--layouts", "pp2", "--decoder-first-pipeline-num-layers", "3",
           "--decoder-last-pipeline-num-layers", "3"], "add up to 6, not the 8 layers"),
     ],
