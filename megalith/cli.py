@@ -103,8 +103,11 @@ def _schedule(args: argparse.Namespace) -> int:
     from megalith.parallel.pipeline.schedules import validate_schedule_args
     from megalith.parallel.pipeline.timeline import describe_schedule
 
-    validate_schedule_args(args.schedule, args.pp, args.vpp, args.micro_batches)
-    print(describe_schedule(args.schedule, args.pp, args.vpp, args.micro_batches, forward_cost=args.forward_cost,
+    from megalith.training.config import default_schedule
+
+    schedule = args.schedule or default_schedule(args.pp, args.vpp)
+    validate_schedule_args(schedule, args.pp, args.vpp, args.micro_batches)
+    print(describe_schedule(schedule, args.pp, args.vpp, args.micro_batches, forward_cost=args.forward_cost,
                             backward_cost=args.backward_cost, p2p_cost=args.p2p_cost,
                             trace_path=args.trace, png_path=args.png))
     return 0
@@ -198,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build every rank's action list of a pipeline schedule, check it (matched sends and receives, "
         "no deadlock), simulate it with a cost model and print the predicted bubble beside the formula.",
     )
-    schedule.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
+    schedule.add_argument("--schedule", choices=SCHEDULES, default=None,
+                          help="default: 1f1b, interleaved-1f1b with --vpp above 1, no-pipelining at --pp 1 (as pretrain)")
     schedule.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=4)
     schedule.add_argument("--virtual-pipeline-model-parallel-size", "--vpp", dest="vpp", type=int, default=1)
     schedule.add_argument("--micro-batches", type=int, default=8)
