@@ -15,8 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from test_hf_convert import (  # noqa: E402
-    _assert_files_hold_each_ranks_shards, _assert_trains_under_any_layout, _edit_config, _hf_tensors, _one_line,
-    _perturb, _run,
+    _assert_files_hold_each_ranks_shards, _assert_trains_under_any_layout, _edit_config,
+    _export_gives_back_the_same_tensors, _hf_tensors, _one_line, _perturb, _run,
 )
 
 from megalith.config import ModelConfig  # noqa: E402
@@ -101,11 +101,7 @@ def test_round_trip_is_exact_and_logits_match(models, tmp_path, kind, layout):
     difference = check_logits(models[kind], ckpt)
     print(f"{kind} tp{tp}.pp{pp}: HF -> megalith logits differ by {difference:.2e}")
     assert difference < CHECK_TOLERANCE
-    megalith_to_hf(ckpt, back)
-    original, exported = _hf_tensors(models[kind]), _hf_tensors(back)
-    assert sorted(exported) == sorted(original)
-    for key, tensor in original.items():
-        assert torch.equal(exported[key], tensor), key
+    _export_gives_back_the_same_tensors(models[kind], ckpt, back)
     architecture = "BertForMaskedLM" if kind != "pretraining" else "BertForPreTraining"
     assert json.load(open(os.path.join(back, "config.json")))["architectures"] == [architecture]
     loaded = getattr(transformers, architecture).from_pretrained(back)

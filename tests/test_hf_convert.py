@@ -127,6 +127,15 @@ def test_placement_table_matches_megalith_layers(models, kind):
 # --- round trips ------------------------------------------------------------------------------
 
 
+def _export_gives_back_the_same_tensors(hf_dir: str, ckpt: str, back: str) -> None:
+    """`--to hf` of a converted checkpoint writes the HF tensors it was converted from, bit for bit."""
+    megalith_to_hf(ckpt, back)
+    original, exported = _hf_tensors(hf_dir), _hf_tensors(back)
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(exported[key], tensor), key
+
+
 @pytest.mark.parametrize("kind, layout", [("gpt2", (2, 2, None)), ("llama", (2, 2, None)), ("gpt2", (2, 2, 1)),
                                           ("llama-tied", (1, 1, None))])
 def test_round_trip_is_exact_and_logits_match(models, tmp_path, kind, layout):
@@ -134,11 +143,7 @@ def test_round_trip_is_exact_and_logits_match(models, tmp_path, kind, layout):
     ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
     hf_to_megalith(models[kind], ckpt, tp, pp, vpp_layers)
     assert check_logits(models[kind], ckpt) < CHECK_TOLERANCE
-    megalith_to_hf(ckpt, back)
-    original, exported = _hf_tensors(models[kind]), _hf_tensors(back)
-    assert sorted(exported) == sorted(original)
-    for key, tensor in original.items():
-        assert torch.equal(exported[key], tensor), key
+    _export_gives_back_the_same_tensors(models[kind], ckpt, back)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(back)
     assert type(loaded).__name__ == {"gpt2": "GPT2LMHeadModel"}.get(kind, "LlamaForCausalLM")
     assert check_logits(back, ckpt) < CHECK_TOLERANCE

@@ -19,7 +19,8 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from test_hf_convert import (  # noqa: E402
-    _assert_trains_under_any_layout, _edit_config, _hf_tensors, _one_line, _perturb,
+    _assert_trains_under_any_layout, _edit_config, _export_gives_back_the_same_tensors, _hf_tensors, _one_line,
+    _perturb,
 )
 
 from megalith.cli import main  # noqa: E402
@@ -160,11 +161,7 @@ def test_round_trip_is_exact_and_logits_match(models, tmp_path, kind, tp, pp):
     difference = check_logits(models[kind], ckpt)
     print(f"T5 {kind} tp{tp}.pp{pp}: HF -> megalith logits differ by {difference:.2e}")
     assert difference < CHECK_TOLERANCE
-    megalith_to_hf(ckpt, back)
-    original, exported = _hf_tensors(models[kind]), _hf_tensors(back)
-    assert sorted(exported) == sorted(original)
-    for key, tensor in original.items():
-        assert torch.equal(exported[key], tensor), key
+    _export_gives_back_the_same_tensors(models[kind], ckpt, back)
     hf = json.load(open(os.path.join(back, "config.json")))
     assert hf["architectures"] == ["T5ForConditionalGeneration"] and hf["feed_forward_proj"] == "relu"
     difference = check_logits(back, ckpt)

@@ -164,6 +164,24 @@ def stage_of(name: str, config: ModelConfig, layer_stages: dict[int, int], last_
 # --- tensors ----------------------------------------------------------------------------------
 
 
+def _layer_names(stack: str, i: int) -> dict[str, str]:
+    """megalith -> HF names of layer i's one-to-one tensors: HF's sub-layer 0 is self-attention,
+    then (decoder) 1 cross-attention, then the MLP."""
+    ours, theirs = f"{stack}.layers.{i}.", f"{stack}.block.{i}.layer."
+    names = {ours + "input_layernorm.weight": theirs + "0.layer_norm.weight",
+             ours + "self_attention.linear_proj.weight": theirs + "0.SelfAttention.o.weight"}
+    mlp = "1"
+    if stack == "decoder":
+        mlp = "2"
+        names.update({ours + "pre_cross_attn_layernorm.weight": theirs + "1.layer_norm.weight",
+                      ours + "cross_attention.linear_q.weight": theirs + "1.EncDecAttention.q.weight",
+                      ours + "cross_attention.linear_proj.weight": theirs + "1.EncDecAttention.o.weight"})
+    names.update({ours + "pre_mlp_layernorm.weight": theirs + f"{mlp}.layer_norm.weight",
+                  ours + "mlp.linear_fc1.weight": theirs + f"{mlp}.DenseReluDense.wi.weight",
+                  ours + "mlp.linear_fc2.weight": theirs + f"{mlp}.DenseReluDense.wo.weight"})
+    return names
+
+
 def _plain_names(config: ModelConfig) -> dict[str, str]:
     """megalith name -> HF name for every tensor that maps one to one."""
     names = {
@@ -173,27 +191,9 @@ def _plain_names(config: ModelConfig) -> dict[str, str]:
         "encoder.final_layernorm.weight": "encoder.final_layer_norm.weight",
         "decoder.final_layernorm.weight": "decoder.final_layer_norm.weight",
     }
-    for i in range(config.encoder_num_layers):
-        ours, theirs = f"encoder.layers.{i}.", f"encoder.block.{i}.layer."
-        names.update({
-            ours + "input_layernorm.weight": theirs + "0.layer_norm.weight",
-            ours + "self_attention.linear_proj.weight": theirs + "0.SelfAttention.o.weight",
-            ours + "pre_mlp_layernorm.weight": theirs + "1.layer_norm.weight",
-            ours + "mlp.linear_fc1.weight": theirs + "1.DenseReluDense.wi.weight",
-            ours + "mlp.linear_fc2.weight": theirs + "1.DenseReluDense.wo.weight",
-        })
-    for i in range(config.decoder_num_layers):
-        ours, theirs = f"decoder.layers.{i}.", f"decoder.block.{i}.layer."
-        names.update({
-            ours + "input_layernorm.weight": theirs + "0.layer_norm.weight",
-            ours + "self_attention.linear_proj.weight": theirs + "0.SelfAttention.o.weight",
-            ours + "pre_cross_attn_layernorm.weight": theirs + "1.layer_norm.weight",
-            ours + "cross_attention.linear_q.weight": theirs + "1.EncDecAttention.q.weight",
-            ours + "cross_attention.linear_proj.weight": theirs + "1.EncDecAttention.o.weight",
-            ours + "pre_mlp_layernorm.weight": theirs + "2.layer_norm.weight",
-            ours + "mlp.linear_fc1.weight": theirs + "2.DenseReluDense.wi.weight",
-            ours + "mlp.linear_fc2.weight": theirs + "2.DenseReluDense.wo.weight",
-        })
+    for stack, count in (("encoder", config.encoder_num_layers), ("decoder", config.decoder_num_layers)):
+        for i in range(count):
+            names.update(_layer_names(stack, i))
     return names
 
 
