@@ -297,5 +297,6 @@ def test_layout_tokens_for_data_parallel_and_precision():
     assert str(parse_layout("dp4.zero1")) == "dp4.zero1"
     with pytest.raises(ConfigError, match="does not split into dp 4 x 3 micro-batches"):
         plan(SETTINGS, parse_layout("dp4.mb3"))
-    with pytest.raises(ConfigError, match="global batch size 6 is not divisible"):
+    with pytest.raises(ConfigError, match="--micro-batches 3 x --micro-batch-size 2 sequences does not split over "
+                                          "dp 4; use --micro-batches that is a multiple of 4"):
         plan(replace(SETTINGS, micro_batches=3), parse_layout("dp4"))
