@@ -23,7 +23,8 @@ from torch import nn
 
 from megalith.config import ModelConfig
 from megalith.training.hf_mapping import (
-    ConvertError, HFFamily, LogitPairs, Tensors, TensorTaker, fuse_qkv, placement, refuse, split_qkv, stage_of,
+    ConvertError, HFFamily, LogitPairs, Tensors, TensorTaker, fuse_qkv, placement, random_padding_mask, refuse,
+    split_qkv, stage_of,
 )
 
 BERT_GELUS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}  # hidden_act -> openai_gelu
@@ -201,9 +202,7 @@ def compare(hf_model: nn.Module, model: nn.Module, config: ModelConfig, generato
     length = min(config.seq_length, 64)
     ids = torch.randint(config.vocab_size, (batch_size, length), generator=generator)
     types = torch.randint(max(config.num_tokentypes, 1), (batch_size, length), generator=generator)
-    real_lengths = torch.randint(length // 2 + 1, length + 1, (batch_size,), generator=generator)
-    real = torch.arange(length)[None, :] < real_lengths[:, None]
-    real[0] = True  # one sequence without padding
+    real = random_padding_mask(batch_size, length, generator)
     with torch.no_grad():
         ours, binary = model(ids, types if config.num_tokentypes else None, real)
         theirs = hf_model(input_ids=ids, token_type_ids=types, attention_mask=real.long())

@@ -150,6 +150,15 @@ class TensorTaker:
                                f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}); {hint}")
 
 
+def random_padding_mask(batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """[batch, length] True at real tokens: each sequence padded after a random length of at least
+    half, the first one not padded, so a comparison covers both cases."""
+    real_lengths = torch.randint(length // 2 + 1, length + 1, (batch_size,), generator=generator)
+    real = torch.arange(length)[None, :] < real_lengths[:, None]
+    real[0] = True
+    return real
+
+
 def relative_difference(pairs: LogitPairs) -> float:
     """Largest over the pairs of max|ours - theirs| / max|theirs| (fp32)."""
     return max(((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max()).item()

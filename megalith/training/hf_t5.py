@@ -30,7 +30,7 @@ from megalith.config import ModelConfig
 from megalith.models.t5 import resolve_t5_config
 from megalith.training.checkpoint_format import Placement
 from megalith.training.hf_mapping import (
-    ConvertError, HFFamily, LogitPairs, Tensors, TensorTaker, fuse_qkv, split_qkv,
+    ConvertError, HFFamily, LogitPairs, Tensors, TensorTaker, fuse_qkv, random_padding_mask, split_qkv,
 )
 from megalith.training.hf_mapping import placement as standard_placement
 
@@ -248,10 +248,7 @@ def compare(hf_model: nn.Module, model: nn.Module, config: ModelConfig, generato
     ids, real = [], []
     for length in lengths:
         ids.append(torch.randint(config.vocab_size, (batch_size, length), generator=generator))
-        real_lengths = torch.randint(length // 2 + 1, length + 1, (batch_size,), generator=generator)
-        mask = torch.arange(length)[None, :] < real_lengths[:, None]
-        mask[0] = True  # one sequence without padding
-        real.append(mask)
+        real.append(random_padding_mask(batch_size, length, generator))
     with torch.no_grad():
         ours = model(ids[0], ids[1], None, real[0], real[1])
         theirs = hf_model(input_ids=ids[0], attention_mask=real[0].long(), decoder_input_ids=ids[1],
