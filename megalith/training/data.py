@@ -93,21 +93,17 @@ def decoder_seq_length(model) -> int:
     return model.decoder_seq_length or model.seq_length
 
 
-def check_sample_tokenizer(config, tokenizer: Tokenizer) -> None:
-    """A DataError of one line when the tokenizer lacks a token the model's samples need (BERT:
-    cls, sep, mask, pad; T5: bos, eos, pad and enough --vocab-extra-ids sentinels)."""
-    kind, model = dataset_kind(config), config.model
+def check_data_tokenizer(config) -> None:
+    """For a resolved run that reads --data-path: a DataError of one line, before any process
+    group, when its tokenizer lacks a token the model's samples need (BERT: cls, sep, mask, pad;
+    T5: bos, eos, pad and enough --vocab-extra-ids sentinels). The datasets check again when built."""
+    if not config.data.data_path:
+        return
+    kind, model, tokenizer = dataset_kind(config), config.model, run_tokenizer(config)
     if kind == "bert":
         bert_dataset.check_tokenizer(tokenizer)
     elif kind == "t5":
         t5_dataset.check_tokenizer(tokenizer, model.seq_length, decoder_seq_length(model), config.data.mask_prob)
-
-
-def check_data_tokenizer(config) -> None:
-    """For a resolved run that reads --data-path: its tokenizer has what the model's samples need
-    (a DataError of one line, before any process group, otherwise)."""
-    if config.data.data_path:
-        check_sample_tokenizer(config, run_tokenizer(config))
 
 
 def _word_starts(tokenizer: Tokenizer):
@@ -182,7 +178,6 @@ class DatasetBatches:
         data = config.data
         self.device, self.global_batch_size = device, config.global_batch_size
 
-        check_sample_tokenizer(config, tokenizer)  # on every rank, before any of them waits for another
         samples = sample_factory(config, tokenizer)
 
         def build():
