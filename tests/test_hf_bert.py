@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from test_hf_convert import (  # noqa: E402
     _assert_files_hold_each_ranks_shards, _assert_trains_under_any_layout, _edit_config,
-    _export_gives_back_the_same_tensors, _hf_tensors, _one_line, _perturb, _run,
+    _export_gives_back_the_same_tensors, _hf_tensors, _one_line, _perturb, _run, _write_model_checkpoint,
 )
 
 from megalith.config import ModelConfig  # noqa: E402
@@ -27,7 +27,6 @@ from megalith.models.registry import BUILTIN_MODELS  # noqa: E402
 from megalith.training.hf_bert import BERT, bert_config_from_hf  # noqa: E402
 from megalith.training.hf_convert import (  # noqa: E402
     CHECK_TOLERANCE, check_logits, hf_to_megalith, megalith_to_hf, open_checkpoint, read_global_tensors,
-    write_checkpoint,
 )
 from megalith.training.hf_families import family_for_hf, family_for_model  # noqa: E402
 
@@ -193,10 +192,8 @@ def test_tf_layernorm_names_are_read_and_a_lone_pooler_is_refused(models, tmp_pa
 def test_export_refuses_a_pre_norm_bert(tmp_path):
     """Megatron's default (pre-norm) BERT has no Hugging Face counterpart: one line says why."""
     config = ModelConfig(**BUILTIN_MODELS["bert"].defaults)
-    tensors = {n: p.detach()[: config.vocab_size] if "word_embeddings" in n else p.detach()
-               for n, p in BertModel(config).named_parameters()}
     ckpt = str(tmp_path / "ckpt")
-    write_checkpoint(tensors, config, ckpt, 1, 1, 1, BERT)
+    _write_model_checkpoint(BertModel(config), config, ckpt, BERT)
     with pytest.raises(ConfigError) as error:
         megalith_to_hf(ckpt, str(tmp_path / "hf"))
     assert "BERT needs post-norm layers" in _one_line(error) and "--post-layer-norm" in str(error.value)

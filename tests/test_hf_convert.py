@@ -22,7 +22,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from megalith.config import ModelConfig  # noqa: E402
 from megalith.errors import ConfigError  # noqa: E402
-from megalith.models.gpt import GPTModel  # noqa: E402
+from megalith.models.gpt import PADDED_VOCAB_PARAMETERS, GPTModel  # noqa: E402
 from megalith.models.parallel_context import StageSpec  # noqa: E402
 from megalith.parallel.layers import padded_vocab_size  # noqa: E402
 from megalith.parallel.pipeline.split import split_layers  # noqa: E402
@@ -83,6 +83,13 @@ def model_config_from_hf(hf: dict, names=()) -> ModelConfig:
 
 def _hf_tensors(path: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(path, "model.safetensors"))
+
+
+def _write_model_checkpoint(model: torch.nn.Module, config: ModelConfig, ckpt: str, family, pp: int = 1) -> None:
+    """A whole megalith model's parameters as a converted checkpoint (vocabulary padding cut off)."""
+    tensors = {n: p.detach()[: config.vocab_size] if n.endswith(PADDED_VOCAB_PARAMETERS) else p.detach()
+               for n, p in model.named_parameters()}
+    write_checkpoint(tensors, config, ckpt, 1, pp, 1, family)
 
 
 def _one_line(error: pytest.ExceptionInfo) -> str:
@@ -347,8 +354,7 @@ def test_export_refuses_a_model_no_hf_architecture_fits(tmp_path):
                          position_embedding_type="rope", hidden_dropout=0.0, attention_dropout=0.0)
     model = GPTModel(config)
     ckpt = str(tmp_path / "ckpt")
-    write_checkpoint({n: p.detach()[: config.vocab_size] if "word_embeddings" in n else p.detach()
-                      for n, p in model.named_parameters()}, config, ckpt, 1, 1, 1, GPT2)
+    _write_model_checkpoint(model, config, ckpt, GPT2)
     with pytest.raises(ConfigError) as error:
         megalith_to_hf(ckpt, str(tmp_path / "hf"))
     assert "GPT-2 needs learned positions" in _one_line(error) and "rotary positions" in str(error.value)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from test_hf_convert import (  # noqa: E402
     _assert_trains_under_any_layout, _edit_config, _export_gives_back_the_same_tensors, _hf_tensors, _one_line,
-    _perturb,
+    _perturb, _write_model_checkpoint,
 )
 
 from megalith.cli import main  # noqa: E402
@@ -35,7 +35,6 @@ from megalith.training.checkpoint import placement_of  # noqa: E402
 from megalith.training.checkpoint_format import PIECES_KEY, pieces, shard_file_name  # noqa: E402
 from megalith.training.hf_convert import (  # noqa: E402
     CHECK_TOLERANCE, check_logits, hf_to_megalith, megalith_to_hf, open_checkpoint, read_global_tensors,
-    write_checkpoint,
 )
 from megalith.training.hf_families import family_for_hf, family_for_model  # noqa: E402
 from megalith.training.hf_t5 import T5  # noqa: E402
@@ -252,10 +251,8 @@ def test_stored_tied_copies_and_the_unused_cross_attention_bias_are_read(models,
 def test_export_refuses_an_untied_t5(tmp_path):
     """megalith's untied T5 (and other T5 variants) has no T5 v1.0 counterpart: one line says why."""
     config = _t5_config(1, 1, untie_embeddings_and_output_weights=True)
-    tensors = {n: p.detach()[: config.vocab_size] if n.endswith(("word_embeddings.weight", "output_layer.weight"))
-               else p.detach() for n, p in T5Model(config).named_parameters()}
     ckpt = str(tmp_path / "ckpt")
-    write_checkpoint(tensors, config, ckpt, 1, 2, 1, T5)
+    _write_model_checkpoint(T5Model(config), config, ckpt, T5, pp=2)
     with pytest.raises(ConfigError) as error:
         megalith_to_hf(ckpt, str(tmp_path / "hf"))
     assert "T5 needs a ReLU MLP" in _one_line(error) and "an untied output layer" in str(error.value)

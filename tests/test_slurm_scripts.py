@@ -204,6 +204,24 @@ def megalith_flags(words: list[str]) -> tuple[list[str], list[str]]:
     return words[:split], words[split + 3:]
 
 
+def torchrun_node_flags(slurm: FakeSlurm, port: str, ckpt: str) -> list[str]:
+    """The torchrun form on a 4-node, 8-GPU job submitted with --bf16: each node's torchrun has its
+    node rank and the first node as rendezvous, and all run the same megalith flags (returned),
+    ending with the checkpoint flags for `ckpt` and the script's arguments."""
+    flag_sets = []
+    for node in range(4):
+        settings, words = slurm.task_command(node)
+        assert settings == {"WANDB_MODE": "offline"}  # GPUs: no gloo, no OMP_NUM_THREADS
+        launcher, flags = megalith_flags(words)
+        assert launcher == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "4",
+                            "--node-rank", str(node), "--master-addr", HOSTS[0], "--master-port", port]
+        assert flags[-8:] == ["--save", ckpt, "--load", ckpt, "--save-interval", "1000", "--exit-signal-handler",
+                              "--bf16"]
+        flag_sets.append(flags)
+    assert all(flags == flag_sets[0] for flags in flag_sets)
+    return flag_sets[0]
+
+
 def test_scripts_parse_as_bash():
     for script in (SBATCH, LAUNCH, *SIBLINGS.values()):
         done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
@@ -242,22 +260,13 @@ def test_torchrun_form_one_task_per_node(tmp_path):
     assert slurm.lines("scontrol") == [["show", "hostnames", NODELIST]]
     assert slurm.tasks() == 4
     ckpt = str(tmp_path / "run" / "checkpoints")
-    flag_sets = []
+    flags = torchrun_node_flags(slurm, port, ckpt)
     for node in range(4):
-        settings, words = slurm.task_command(node)
-        assert settings == {"WANDB_MODE": "offline"}  # GPUs: no gloo, no OMP_NUM_THREADS
-        launcher, flags = megalith_flags(words)
-        assert launcher == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "4",
-                            "--node-rank", str(node), "--master-addr", HOSTS[0], "--master-port", port]
-        assert flags[-8:] == ["--save", ckpt, "--load", ckpt, "--save-interval", "1000", "--exit-signal-handler",
-                              "--bf16"]
-        flag_sets.append(flags)
         env = slurm.task_env(node)
         assert (env["SLURM_NODEID"], env["SLURMD_NODENAME"]) == (str(node), HOSTS[node])
         assert (env["TORCH_NCCL_ASYNC_ERROR_HANDLING"], env["CUDA_DEVICE_MAX_CONNECTIONS"]) == ("1", "1")
         assert (env["NCCL_DEBUG"], env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) == ("WARN", "300")
         assert "NCCL_SOCKET_IFNAME" not in env  # site-specific: never guessed
-    assert all(flags == flag_sets[0] for flags in flag_sets)
     config = parse_pretrain_args([*flags, "--distributed-backend", "gloo"], world_size=32)
     assert (config.distributed.tensor_model_parallel_size, config.distributed.pipeline_model_parallel_size,
             config.data_parallel_size, config.num_micro_batches) == (2, 2, 8, 4)  # 64 / (2 x dp 8)
@@ -488,18 +497,7 @@ def test_siblings_torchrun_form_runs_their_launch_script_on_every_node(tmp_path,
     (srun,) = slurm.lines("srun")
     assert srun[:5] == ["--nodes=4", "--ntasks=4", "--ntasks-per-node=1", "--cpus-per-task=64", "bash"]
     assert srun[5:9] == ["-c", 'NODE_RANK="${SLURM_NODEID}" exec bash "$@"', "node", f"scripts/pretrain_{model}.sh"]
-    ckpt = f"runs/{model}/checkpoints"
-    flag_sets = []
-    for node in range(4):
-        settings, words = slurm.task_command(node)
-        assert settings == {"WANDB_MODE": "offline"}
-        launcher, flags = megalith_flags(words)
-        assert launcher == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "4",
-                            "--node-rank", str(node), "--master-addr", HOSTS[0], "--master-port", port]
-        assert flags[-8:] == ["--save", ckpt, "--load", ckpt, "--save-interval", "1000", "--exit-signal-handler",
-                              "--bf16"]
-        flag_sets.append(flags)
-    assert all(flags == flag_sets[0] for flags in flag_sets)
+    flags = torchrun_node_flags(slurm, port, f"runs/{model}/checkpoints")
     config = parse_pretrain_args([*flags, "--distributed-backend", "gloo"], world_size=32)
     assert config.training.model == model and config.model.params_dtype == "bf16"
     assert (config.distributed.tensor_model_parallel_size, config.distributed.pipeline_model_parallel_size,
