@@ -18,11 +18,9 @@ def _model_config(args: argparse.Namespace):
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from megalith.config import parse_layout
-    from megalith.verify import VerifySettings, check_layouts, format_table, run_verify
-
-    from megalith.config import explicit_flags
+    from megalith.config import config_from_arguments, explicit_flags, parse_layout
     from megalith.models.registry import get_model_spec
+    from megalith.verify import VerifySettings, check_layouts, format_table, run_verify
 
     layouts = [parse_layout(text) for text in args.layouts]
     given = explicit_flags(args)
@@ -30,14 +28,7 @@ def _verify(args: argparse.Namespace) -> int:
         if name not in given:
             setattr(args, name, value)
     config = get_model_spec(args.model).resolved(_model_config(args))
-    settings = VerifySettings(model=args.model, config=config, steps=args.steps, micro_batches=args.micro_batches,
-                              micro_batch_size=args.micro_batch_size, lr=args.lr, min_lr=args.min_lr,
-                              lr_warmup_iters=args.lr_warmup_iters, lr_decay_style=args.lr_decay_style,
-                              weight_decay=args.weight_decay, clip_grad=args.clip_grad, adam_eps=args.adam_eps,
-                              optimizer=args.optimizer, ddp_bucket_size=args.ddp_bucket_size,
-                              initial_loss_scale=args.initial_loss_scale, seed=args.seed, schedule=args.schedule,
-                              decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
-                              decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers)
+    settings = config_from_arguments(args, VerifySettings, model=args.model, config=config)
     check_layouts(settings, layouts)
     print(f"verify {args.model}: {config.num_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_attention_heads} heads ({config.num_query_groups} query groups), {config.params_dtype}; "
@@ -64,7 +55,7 @@ def _bench_overhead(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from megalith.training.arguments import resolve_pretrain_config, world_size_from_env
+    from megalith.config.arguments import resolve_pretrain_config, world_size_from_env
     from megalith.training.loop import run_pretrain
 
     config = resolve_pretrain_config(args, world_size_from_env())  # every check before any process group
@@ -72,10 +63,10 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _topology(args: argparse.Namespace) -> int:
-    from megalith.parallel.grid import RankGrid
+    from megalith.config import Layout
 
-    grid = RankGrid(args.world_size, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                    cp=args.context_parallel_size)
+    grid = Layout.over_world(args.world_size, tp=args.tensor_model_parallel_size,
+                             pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size).grid()
     print(f"layout {grid}, order {grid.ORDER}")
     kinds = [kind for kind in grid.GROUP_KINDS if kind != "tp_cp"]
     print("rank  tp cp dp pp  " + "  ".join(kinds))
@@ -100,10 +91,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, overrides: dict) -> No
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from megalith.parallel.pipeline.schedules import validate_schedule_args
+    from megalith.parallel.pipeline.schedules import default_schedule, validate_schedule_args
     from megalith.parallel.pipeline.timeline import describe_schedule
-
-    from megalith.training.config import default_schedule
 
     schedule = args.schedule or default_schedule(args.pp, args.vpp)
     validate_schedule_args(schedule, args.pp, args.vpp, args.micro_batches)
@@ -114,9 +103,11 @@ def _schedule(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megalith.config import add_config_arguments
     from megalith.models.registry import BUILTIN_MODELS
     from megalith.overhead import DEFAULT_BENCH_CONFIG
     from megalith.parallel.pipeline.schedules import SCHEDULES
+    from megalith.verify import VerifySettings
 
     parser = argparse.ArgumentParser(prog="megalith", description="Megatron-style 3D-parallel transformer training.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -135,44 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: %(default)s)")
     verify.add_argument("--layouts", nargs="+", default=DEFAULT_VERIFY_LAYOUTS, metavar="LAYOUT",
                         help="dotted tokens: tpN, ppN, vppN, dpN, mbN (micro-batches per dp rank), sp, zero1 "
-                        "(distributed optimizer), recompute-full, recompute-selective, bf16, fp16 "
-                        "(default: %(default)s)")
-    verify.add_argument("--schedule", choices=SCHEDULES, default=None,
-                        help="pipeline schedule (default: no-pipelining at pp 1, 1f1b, interleaved-1f1b with vpp)")
-    verify.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
-                        help="layers on the first pipeline stage (the rest split evenly)")
-    verify.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
-                        help="layers on the last pipeline stage (the rest split evenly)")
-    verify.add_argument("--steps", type=int, default=3, help="optimizer steps (default: %(default)s)")
-    verify.add_argument("--micro-batches", type=int, default=4,
-                        help="micro-batches per step in the reference; the global batch is micro-batches x "
-                        "micro-batch-size sequences, the same for every layout (default: %(default)s)")
-    verify.add_argument("--micro-batch-size", type=int, default=2,
-                        help="sequences per micro-batch, unless a layout's mbN token says otherwise (default: %(default)s)")
-    verify.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
-                        help="adam: decoupled weight decay (AdamW), as Megatron's adam (default: %(default)s)")
-    verify.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
-    verify.add_argument("--min-lr", type=float, default=1e-4, help="(default: %(default)s)")
-    verify.add_argument("--lr-warmup-iters", type=int, default=1, help="(default: %(default)s)")
-    verify.add_argument("--lr-decay-style", default="cosine",
-                        choices=("constant", "linear", "cosine", "inverse-square-root"), help="(default: %(default)s)")
-    verify.add_argument("--weight-decay", type=float, default=0.01,
-                        help="not applied to biases and norms (default: %(default)s)")
-    verify.add_argument("--clip-grad", type=float, default=1.0,
-                        help="clip by the global gradient norm; 0 turns it off (default: %(default)s)")
-    verify.add_argument("--adam-eps", type=float, default=1e-6,
-                        help="AdamW epsilon (default: %(default)s; at 1e-8 Adam amplifies fp32 rounding noise of "
-                        "near-zero gradients past the 1e-5 tolerance in any layout)")
-    verify.add_argument("--ddp-bucket-size", type=int, default=20_000,
-                        help="data-parallel bucket size in elements; small so that the model has several buckets "
-                        "(default: %(default)s)")
-    verify.add_argument("--initial-loss-scale", type=float, default=2.0**12,
-                        help="fp16 layouts' dynamic loss scale at the start (default: %(default)s)")
-    verify.add_argument("--seed", type=int, default=1234)
+                        "(distributed optimizer), recompute-full, recompute-selective, bf16, fp16, a schedule name "
+                        "(1f1b, gpipe, interleaved-1f1b, no-pipelining); cpN, epN, etpN are parsed and refused until "
+                        "their layers exist (default: %(default)s)")
+    add_config_arguments(verify.add_argument_group("training"), VerifySettings)
     _add_model_arguments(verify, BUILTIN_MODELS["gpt"].defaults)
     verify.set_defaults(run=_verify)
 
-    from megalith.training.arguments import PRETRAIN_DESCRIPTION, PRETRAIN_USAGE, add_pretrain_arguments
+    from megalith.config.arguments import PRETRAIN_DESCRIPTION, PRETRAIN_USAGE, add_pretrain_arguments
 
     pretrain = commands.add_parser(
         "pretrain", help="train a model with tensor, pipeline and data parallelism (under torchrun or srun)",
@@ -217,29 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
     from megalith.data.preprocess import add_preprocess_arguments, run_preprocess
     from megalith.data.tokenizers import add_train_tokenizer_arguments, run_train_tokenizer
 
-    preprocess = commands.add_parser(
-        "preprocess", help="tokenize JSON lines into a Megatron-compatible indexed dataset (.bin/.idx)",
-        description="Tokenize a JSON-lines file (one document per line) with worker processes and write "
-        "PREFIX_<key>_document.bin/.idx, byte-compatible with Megatron's tools/preprocess_data.py.",
-    )
-    add_preprocess_arguments(preprocess)
-    preprocess.set_defaults(run=run_preprocess)
-
-    train_tokenizer = commands.add_parser(
-        "train-tokenizer", help="train a SentencePiece model on a text or JSON-lines corpus",
-        description="Train a SentencePiece model (for --tokenizer-type SentencePieceTokenizer) with megalith's "
-        "special tokens reserved in its vocabulary.",
-    )
-    add_train_tokenizer_arguments(train_tokenizer)
-    train_tokenizer.set_defaults(run=run_train_tokenizer)
-
-    corpus = commands.add_parser(
-        "corpus", help="build the embedded default corpus (text that ships with Python) and print its paths",
-        description="Build, once, a small real-text corpus from documentation that every Python installation "
-        "carries, a SentencePiece model trained on it and its .bin/.idx dataset; nothing is downloaded.",
-    )
-    add_build_corpus_arguments(corpus)
-    corpus.set_defaults(run=run_build_corpus)
+    data_commands = [  # (name, help, description, add its arguments, run it)
+        ("preprocess", "tokenize JSON lines into a Megatron-compatible indexed dataset (.bin/.idx)",
+         "Tokenize a JSON-lines file (one document per line) with worker processes and write "
+         "PREFIX_<key>_document.bin/.idx, byte-compatible with Megatron's tools/preprocess_data.py.",
+         add_preprocess_arguments, run_preprocess),
+        ("train-tokenizer", "train a SentencePiece model on a text or JSON-lines corpus",
+         "Train a SentencePiece model (for --tokenizer-type SentencePieceTokenizer) with megalith's "
+         "special tokens reserved in its vocabulary.", add_train_tokenizer_arguments, run_train_tokenizer),
+        ("corpus", "build the embedded default corpus (text that ships with Python) and print its paths",
+         "Build, once, a small real-text corpus from documentation that every Python installation "
+         "carries, a SentencePiece model trained on it and its .bin/.idx dataset; nothing is downloaded.",
+         add_build_corpus_arguments, run_build_corpus),
+    ]
+    for name, summary, description, add_arguments, run in data_commands:
+        command = commands.add_parser(name, help=summary, description=description)
+        add_arguments(command)
+        command.set_defaults(run=run)
 
     from megalith.training.hf_convert import add_convert_arguments, run_convert
 

@@ -54,13 +54,12 @@ def pretrain_on_rank(ctx, argv: list[str], world_size: int) -> list[str] | None:
     """Run `megalith pretrain argv` for `world_size` processes on a RankPool rank (`pool.run(
     pretrain_on_rank, argv, n)`): the lines the last rank printed; None on ranks the layout leaves
     idle. Compare runs through --log-json files (see tests/test_pretrain.py)."""
-    from megalith.training.arguments import parse_pretrain_args
+    from megalith.config.arguments import parse_pretrain_args
     from megalith.training.loop import pretrain
 
     config = parse_pretrain_args(argv, world_size)
-    dist = config.distributed
-    state = ctx.parallel_state(tp=dist.tensor_model_parallel_size, pp=dist.pipeline_model_parallel_size,
-                               dp=config.data_parallel_size)
+    layout = config.layout
+    state = ctx.parallel_state(tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=layout.dp)
     if state is None:
         return None
     lines: list[str] = []

@@ -30,53 +30,61 @@ data-parallel splitting changes it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from megalith.config import Layout, ModelConfig
+from megalith.config import Layout, ModelConfig, flag_field
+from megalith.config.optimizer import OPTIMIZER_NAMES, OptimizerConfig
 from megalith.errors import ConfigError
 from megalith.models.gpt import PADDED_VOCAB_PARAMETERS, TIED_COPY_ALIASES
-from megalith.models.parallel_context import ParallelContext
 from megalith.models.registry import ModelSpec, get_model_spec
 from megalith.parallel.layers import gather_full_parameter
-from megalith.parallel.pipeline.schedules import validate_schedule_args
+from megalith.parallel.pipeline.schedules import SCHEDULES, validate_schedule_args
 from megalith.parallel.pipeline.split import split_layers
-from megalith.parallel.rng import model_parallel_rng_tracker
 from megalith.parallel.spawn import RankPool
 from megalith.testing import RELATIVE_TOLERANCES, Tolerance, relative_error
 from megalith.training.batch import BatchPlan
-from megalith.training.config import OptimizerConfig, default_schedule
 from megalith.training.loss_scaler import make_loss_scaler
 from megalith.training.lr_schedule import LRSchedule
-from megalith.training.step import StepRunner, assemble_runner, sequence_mean_loss
+from megalith.training.step import StepPlan, StepRunner, assemble_runner, sequence_mean_loss
 
 ALIASES = TIED_COPY_ALIASES
 
 
 @dataclass(frozen=True)
 class VerifySettings:
+    """What every layout trains: the model, and `megalith verify`'s flags (generated from these fields)."""
+
     model: str
     config: ModelConfig
-    steps: int = 3
-    micro_batches: int = 4  # of the reference; the global batch is micro_batches x micro_batch_size
-    micro_batch_size: int = 2
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    lr_warmup_iters: int = 1
-    lr_warmup_init: float = 1e-4
-    lr_decay_style: str = "cosine"
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    adam_eps: float = 1e-6
-    optimizer: str = "adam"
-    ddp_bucket_size: int = 20_000  # small, so that a model has several buckets and overlap is exercised
-    initial_loss_scale: float = 2.0**12  # fp16: large enough to matter, small enough not to overflow here
-    hysteresis: int = 2
-    seed: int = 1234
-    schedule: str | None = None  # None: no-pipelining at pp 1, 1f1b, interleaved-1f1b with vpp > 1
-    decoder_first_pipeline_num_layers: int | None = None
-    decoder_last_pipeline_num_layers: int | None = None
+    steps: int = flag_field(3, "optimizer steps")
+    micro_batches: int = flag_field(4, "micro-batches per step in the reference; the global batch is micro-batches x "
+                                    "micro-batch-size sequences, the same for every layout")
+    micro_batch_size: int = flag_field(2, "sequences per micro-batch, unless a layout's mbN token says otherwise")
+    lr: float = flag_field(1e-3, "peak learning rate")
+    min_lr: float = flag_field(1e-4, "learning rate at the end of the decay")
+    lr_warmup_iters: int = flag_field(1, "linear warm-up iterations")
+    lr_warmup_init: float = flag_field(1e-4, "learning rate at the start of the warm-up")
+    lr_decay_style: str = flag_field("cosine", "decay after the warm-up",
+                                     ("constant", "linear", "cosine", "inverse-square-root"))
+    weight_decay: float = flag_field(0.01, "not applied to biases and norms")
+    clip_grad: float = flag_field(1.0, "clip by the global gradient norm; 0 turns it off")
+    adam_eps: float = flag_field(1e-6, "AdamW epsilon (at 1e-8 Adam amplifies fp32 rounding noise of near-zero "
+                                 "gradients past the 1e-5 tolerance in any layout)")
+    optimizer: str = flag_field("adam", "adam: decoupled weight decay (AdamW), as Megatron's adam", OPTIMIZER_NAMES)
+    ddp_bucket_size: int = flag_field(20_000, "data-parallel bucket size in elements; small so that the model has "
+                                      "several buckets and overlap is exercised")
+    initial_loss_scale: float = flag_field(2.0**12, "fp16 layouts' dynamic loss scale at the start (large enough to "
+                                           "matter, small enough not to overflow here)")
+    hysteresis: int = flag_field(2, "fp16 layouts: overflows tolerated before the dynamic scale halves")
+    seed: int = flag_field(1234, "seed of initialisation and data")
+    schedule: str | None = flag_field(None, "pipeline schedule of every layout without a schedule token (None: "
+                                      "no-pipelining at pp 1, 1f1b, interleaved-1f1b with vpp)", SCHEDULES)
+    decoder_first_pipeline_num_layers: int | None = flag_field(
+        None, "layers on the first pipeline stage (the rest split evenly)")
+    decoder_last_pipeline_num_layers: int | None = flag_field(
+        None, "layers on the last pipeline stage (the rest split evenly)")
 
     @property
     def global_batch_size(self) -> int:
@@ -112,28 +120,12 @@ class LayoutResult:
                 and self.param_error < t.params)
 
 
-@dataclass(frozen=True)
-class RunPlan:
-    """How one layout runs: schedule, batch split and every stage's layers."""
-
-    layout: Layout
-    schedule: str
-    batch: BatchPlan
-    stage_layers: list[list[int]]
-
-    @property
-    def microbatches(self) -> int:
-        return self.batch.num_micro_batches
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.batch.micro_batch_size
-
-
-def plan(settings: VerifySettings, layout: Layout) -> RunPlan:
-    """Check a layout against the model and the batch before any rank starts; one line if it fails."""
+def plan(settings: VerifySettings, layout: Layout) -> StepPlan:
+    """Check a layout against the model and the batch before any rank starts (one line if it
+    fails), and plan its step as `megalith pretrain` plans one."""
+    layout.check_implemented()
     config = layout.apply_to(settings.config)
-    config.check_parallel(layout.parallel_config())
+    layout.check_model(config)
     size = settings.global_batch_size
     micro_batch_size = settings.micro_batch_size
     if layout.microbatches:
@@ -150,16 +142,18 @@ def plan(settings: VerifySettings, layout: Layout) -> RunPlan:
             f"multiple of {layout.dp}"
         )
     batch = BatchPlan(size, micro_batch_size, layout.dp)
-    get_model_spec(settings.model).check_virtual_pipeline(layout.vpp)
+    spec = get_model_spec(settings.model)
+    spec.check_virtual_pipeline(layout.vpp)
     uneven = layout.pp > 1
     stage_layers = split_layers(
         config.num_layers, layout.pp, layout.vpp,
         settings.decoder_first_pipeline_num_layers if uneven else None,
         settings.decoder_last_pipeline_num_layers if uneven else None,
     )
-    schedule = settings.schedule or default_schedule(layout.pp, layout.vpp)
-    validate_schedule_args(schedule, layout.pp, layout.vpp, batch.num_micro_batches)
-    return RunPlan(layout, schedule, batch, stage_layers)
+    layout = replace(layout, schedule=layout.schedule or settings.schedule)
+    validate_schedule_args(layout.pipeline_schedule, layout.pp, layout.vpp, batch.num_micro_batches)
+    return StepPlan(spec, config, layout, batch, stage_layers, settings.seed, settings.ddp_bucket_size,
+                    accumulate_in_fp32=config.params_dtype != "fp16")
 
 
 def global_batch(settings: VerifySettings, spec: ModelSpec, step: int) -> dict:
@@ -170,22 +164,10 @@ def global_batch(settings: VerifySettings, spec: ModelSpec, step: int) -> dict:
 
 def build_runner(settings: VerifySettings, layout: Layout, state=None, record: bool = False) -> StepRunner:
     """This rank's part of `layout`, assembled as `megalith pretrain` assembles it (state None: one process)."""
-    run = plan(settings, layout)
-    config = layout.apply_to(settings.config)
-    ctx = ParallelContext(
-        state.tp_group if state is not None else None, layout.sequence_parallel,
-        model_parallel_rng_tracker(settings.seed, state.tp_rank if state else 0),
-        embedding_group=state.embedding_group if state is not None else None,
-        pipeline_group=state.pp_group if state is not None else None,
-    )
-    scaler = make_loss_scaler(fp16=config.params_dtype == "fp16", loss_scale=None,
+    step = plan(settings, layout)
+    scaler = make_loss_scaler(fp16=step.model.params_dtype == "fp16", loss_scale=None,
                               initial_loss_scale=settings.initial_loss_scale, hysteresis=settings.hysteresis)
-    return assemble_runner(
-        state, build=get_model_spec(settings.model).build, model_config=config, ctx=ctx, seed=settings.seed,
-        stage_layers=run.stage_layers, vpp=layout.vpp, schedule=run.schedule, micro_batches=run.microbatches,
-        micro_batch_size=run.micro_batch_size, bucket_size=settings.ddp_bucket_size, overlap=True,
-        accumulate_in_fp32=config.params_dtype != "fp16", shard=layout.zero1,
-        optimizer_config=settings.optimizer_config(), loss_scaler=scaler, record=record)
+    return assemble_runner(step, state, settings.optimizer_config(), scaler, record=record)
 
 
 def train(settings: VerifySettings, layout: Layout | None = None, state=None, step_hook=None):
@@ -195,7 +177,7 @@ def train(settings: VerifySettings, layout: Layout | None = None, state=None, st
     process. `step_hook(step, StepReport)`, if given, sees every step with its recorded timeline."""
     layout = layout or Layout()
     spec = get_model_spec(settings.model)
-    run = plan(settings, layout)
+    batch = plan(settings, layout).batch
     runner = build_runner(settings, layout, state, record=step_hook is not None)
     dp_rank = state.dp_rank if state is not None else 0
     tp_group = state.tp_group if state is not None else None
@@ -206,7 +188,7 @@ def train(settings: VerifySettings, layout: Layout | None = None, state=None, st
 
     losses, norms, first_grads = [], [], None
     for step in range(settings.steps):
-        micro = run.batch.micro_batches(global_batch(settings, spec, step), dp_rank)
+        micro = batch.micro_batches(global_batch(settings, spec, step), dp_rank)
 
         def probe():
             nonlocal first_grads
@@ -250,7 +232,7 @@ def _train_on_rank(ctx, settings: VerifySettings, layout: Layout | None, referen
         if ctx.rank != 0:
             return None
         return train(settings, Layout(precision=layout.precision if layout else "fp32"))
-    state = ctx.parallel_state(tp=layout.tp, pp=layout.pp, dp=layout.dp)
+    state = ctx.parallel_state(tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=layout.dp)
     if state is None:
         return None  # outside this layout: idle
     result = train(settings, layout, state)

@@ -19,7 +19,7 @@ from megalith.data.t5_dataset import T5Dataset
 from megalith.errors import ConfigError
 from megalith.models.registry import BUILTIN_MODELS
 from megalith.training import data as training_data
-from megalith.training.arguments import parse_pretrain_args
+from megalith.config.arguments import parse_pretrain_args
 from megalith.training.batch import BatchPlan
 from megalith.training.data import (TRAIN_SPLIT, VALID_SPLIT, DatasetBatches, dataset_kind,
                                     run_tokenizer)
@@ -57,9 +57,9 @@ def batches(config):
 def global_batch(config, split, index, first_sample=None):
     """Every dp rank's micro-batches of batch `index`, concatenated in rank order."""
     source, plan = batches(config), BatchPlan(config.global_batch_size, config.training.micro_batch_size,
-                                              config.data_parallel_size)
+                                              config.layout.dp)
     parts = []
-    for rank in range(config.data_parallel_size):
+    for rank in range(config.layout.dp):
         get = source.micro_batches(plan, rank, split, index, first_sample)
         parts += [get(m) for m in range(plan.num_micro_batches)]
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

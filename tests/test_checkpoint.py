@@ -16,7 +16,7 @@ import torch
 from megalith.errors import ConfigError
 from megalith.parallel.spawn import free_port
 from megalith.testing import pretrain_on_rank, relative_error
-from megalith.training.arguments import parse_pretrain_args
+from megalith.config.arguments import parse_pretrain_args
 from megalith.training.checkpoint_format import TRACKER_FILE, CheckpointReader
 
 BASE = ["--mock-data", "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",

@@ -21,7 +21,8 @@ def test_verify_runs_end_to_end():
 @pytest.mark.parametrize(
     "argv,fragment",
     [
-        (["verify", "--layouts", "tp2.ep2"], "unknown layout token 'ep2'"),
+        (["verify", "--layouts", "tp2.ep2"], "--expert-model-parallel-size 2 is not supported yet"),
+        (["verify", "--layouts", "tp2.xp2"], "unknown layout token 'xp2'"),
         (["verify", "--layouts", "tp2", "--params-dtype", "bf16"], "add the bf16 token to a layout (e.g. tp2.bf16)"),
         (["verify", "--layouts", "tp4.sp", "--seq-length", "30"], "sequence length 30 is not divisible by --tensor-model-parallel-size 4"),
         (["verify", "--layouts", "tp4", "--num-attention-heads", "6", "--hidden-size", "48"], "number of attention heads 6 is not divisible by --tensor-model-parallel-size 4"),
@@ -29,7 +30,7 @@ def test_verify_runs_end_to_end():
         (["verify", "--layouts", "tp2", "--hidden-size", "60"], "hidden size 60 is not divisible by the number of attention heads 8"),
         (["verify", "--layouts", "tp2", "--num-query-groups", "3"], "heads 8 is not divisible by the number of query groups 3"),
         (["verify", "--recompute-method", "block"], "need --recompute-granularity full"),
-        (["topology", "--world-size", "8", "--tp", "3"], "does not divide world size 8"),
+        (["topology", "--world-size", "8", "--tp", "3"], "world size 8 is not divisible by --tensor-model-parallel-size 3"),
     ],
 )
 def test_bad_input_is_one_line_before_any_rank_starts(capsys, argv, fragment):

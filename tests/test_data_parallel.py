@@ -292,7 +292,8 @@ def test_a_chunk_mixing_dtypes_is_refused():
 
 def test_layout_tokens_for_data_parallel_and_precision():
     layout = parse_layout("tp2.pp2.dp2.sp.zero1.bf16")
-    assert (layout.tp, layout.pp, layout.dp, layout.zero1, layout.precision) == (2, 2, 2, True, "bf16")
+    assert (layout.tp, layout.pp, layout.dp, layout.zero, layout.distributed_optimizer, layout.precision) == (
+        2, 2, 2, 1, True, "bf16")
     assert layout.world_size == 8 and str(layout) == "tp2.pp2.dp2.sp.zero1.bf16"
     assert str(parse_layout("dp4.zero1")) == "dp4.zero1"
     with pytest.raises(ConfigError, match="does not split into dp 4 x 3 micro-batches"):

@@ -14,7 +14,7 @@ from megalith.cli import main
 from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.parallel.spawn import free_port
 from megalith.testing import log_record_errors, pretrain_on_rank
-from megalith.training.config import OptimizerConfig
+from megalith.config.optimizer import OptimizerConfig
 from megalith.training.log_line import parse_log_line
 from megalith.training.optimizer import ParallelOptimizer
 

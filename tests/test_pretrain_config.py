@@ -11,7 +11,7 @@ import torch.distributed
 
 import megalith.device
 from megalith.errors import ConfigError
-from megalith.training.arguments import (
+from megalith.config.arguments import (
     add_pretrain_arguments,
     build_pretrain_parser,
     resolve_pretrain_config,
@@ -19,8 +19,8 @@ from megalith.training.arguments import (
     world_size_from_env,
     write_resolved_config,
 )
-from megalith.training.config import SECTIONS, section_fields
-from megalith.training.arguments import parse_pretrain_args as parse_with_data_flags
+from megalith.config.pretrain import SECTIONS, section_fields
+from megalith.config.arguments import parse_pretrain_args as parse_with_data_flags
 from megalith.training.loss_scaler import ConstantLossScaler
 
 
@@ -86,8 +86,8 @@ def test_defaults_are_megatrons_and_the_registrys(cpu_only, no_process_groups):
     assert (config.optimizer.lr, config.optimizer.adam_eps, config.optimizer.lr_decay_style) == (1e-4, 1e-8, "linear")
     assert (config.precision.initial_loss_scale, config.precision.hysteresis) == (4294967296.0, 2)
     assert (config.training.train_iters, config.training.log_interval, config.training.eval_iters) == (100, 100, 100)
-    assert (config.data_parallel_size, config.virtual_pipeline_size, config.num_micro_batches) == (1, 1, 1)
-    assert (config.global_batch_size, config.pipeline_schedule, config.distributed_backend) == (1, "no-pipelining", "gloo")
+    assert (config.layout.dp, config.layout.vpp, config.num_micro_batches) == (1, 1, 1)
+    assert (config.global_batch_size, config.layout.pipeline_schedule, config.distributed_backend) == (1, "no-pipelining", "gloo")
     assert config.ddp_bucket_size == 40_000_000
     assert config.notices == ()
 
@@ -97,11 +97,11 @@ def test_derived_values_of_a_3d_layout(cpu_only):
         ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--num-layers", "8",
          "--num-layers-per-virtual-pipeline-stage", "2", "--micro-batch-size", "2", "--global-batch-size", "16"], 8)
     # dp = 8 / (2 x 2); vpp = 8 layers / (pp 2 x 2 per stage); micro-batches = 16 / (2 x dp 2)
-    assert (config.data_parallel_size, config.virtual_pipeline_size, config.num_micro_batches) == (2, 2, 4)
-    assert config.pipeline_schedule == "interleaved-1f1b"
-    assert config.parallel_config().grid(8).dp == 2
+    assert (config.layout.dp, config.layout.vpp, config.num_micro_batches) == (2, 2, 4)
+    assert config.layout.pipeline_schedule == "interleaved-1f1b"
+    assert config.layout.grid(8).dp == 2 and str(config.layout) == "tp2.pp2.vpp2.dp2.interleaved-1f1b"
     one_f_one_b = parse_pretrain_args(["--pipeline-model-parallel-size", "2", "--micro-batch-size", "3"], 4)
-    assert (one_f_one_b.pipeline_schedule, one_f_one_b.global_batch_size, one_f_one_b.num_micro_batches) == ("1f1b", 6, 1)
+    assert (one_f_one_b.layout.pipeline_schedule, one_f_one_b.global_batch_size, one_f_one_b.num_micro_batches) == ("1f1b", 6, 1)
 
 
 def test_bucket_size_follows_megatrons_default_and_flag(cpu_only):
@@ -219,7 +219,7 @@ model:
     # the command line wins, even where it repeats the default (100) or turns a switch off
     assert (config.training.micro_batch_size, config.training.train_iters) == (2, 100)
     assert config.distributed.sequence_parallel is False
-    assert (config.data_parallel_size, config.global_batch_size) == (2, 4)
+    assert (config.layout.dp, config.global_batch_size) == (2, 4)
 
 
 def test_flat_model_key_is_the_registry_name(tmp_path, cpu_only):
@@ -314,7 +314,7 @@ def test_resolved_config_round_trips_through_config(tmp_path, cpu_only):
     assert (again.model.params_dtype, again.model.recompute_method, again.optimizer.lr_warmup_fraction) == (
         "bf16", "uniform", 0.05)
     # the derived section is recomputed, not read: the same file under 16 processes has dp 4
-    assert parse_pretrain_args(["--config", path], 16).data_parallel_size == 4
+    assert parse_pretrain_args(["--config", path], 16).layout.dp == 4
 
 
 def test_to_dict_is_plain_sorted_sections():

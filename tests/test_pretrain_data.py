@@ -10,7 +10,7 @@ import torch
 from megalith.data.corpus import build_default_corpus
 from megalith.errors import ConfigError
 from megalith.testing import log_record_errors, pretrain_on_rank
-from megalith.training.arguments import parse_pretrain_args
+from megalith.config.arguments import parse_pretrain_args
 
 SMALL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
          "--micro-batch-size", "1", "--global-batch-size", "8", "--lr", "2e-3", "--lr-warmup-iters", "1",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import megalith.device
-from megalith.training.arguments import parse_pretrain_args
+from megalith.config.arguments import parse_pretrain_args
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SCRIPT = SCRIPTS / "pretrain_gpt.sh"
@@ -73,9 +73,9 @@ def test_no_gpu_runs_eight_cpu_processes_of_a_valid_3d_layout(tmp_path):
     assert Path(corpus + ".bin").is_file() and flags[flags.index("--tokenizer-type") + 1] == "SentencePieceTokenizer"
     config = parse_pretrain_args(flags, world_size=8)
     dist = config.distributed
-    assert (dist.tensor_model_parallel_size, dist.pipeline_model_parallel_size, config.data_parallel_size) == (2, 2, 2)
-    assert (dist.sequence_parallel, dist.distributed_backend, config.virtual_pipeline_size) == (True, "gloo", 2)
-    assert (config.pipeline_schedule, config.num_micro_batches) == ("interleaved-1f1b", 4)  # 16 / (2 x dp 2)
+    assert (dist.tensor_model_parallel_size, dist.pipeline_model_parallel_size, config.layout.dp) == (2, 2, 2)
+    assert (dist.sequence_parallel, dist.distributed_backend, config.layout.vpp) == (True, "gloo", 2)
+    assert (config.layout.pipeline_schedule, config.num_micro_batches) == ("interleaved-1f1b", 4)  # 16 / (2 x dp 2)
     model = config.model
     assert (model.num_layers, model.hidden_size, model.num_attention_heads, model.seq_length) == (8, 64, 4, 64)
     assert model.vocab_size == 1024  # the corpus tokenizer's
@@ -94,7 +94,7 @@ def test_gpu_node_uses_its_gpus_and_nccl(tmp_path):
     assert "--distributed-backend" not in flags and "OMP_NUM_THREADS" not in settings
     # 4 GPUs: tp2 x pp2 leaves dp 1, so 16 / 2 = 8 micro-batches (a multiple of pp 2)
     config = parse_pretrain_args([*flags, "--distributed-backend", "gloo"], world_size=4)
-    assert (config.data_parallel_size, config.num_micro_batches) == (1, 8)
+    assert (config.layout.dp, config.num_micro_batches) == (1, 8)
     assert run_script(tmp_path, gpus=4, GPUS_PER_NODE="2")[2][:2] == ["--nproc-per-node", "2"]
 
 
@@ -108,8 +108,8 @@ def test_environment_overrides(tmp_path):
     assert "--sequence-parallel" not in flags  # meaningless at tp 1
     config = parse_pretrain_args(flags, world_size=8)  # 4 per node x 2 nodes
     # pp 4, 1 layer per virtual stage: vpp = 8 / (4 x 1) = 2; dp = 8 / 4 = 2; micro-batches = 8 / (1 x 2) = 4
-    assert (config.distributed.pipeline_model_parallel_size, config.virtual_pipeline_size) == (4, 2)
-    assert (config.data_parallel_size, config.num_micro_batches) == (2, 4)
+    assert (config.distributed.pipeline_model_parallel_size, config.layout.vpp) == (4, 2)
+    assert (config.layout.dp, config.num_micro_batches) == (2, 4)
     assert (config.model.hidden_size, config.model.num_attention_heads, config.model.seq_length) == (128, 8, 32)
     assert config.training.train_iters == 20
     assert config.logging.log_json == str(tmp_path / "my run" / "log.jsonl")
@@ -119,7 +119,7 @@ def test_no_pipeline_drops_virtual_stages(tmp_path):
     _, _, _, flags = run_script(tmp_path, PP="1")
     assert "--num-layers-per-virtual-pipeline-stage" not in flags
     config = parse_pretrain_args(flags, world_size=8)
-    assert (config.data_parallel_size, config.pipeline_schedule, config.num_micro_batches) == (4, "no-pipelining", 2)
+    assert (config.layout.dp, config.layout.pipeline_schedule, config.num_micro_batches) == (4, "no-pipelining", 2)
 
 
 def test_arguments_to_the_script_come_last_and_override(tmp_path):
@@ -194,8 +194,8 @@ def test_bert_script_runs_eight_cpu_processes_on_the_corpus_sentences(tmp_path):
     config = parse_pretrain_args(flags, world_size=8)
     dist, model = config.distributed, config.model
     assert config.training.model == "bert" and config.data.vocab_extra_ids == 0
-    assert (dist.tensor_model_parallel_size, dist.pipeline_model_parallel_size, config.data_parallel_size) == (2, 2, 2)
-    assert (dist.sequence_parallel, config.virtual_pipeline_size, config.pipeline_schedule) == (True, 1, "1f1b")
+    assert (dist.tensor_model_parallel_size, dist.pipeline_model_parallel_size, config.layout.dp) == (2, 2, 2)
+    assert (dist.sequence_parallel, config.layout.vpp, config.layout.pipeline_schedule) == (True, 1, "1f1b")
     assert (model.num_layers, model.hidden_size, model.num_attention_heads, model.seq_length) == (4, 64, 4, 64)
     assert model.vocab_size == 1024 and not model.bert_no_binary_head  # the corpus tokenizer's, [CLS] etc. included
     assert (config.data.mask_prob, config.data.short_seq_prob) == (0.15, 0.1)
@@ -204,7 +204,7 @@ def test_bert_script_runs_eight_cpu_processes_on_the_corpus_sentences(tmp_path):
     assert config.notices == ()
     # interleaving when asked for; a user's tokenizer and data; synthetic tokens
     config = parse_pretrain_args(run_script(tmp_path, script=BERT_SCRIPT, VPP_LAYERS="1")[3], world_size=8)
-    assert (config.virtual_pipeline_size, config.pipeline_schedule) == (2, "interleaved-1f1b")
+    assert (config.layout.vpp, config.layout.pipeline_schedule) == (2, "interleaved-1f1b")
     _, _, _, flags = run_script(tmp_path, script=BERT_SCRIPT, DATA_PATH="0.5 a_text_sentence 0.5 b_text_sentence",
                                 TOKENIZER_TYPE="HuggingFaceTokenizer", TOKENIZER_MODEL="bert-base-uncased")
     start = flags.index("--data-path")
@@ -213,7 +213,7 @@ def test_bert_script_runs_eight_cpu_processes_on_the_corpus_sentences(tmp_path):
                                       "bert-base-uncased"]
     _, _, _, flags = run_script(tmp_path, script=BERT_SCRIPT, MOCK_DATA="1", TP="1", PP="1")
     config = parse_pretrain_args(flags, world_size=8)
-    assert config.data.mock_data and config.model.vocab_size == 512 and config.data_parallel_size == 8
+    assert config.data.mock_data and config.model.vocab_size == 512 and config.layout.dp == 8
 
 
 def test_t5_script_runs_tp2_pp2_on_the_corpus_with_sentinels(tmp_path):
@@ -223,8 +223,8 @@ def test_t5_script_runs_tp2_pp2_on_the_corpus_with_sentinels(tmp_path):
     config = parse_pretrain_args(flags, world_size=8)
     dist, model = config.distributed, config.model
     assert config.training.model == "t5" and config.data.vocab_extra_ids == 100
-    assert (dist.tensor_model_parallel_size, dist.pipeline_model_parallel_size, config.data_parallel_size) == (2, 2, 2)
-    assert dist.sequence_parallel and config.pipeline_schedule == "1f1b"
+    assert (dist.tensor_model_parallel_size, dist.pipeline_model_parallel_size, config.layout.dp) == (2, 2, 2)
+    assert dist.sequence_parallel and config.layout.pipeline_schedule == "1f1b"
     # 2 encoder + 2 decoder layers: the encoder on pipeline stage 0, the decoder on stage 1
     assert (model.encoder_num_layers, model.decoder_num_layers, model.num_layers) == (2, 2, 4)
     assert (model.seq_length, model.decoder_seq_length) == (64, 32)
@@ -234,7 +234,7 @@ def test_t5_script_runs_tp2_pp2_on_the_corpus_with_sentinels(tmp_path):
     _, _, _, flags = run_script(tmp_path, gpus=4, script=T5_SCRIPT, ENCODER_SEQ_LENGTH="128",
                                 DECODER_SEQ_LENGTH="64", VOCAB_EXTRA_IDS="50", NUM_LAYERS="4")
     config = parse_pretrain_args([*flags, "--distributed-backend", "gloo"], world_size=4)
-    assert (config.data_parallel_size, config.num_micro_batches, config.data.vocab_extra_ids) == (1, 8, 50)
+    assert (config.layout.dp, config.num_micro_batches, config.data.vocab_extra_ids) == (1, 8, 50)
     assert (config.model.seq_length, config.model.decoder_seq_length, config.model.num_layers) == (128, 64, 8)
     _, _, _, flags = run_script(tmp_path, script=T5_SCRIPT, MOCK_DATA="1")
     assert "--vocab-extra-ids" not in flags and parse_pretrain_args(flags, world_size=8).model.vocab_size == 512

@@ -22,7 +22,7 @@ import pytest
 
 import megalith.device
 from megalith.parallel.launch_env import default_slurm_port, first_slurm_host, read_launch_env
-from megalith.training.arguments import parse_pretrain_args, world_size_from_env
+from megalith.config.arguments import parse_pretrain_args, world_size_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "scripts" / "slurm" / "pretrain_gpt.sbatch"
@@ -269,7 +269,7 @@ def test_torchrun_form_one_task_per_node(tmp_path):
         assert "NCCL_SOCKET_IFNAME" not in env  # site-specific: never guessed
     config = parse_pretrain_args([*flags, "--distributed-backend", "gloo"], world_size=32)
     assert (config.distributed.tensor_model_parallel_size, config.distributed.pipeline_model_parallel_size,
-            config.data_parallel_size, config.num_micro_batches) == (2, 2, 8, 4)  # 64 / (2 x dp 8)
+            config.layout.dp, config.num_micro_batches) == (2, 2, 8, 4)  # 64 / (2 x dp 8)
     checkpointing = config.checkpointing
     assert (checkpointing.save, checkpointing.load, checkpointing.save_interval) == (ckpt, ckpt, 1000)
     assert checkpointing.exit_signal_handler and config.model.params_dtype == "bf16"
@@ -301,7 +301,7 @@ def test_srun_form_one_task_per_gpu_read_by_megalith(tmp_path):
     assert all(flags == flag_sets[0] for flags in flag_sets)
     assert world_size_from_env(slurm.task_env(0)) == 8  # SLURM_NTASKS, as WORLD_SIZE is absent
     config = parse_pretrain_args([*flag_sets[0], "--distributed-backend", "gloo"], world_size=8)
-    assert (config.data_parallel_size, config.virtual_pipeline_size, config.num_micro_batches) == (2, 4, 4)
+    assert (config.layout.dp, config.layout.vpp, config.num_micro_batches) == (2, 4, 4)
     assert config.checkpointing.exit_signal_handler
 
 
@@ -313,7 +313,7 @@ def test_srun_form_on_cpu_nodes_uses_gloo_and_one_thread(tmp_path):
     settings, words = slurm.task_command(15)
     assert settings == {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     config = parse_pretrain_args(megalith_flags(words)[1], world_size=16)
-    assert (config.distributed.distributed_backend, config.data_parallel_size) == ("gloo", 16)
+    assert (config.distributed.distributed_backend, config.layout.dp) == ("gloo", 16)
     assert (config.checkpointing.save, config.checkpointing.save_interval) == (str(tmp_path / "my ckpt"), None)
 
 
@@ -501,7 +501,7 @@ def test_siblings_torchrun_form_runs_their_launch_script_on_every_node(tmp_path,
     config = parse_pretrain_args([*flags, "--distributed-backend", "gloo"], world_size=32)
     assert config.training.model == model and config.model.params_dtype == "bf16"
     assert (config.distributed.tensor_model_parallel_size, config.distributed.pipeline_model_parallel_size,
-            config.data_parallel_size, config.num_micro_batches) == (2, 2, 8, 4)
+            config.layout.dp, config.num_micro_batches) == (2, 2, 8, 4)
     assert config.logging.log_json == f"runs/{model}/log.jsonl"
 
 
@@ -525,7 +525,7 @@ def test_siblings_srun_form_one_task_per_gpu(tmp_path, model):
     assert all(flags == flag_sets[0] for flags in flag_sets)
     assert flags[flags.index("--model") + 1] == model
     config = parse_pretrain_args([*flags, "--distributed-backend", "gloo"], world_size=8)
-    assert (config.training.model, config.data_parallel_size, config.num_micro_batches) == (model, 2, 4)
+    assert (config.training.model, config.layout.dp, config.num_micro_batches) == (model, 2, 4)
     assert config.checkpointing.save == str(tmp_path / "run" / "checkpoints")
 
 

@@ -91,8 +91,8 @@ def test_a_stage_without_layers_and_interleaving_are_refused():
     with pytest.raises(ConfigError, match="interleaved"):
         SPEC.check_virtual_pipeline(2)
     with pytest.raises(ConfigError, match="decoder-seq-length 15"):
-        from megalith.config import ParallelConfig
-        replace(BASE, decoder_seq_length=15).check_parallel(ParallelConfig(2, sequence_parallel=True))
+        from megalith.config import Layout
+        Layout(tp=2, sequence_parallel=True).check_model(replace(BASE, decoder_seq_length=15))
 
 
 def test_mock_batch_is_a_batched_t5_dataset_item():

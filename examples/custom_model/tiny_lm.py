@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megalith.config import ModelConfig, ParallelConfig
+from megalith.config import Layout, ModelConfig
 from megalith.models.parallel_context import ParallelContext, StageSpec
 from megalith.models.registry import ModelSpec
 from megalith.models.transformer import MLP, SelfAttention, TransformerBlock, build_norm, dropout, rotary_cos_sin
@@ -67,7 +67,7 @@ class TinyLM(nn.Module):
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, init_seed: int, stage: StageSpec) -> None:
         super().__init__()
-        config.check_parallel(ParallelConfig(ctx.tp_size, sequence_parallel=ctx.sequence_parallel))
+        Layout(tp=ctx.tp_size, sequence_parallel=ctx.sequence_parallel).check_model(config)
         if ctx.rng_tracker is None:  # built on its own, outside verify or pretrain
             ctx.rng_tracker = model_parallel_rng_tracker(init_seed, ctx.tp_rank, ctx.device or "cpu")
         self.config, self.ctx, self.stage = config, ctx, stage

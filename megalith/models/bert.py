@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from megalith.config import ModelConfig, ParallelConfig
+from megalith.config import Layout, ModelConfig
 from megalith.errors import ConfigError
 from megalith.models.gpt import (
     EMBEDDING_STREAM, FIRST_LAYER_STREAM, OUTPUT_STREAM, init_generator, mark_tied_embedding, sum_tied_embedding_grads,
@@ -144,7 +144,7 @@ class BertModel(nn.Module):
         super().__init__()
         ctx = ctx or ParallelContext()
         stage = stage or StageSpec(layers=tuple(range(config.num_layers)))
-        config.check_parallel(ParallelConfig(ctx.tp_size, sequence_parallel=ctx.sequence_parallel))
+        Layout(tp=ctx.tp_size, sequence_parallel=ctx.sequence_parallel).check_model(config)
         if config.position_embedding_type != "learned_absolute":
             raise ConfigError("BERT uses learned absolute positions; drop --position-embedding-type")
         if ctx.rng_tracker is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megalith.config import ModelConfig, ParallelConfig
+from megalith.config import Layout, ModelConfig
 from megalith.errors import ConfigError
 from megalith.models.parallel_context import ParallelContext, StageSpec
 from megalith.models.transformer import TransformerBlock, TransformerLayer, dropout, rotary_cos_sin
@@ -125,7 +125,7 @@ class GPTModel(nn.Module):
         super().__init__()
         ctx = ctx or ParallelContext()
         stage = stage or StageSpec(layers=tuple(range(config.num_layers)))
-        config.check_parallel(ParallelConfig(ctx.tp_size, sequence_parallel=ctx.sequence_parallel))
+        Layout(tp=ctx.tp_size, sequence_parallel=ctx.sequence_parallel).check_model(config)
         if config.post_layer_norm:
             raise ConfigError("--post-layer-norm is for BERT-style encoders; GPT is pre-norm (drop the flag)")
         if ctx.rng_tracker is None:

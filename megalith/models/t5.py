@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from megalith.config import ModelConfig, ParallelConfig
+from megalith.config import Layout, ModelConfig
 from megalith.errors import ConfigError
 from megalith.models.gpt import EMBEDDING_STREAM, FIRST_LAYER_STREAM, OUTPUT_STREAM, init_generator, word_embeddings
 from megalith.models.parallel_context import ParallelContext, StageSpec
@@ -161,7 +161,7 @@ class T5Model(nn.Module):
         ctx = ctx or ParallelContext()
         check_t5_config(config)
         stage = stage or StageSpec(layers=tuple(range(config.num_layers)))
-        config.check_parallel(ParallelConfig(ctx.tp_size, sequence_parallel=ctx.sequence_parallel))
+        Layout(tp=ctx.tp_size, sequence_parallel=ctx.sequence_parallel).check_model(config)
         if not stage.layers:
             raise ConfigError(f"T5 pipeline stage {stage.index} holds no layer; every stage needs one (change "
                               "--decoder-first/last-pipeline-num-layers)")

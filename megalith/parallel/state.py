@@ -41,6 +41,18 @@ def _build_groups(grid: RankGrid, rank: int, kinds: tuple[str, ...]) -> dict:
     return mine
 
 
+def _grid_size(axis: str) -> property:
+    return property(lambda self: getattr(self.grid, axis), doc=f"ranks along {axis}")
+
+
+def _coordinate(axis: str) -> property:
+    return property(lambda self: getattr(self.grid.coords(self.rank), axis), doc=f"this rank's {axis} coordinate")
+
+
+def _group(kind: str) -> property:
+    return property(lambda self: self.groups[kind], doc=f"this rank's {kind} group (None where it holds none)")
+
+
 @dataclass(eq=False)
 class ParallelState:
     """This rank's place in the layout and its process groups.
@@ -118,43 +130,16 @@ class ParallelState:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    # --- coordinates -------------------------------------------------------------------
+    # --- coordinates and groups, read off the grid and the groups dict ----------------
+
+    tp_size, pp_size, dp_size, cp_size = (_grid_size(axis) for axis in ("tp", "pp", "dp", "cp"))
+    tp_rank, pp_rank, dp_rank, cp_rank = (_coordinate(axis) for axis in ("tp", "pp", "dp", "cp"))
+    tp_group, pp_group, dp_group, cp_group, mp_group, dp_cp_group, embedding_group = (
+        _group(kind) for kind in ("tp", "pp", "dp", "cp", "mp", "dp_cp", "embedding"))
 
     @property
     def coords(self) -> RankCoords:
         return self.grid.coords(self.rank)
-
-    @property
-    def tp_size(self) -> int:
-        return self.grid.tp
-
-    @property
-    def pp_size(self) -> int:
-        return self.grid.pp
-
-    @property
-    def dp_size(self) -> int:
-        return self.grid.dp
-
-    @property
-    def cp_size(self) -> int:
-        return self.grid.cp
-
-    @property
-    def tp_rank(self) -> int:
-        return self.coords.tp
-
-    @property
-    def pp_rank(self) -> int:
-        return self.coords.pp
-
-    @property
-    def dp_rank(self) -> int:
-        return self.coords.dp
-
-    @property
-    def cp_rank(self) -> int:
-        return self.coords.cp
 
     @property
     def is_first_stage(self) -> bool:
@@ -163,33 +148,3 @@ class ParallelState:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.grid.pp - 1
-
-    # --- groups ------------------------------------------------------------------------
-
-    @property
-    def tp_group(self):
-        return self.groups["tp"]
-
-    @property
-    def pp_group(self):
-        return self.groups["pp"]
-
-    @property
-    def dp_group(self):
-        return self.groups["dp"]
-
-    @property
-    def cp_group(self):
-        return self.groups["cp"]
-
-    @property
-    def mp_group(self):
-        return self.groups["mp"]
-
-    @property
-    def dp_cp_group(self):
-        return self.groups["dp_cp"]
-
-    @property
-    def embedding_group(self):
-        return self.groups["embedding"]

@@ -33,7 +33,8 @@ from megalith import device as device_policy
 from megalith.models.gpt import PADDED_VOCAB_PARAMETERS, TIED_COPY_ALIASES
 from megalith.parallel.comm import max_over_job
 from megalith.training.checkpoint_format import (
-    FORMAT_VERSION, METADATA_FILE, CheckpointError, CheckpointReader, Placement, global_shape, iteration_dir_name,
+    FORMAT_VERSION, METADATA_FILE, RANK_LAYOUT_KEYS, CheckpointError, CheckpointReader, Placement, global_shape,
+    iteration_dir_name, layout_record,
     load_tensors, pieces, read_local, read_tracker, rng_file_name, save_pieces, save_tensors, shard_file_name,
     write_tracker,
 )
@@ -56,10 +57,6 @@ def placement_of(name: str, param: torch.Tensor, vocab_size: int) -> Placement:
     padded = name.endswith(PADDED_VOCAB_PARAMETERS)
     return Placement(getattr(param, "tensor_parallel_dim", None), getattr(param, "tensor_parallel_stride", 1),
                      vocab_size if padded else None)
-
-
-def _layout(state) -> dict:
-    return {"world_size": state.grid.world_size, "tp": state.tp_size, "pp": state.pp_size, "dp": state.dp_size}
 
 
 def _any_rank_failed(failed: bool, state) -> bool:
@@ -172,8 +169,7 @@ class Checkpointer:
         return {
             "format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
             "valid_batches": valid_batches, "model": c.training.model, "model_config": asdict(c.model),
-            "layout": {**_layout(self.state), "vpp": c.virtual_pipeline_size,
-                       "zero1": c.distributed.use_distributed_optimizer, "params_dtype": c.model.params_dtype},
+            "layout": layout_record(c.layout),
             "has_optimizer": True,
             "optimizer": {"name": c.optimizer.optimizer, "step": self._optimizer_step()},
             "scheduler": scheduler.state_dict(), "loss_scaler": scaler.state_dict() if scaler is not None else None,
@@ -296,7 +292,8 @@ class Checkpointer:
             self.log(f"notice: {directory} holds no random states ({meta.get('source')}); this run's are kept")
             return
         saved = meta.get("layout") or {}
-        if any(saved.get(key) != value for key, value in _layout(self.state).items()):
+        ours = layout_record(self.config.layout)
+        if any(saved.get(key) != ours[key] for key in RANK_LAYOUT_KEYS):
             if self.state.rank == self.state.grid.world_size - 1:
                 self.log(f"notice: {directory} was written under another layout ({saved}); random states are not "
                          "restored (they belong to ranks)")

@@ -39,6 +39,15 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be loaded: missing, incomplete, corrupt, unsafe or for another model."""
 
 
+RANK_LAYOUT_KEYS = ("world_size", "tp", "pp", "dp")  # the keys that decide which rank holds what
+
+
+def layout_record(layout) -> dict:
+    """The `layout` entry of a checkpoint's metadata: a megalith.config.Layout in plain values."""
+    return {"world_size": layout.world_size, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "vpp": layout.vpp,
+            "zero1": layout.distributed_optimizer, "params_dtype": layout.precision}
+
+
 def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 

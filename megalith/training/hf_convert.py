@@ -20,7 +20,7 @@ from dataclasses import asdict, replace
 
 import torch
 
-from megalith.config import ModelConfig, ParallelConfig
+from megalith.config import Layout, ModelConfig
 from megalith.parallel.layers import padded_vocab_size
 from megalith.parallel.pipeline.split import split_layers
 from megalith.training.checkpoint_format import (
@@ -83,7 +83,7 @@ def _virtual_stages(config: ModelConfig, family: HFFamily, pp: int, vpp_layers: 
 def write_checkpoint(tensors: dict[str, torch.Tensor], config: ModelConfig, root: str, tp: int, pp: int,
                      vpp: int, family: HFFamily, source: str | None = None) -> None:
     """A megalith checkpoint (iteration 0) of global `tensors` in layout tp x pp x vpp, at `root`."""
-    config.check_parallel(ParallelConfig(tp))
+    Layout(tp=tp).check_model(config)
     stages = split_layers(config.num_layers, pp, vpp)
     layer_stages = {layer: stage for stage, layers in enumerate(stages) for layer in layers}
     owner = {name: family.stage_of(name, config, layer_stages, len(stages) - 1) % pp for name in tensors}
@@ -112,7 +112,7 @@ def hf_to_megalith(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, vpp_laye
     family = family_for_hf(hf)
     config = _model_spec(family).resolved(family.config_from_hf(hf, hf_weight_names(hf_dir)))
     vpp = _virtual_stages(config, family, pp, vpp_layers)
-    config.check_parallel(ParallelConfig(tp))
+    Layout(tp=tp).check_model(config)
     split_layers(config.num_layers, pp, vpp)  # a bad split fails before any tensor is read
     tensors = family.hf_to_global(load_hf_weights(hf_dir), config)
     write_checkpoint(tensors, config, out_dir, tp, pp, vpp, family, f"hf:{hf['model_type']}")

@@ -22,22 +22,17 @@ from datetime import datetime
 
 import torch
 
-from megalith.models.parallel_context import ParallelContext
-from megalith.models.registry import get_model_spec
 from megalith.parallel.layers import padded_vocab_size
-from megalith.parallel.pipeline.split import split_layers
-from megalith.parallel.rng import model_parallel_rng_tracker
-from megalith.training.arguments import resolved_config_directory, write_resolved_config
-from megalith.training.batch import BatchPlan
+from megalith.config.arguments import resolved_config_directory, write_resolved_config
 from megalith.training.checkpoint import Checkpointer
-from megalith.training.config import PretrainConfig
+from megalith.config.pretrain import PretrainConfig
 from megalith.training.data import TRAIN_SPLIT, VALID_SPLIT, DatasetBatches, MockBatches, run_tokenizer
 from megalith.training.exit_policy import ExitPolicy, block_sigterm_in_new_threads
 from megalith.training.flops import model_flops_per_iteration, tflops_per_device
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line
 from megalith.training.lr_schedule import LRScheduler
 from megalith.training.progress import NullProgressBar, progress_bar
-from megalith.training.step import assemble_runner, forward_only, sequence_mean_loss
+from megalith.training.step import StepPlan, assemble_runner, forward_only, sequence_mean_loss
 from megalith.training.timers import Timers
 from megalith.training.writers import MetricsWriters, open_writers
 
@@ -76,26 +71,10 @@ class Trainer:
 
     def __init__(self, config: PretrainConfig, state, *, print_fn=print) -> None:
         self.config, self.state, self.print = config, state, print_fn
-        dist, training = config.distributed, config.training
         self.is_last_rank = state.rank == state.grid.world_size - 1
-        torch.manual_seed(training.seed)
-        ctx = ParallelContext(state.tp_group, dist.sequence_parallel,
-                              model_parallel_rng_tracker(training.seed, state.tp_rank, state.device, state.pp_rank),
-                              device=state.device, embedding_group=state.embedding_group,
-                              pipeline_group=state.pp_group)
-        vpp = config.virtual_pipeline_size
-        stage_layers = split_layers(config.model.num_layers, state.pp_size, vpp, dist.decoder_first_pipeline_num_layers,
-                                    dist.decoder_last_pipeline_num_layers)
-        self.plan = BatchPlan(config.global_batch_size, training.micro_batch_size, state.dp_size)
-        self.runner = assemble_runner(
-            state, build=get_model_spec(training.model).build, model_config=config.model, ctx=ctx, seed=training.seed,
-            stage_layers=stage_layers, vpp=vpp, schedule=config.pipeline_schedule,
-            micro_batches=self.plan.num_micro_batches, micro_batch_size=training.micro_batch_size,
-            # without overlap nothing is gained by splitting: one bucket, one collective (as Megatron)
-            bucket_size=config.ddp_bucket_size if dist.overlap_grad_reduce else sys.maxsize,
-            overlap=dist.overlap_grad_reduce,
-            accumulate_in_fp32=dist.accumulate_allreduce_grads_in_fp32, shard=dist.use_distributed_optimizer,
-            optimizer_config=config.optimizer, loss_scaler=config.precision.make_loss_scaler())
+        torch.manual_seed(config.training.seed)
+        self.plan = StepPlan.for_pretrain(config)
+        self.runner = assemble_runner(self.plan, state, config.optimizer, config.precision.make_loss_scaler())
         self.optimizer = self.runner.optimizer
         self.eval_actions = forward_only(self.runner.actions)
         self.scheduler = LRScheduler(config.lr_schedule())
@@ -142,25 +121,20 @@ class Trainer:
     # --- one step and one evaluation ------------------------------------------------------
 
     def train_step(self):
-        micro = self.data.micro_batches(self.plan, self.state.dp_rank, TRAIN_SPLIT, self.iteration,
+        micro = self.data.micro_batches(self.plan.batch, self.state.dp_rank, TRAIN_SPLIT, self.iteration,
                                         first_sample=self.consumed_samples)
-        self.timers("forward-backward", 1).start()
-        loss, _ = self.runner.forward_backward(micro, self.loss_fn)
-        self.timers("forward-backward", 1).stop()
-        self.timers("optimizer", 1).start()
-        outcome = self.optimizer.step(self.scheduler.lr)
-        self.timers("optimizer", 1).stop()
-        if not outcome.skipped:  # Megatron advances the schedule only on a real update
+        report = self.runner.train_step(micro, self.loss_fn, self.scheduler.lr, timers=self.timers)
+        if not report.outcome.skipped:  # Megatron advances the schedule only on a real update
             self.scheduler.step()
         self.iteration += 1
         self.consumed_samples += self.config.global_batch_size
-        return loss, outcome
+        return report.loss, report.outcome
 
     def evaluate(self) -> float:
         iters = self.config.training.eval_iters
         total = 0.0
         for _ in range(iters):
-            micro = self.data.micro_batches(self.plan, self.state.dp_rank, VALID_SPLIT, self.valid_batches)
+            micro = self.data.micro_batches(self.plan.batch, self.state.dp_rank, VALID_SPLIT, self.valid_batches)
             total += self.runner.evaluate(micro, self.loss_fn, self.eval_actions)
             self.valid_batches += 1
         return total / iters
@@ -172,8 +146,8 @@ class Trainer:
         params = sum(p.numel() for chunk in self.runner.chunks for p in chunk.parameters())
         lines = [
             f"megalith pretrain: {c.training.model}, {c.model.num_layers} layers, hidden {c.model.hidden_size}, "
-            f"{c.model.params_dtype}; world {c.world_size} = tp {s.tp_size} x pp {s.pp_size} (vpp "
-            f"{c.virtual_pipeline_size}) x dp {s.dp_size}, {c.pipeline_schedule}"
+            f"{c.model.params_dtype}; world {c.layout.world_size} = tp {s.tp_size} x pp {s.pp_size} (vpp "
+            f"{c.layout.vpp}) x dp {s.dp_size}, {c.layout.pipeline_schedule}"
             f"{', sequence parallel' if c.distributed.sequence_parallel else ''}"
             f"{', distributed optimizer' if c.distributed.use_distributed_optimizer else ''}",
             f"global batch {c.global_batch_size} = micro-batch {c.training.micro_batch_size} x dp {s.dp_size} x "
@@ -189,7 +163,7 @@ class Trainer:
         c = self.config
         entry = IterationLog(
             iteration=self.iteration, train_iters=c.training.train_iters, consumed_samples=self.consumed_samples,
-            elapsed_ms=elapsed * 1000.0, tflops_per_device=tflops_per_device(self.flops, elapsed, c.world_size),
+            elapsed_ms=elapsed * 1000.0, tflops_per_device=tflops_per_device(self.flops, elapsed, c.layout.world_size),
             tokens_per_s=c.global_batch_size * c.model.seq_length / elapsed, learning_rate=self.scheduler.lr,
             global_batch_size=c.global_batch_size, lm_loss=stats.mean_loss,
             loss_scale=self.optimizer.loss_scale, grad_norm=stats.grad_norm, skipped_iterations=stats.skipped,
@@ -279,9 +253,8 @@ def run_pretrain(config: PretrainConfig) -> int:
     timeout = config.distributed.distributed_timeout_minutes
     if config.checkpointing.exit_signal_handler:
         block_sigterm_in_new_threads()
-    state = ParallelState.initialize(config.distributed.tensor_model_parallel_size,
-                                     config.distributed.pipeline_model_parallel_size,
-                                     backend=config.distributed_backend,
+    layout = config.layout
+    state = ParallelState.initialize(layout.tp, layout.pp, layout.cp, layout.dp, backend=config.distributed_backend,
                                      timeout_s=timeout * 60 if timeout else None)
     try:
         trainer = Trainer(config, state)

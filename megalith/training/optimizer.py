@@ -33,7 +33,7 @@ from megalith.backends import Choice, make_adam, make_sgd
 from megalith.errors import ConfigError
 from megalith.parallel.comm import group_rank, group_size
 from megalith.parallel.data_parallel import DataParallelGrads
-from megalith.training.config import OPTIMIZER_NAMES
+from megalith.config.optimizer import OPTIMIZER_NAMES
 
 
 @dataclass(eq=False)

@@ -10,6 +10,7 @@ embedding group (`finish_grad_sync` of each chunk).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,12 +18,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megalith.models.parallel_context import StageSpec
+from megalith.config import Layout, ModelConfig
+from megalith.config.pretrain import PretrainConfig
+from megalith.models.parallel_context import ParallelContext, StageSpec
+from megalith.models.registry import ModelSpec, get_model_spec
 from megalith.parallel.comm import group_size
 from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.parallel.pipeline.actions import Action, Kind, stage_of
 from megalith.parallel.pipeline.engine import PipelineEngine, StepResult
 from megalith.parallel.pipeline.schedules import build_schedule
+from megalith.parallel.rng import model_parallel_rng_tracker
+from megalith.training.batch import BatchPlan
+from megalith.training.timers import Timers
 from megalith.training.optimizer import ParallelOptimizer, StepOutcome
 
 
@@ -41,35 +48,66 @@ def forward_only(actions: list[Action]) -> list[Action]:
     return [a for a in actions if a.kind in (Kind.FORWARD, Kind.RECV_FORWARD, Kind.SEND_FORWARD)]
 
 
-def build_chunks(build: Callable, config, ctx, seed: int, stage_layers: list[list[int]], pp_rank: int,
-                 pp: int, vpp: int) -> list[nn.Module]:
+@dataclass(frozen=True)
+class StepPlan:
+    """What one rank's training step is built from, the same for `megalith pretrain` and `megalith
+    verify`: the model (its config already under the layout's precision and recompute), the
+    layout, the batch split, every global stage's layers, and how gradients are bucketed."""
+
+    spec: ModelSpec
+    model: ModelConfig
+    layout: Layout
+    batch: BatchPlan
+    stage_layers: list[list[int]]
+    seed: int
+    bucket_size: int
+    overlap: bool = True
+    accumulate_in_fp32: bool = True
+
+    @classmethod
+    def for_pretrain(cls, config: PretrainConfig) -> "StepPlan":
+        dist = config.distributed
+        return cls(get_model_spec(config.training.model), config.model, config.layout, config.batch_plan(),
+                   config.stage_layers(), config.training.seed,
+                   # without overlap nothing is gained by splitting: one bucket, one collective (as Megatron)
+                   bucket_size=config.ddp_bucket_size if dist.overlap_grad_reduce else sys.maxsize,
+                   overlap=dist.overlap_grad_reduce, accumulate_in_fp32=dist.accumulate_allreduce_grads_in_fp32)
+
+
+def parallel_context(state, layout: Layout, seed: int) -> ParallelContext:
+    """What the model's layers need of the layout on this rank (`state` None: one process)."""
+    if state is None:
+        return ParallelContext(None, layout.sequence_parallel, model_parallel_rng_tracker(seed, 0))
+    return ParallelContext(state.tp_group, layout.sequence_parallel,
+                           model_parallel_rng_tracker(seed, state.tp_rank, state.device, state.pp_rank),
+                           device=state.device, embedding_group=state.embedding_group, pipeline_group=state.pp_group)
+
+
+def build_chunks(plan: StepPlan, ctx: ParallelContext, pp_rank: int) -> list[nn.Module]:
     """This pipeline rank's model chunks: chunk c is global stage c * pp + pp_rank."""
-    stages = len(stage_layers)
-    chunks = []
-    for chunk in range(vpp):
-        index = stage_of(pp_rank, chunk, pp)
-        chunks.append(build(config, ctx, seed, StageSpec(index, stages, tuple(stage_layers[index]))))
-    return chunks
+    stages, pp = len(plan.stage_layers), plan.layout.pp
+    return [plan.spec.build(plan.model, ctx, plan.seed, StageSpec(index, stages, tuple(plan.stage_layers[index])))
+            for index in (stage_of(pp_rank, chunk, pp) for chunk in range(plan.layout.vpp))]
 
 
-def assemble_runner(state, *, build: Callable, model_config, ctx, seed: int, stage_layers: list[list[int]], vpp: int,
-                    schedule: str, micro_batches: int, micro_batch_size: int, bucket_size: int | None, overlap: bool,
-                    accumulate_in_fp32: bool, shard: bool, optimizer_config, loss_scaler,
-                    record: bool = False) -> "StepRunner":
+def assemble_runner(plan: StepPlan, state, optimizer_config, loss_scaler, record: bool = False) -> "StepRunner":
     """This rank's chunks, data-parallel buffers, optimizer, engine and schedule, the same for
     `megalith pretrain` and `megalith verify`. `state` None: one process without groups."""
     def group(name: str):
         return getattr(state, name) if state is not None else None
 
-    pp, pp_rank = (state.pp_size, state.pp_rank) if state is not None else (1, 0)
-    chunks = build_chunks(build, model_config, ctx, seed, stage_layers, pp_rank, pp, vpp)
-    buffers = [DataParallelGrads(chunk, group("dp_group"), bucket_size=bucket_size, overlap=overlap,
-                                 accumulate_in_fp32=accumulate_in_fp32, shard=shard) for chunk in chunks]
+    layout, ctx = plan.layout, parallel_context(state, plan.layout, plan.seed)
+    pp_rank = state.pp_rank if state is not None else 0
+    chunks = build_chunks(plan, ctx, pp_rank)
+    buffers = [DataParallelGrads(chunk, group("dp_group"), bucket_size=plan.bucket_size, overlap=plan.overlap,
+                                 accumulate_in_fp32=plan.accumulate_in_fp32, shard=layout.distributed_optimizer)
+               for chunk in chunks]
     optimizer = ParallelOptimizer(buffers, optimizer_config, tp_group=group("tp_group"), mp_group=group("mp_group"),
                                   loss_scaler=loss_scaler)
-    engine = PipelineEngine(chunks, rank=pp_rank, pp=pp, pp_group=group("pp_group"), micro_batch_size=micro_batch_size,
-                            dtype=model_config.torch_dtype, device=ctx.device, record=record)
-    actions = build_schedule(schedule, pp, vpp, micro_batches, pp_rank)
+    engine = PipelineEngine(chunks, rank=pp_rank, pp=layout.pp, pp_group=group("pp_group"),
+                            micro_batch_size=plan.batch.micro_batch_size, dtype=plan.model.torch_dtype,
+                            device=ctx.device, record=record)
+    actions = build_schedule(layout.pipeline_schedule, layout.pp, layout.vpp, plan.batch.num_micro_batches, pp_rank)
     return StepRunner(chunks, buffers, engine, actions, optimizer, dp_group=group("dp_group"))
 
 
@@ -117,12 +155,18 @@ class StepRunner:
         return float(total)
 
     def train_step(self, get_micro_batch: Callable[[int], dict], loss_fn, lr: float,
-                   inspect_grads: Callable[[], None] | None = None) -> StepReport:
-        """forward_backward, then the optimizer; `inspect_grads()` runs in between (verify's probe)."""
+                   inspect_grads: Callable[[], None] | None = None, timers=None) -> StepReport:
+        """forward_backward, then the optimizer: the one step of pretrain and verify.
+        `inspect_grads()` runs in between (verify's probe); `timers` (pretrain's) time both halves."""
+        timers = timers or Timers(0)  # level 0: every timer a no-op
+        timers("forward-backward", 1).start()
         loss, result = self.forward_backward(get_micro_batch, loss_fn)
+        timers("forward-backward", 1).stop()
         if inspect_grads is not None:
             inspect_grads()
+        timers("optimizer", 1).start()
         outcome = self.optimizer.step(lr)
+        timers("optimizer", 1).stop()
         return StepReport(loss, outcome, result)
 
     @torch.no_grad()

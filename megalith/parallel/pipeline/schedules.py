@@ -15,6 +15,13 @@ SCHEDULES = ("no-pipelining", "gpipe", "1f1b", "interleaved-1f1b")
 Step = tuple[Kind, int, int]  # (FORWARD or BACKWARD, chunk, micro-batch), before communication is added
 
 
+def default_schedule(pp: int, vpp: int) -> str:
+    """Megatron's choice: no pipelining on one stage, 1F1B, interleaved 1F1B with virtual stages."""
+    if pp == 1:
+        return "no-pipelining"
+    return "1f1b" if vpp == 1 else "interleaved-1f1b"
+
+
 def validate_schedule_args(name: str, pp: int, vpp: int, microbatches: int) -> None:
     """One line for every combination a schedule cannot run, before any process starts."""
     if name not in SCHEDULES:

@@ -16,11 +16,12 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import fields
 
-from megalith.config import ModelConfig, add_config_arguments, explicit_flags
+from megalith.config.flags import add_config_arguments, explicit_flags
+from megalith.config.model import ModelConfig
+from megalith.config.pretrain import SECTIONS, PretrainConfig
+from megalith.config.yaml_file import config_to_yaml, load_config_file
 from megalith.errors import ConfigError
 from megalith.models.registry import BUILTIN_MODELS, get_model_spec
-from megalith.training.config import SECTIONS, PretrainConfig
-from megalith.training.config_file import config_to_yaml, load_config_file
 
 PRETRAIN_DESCRIPTION = (
     "Pretrain a model with Megatron-style tensor, pipeline and data parallelism (launch with torchrun or srun; "
@@ -62,6 +63,10 @@ def build_pretrain_parser(prog: str = "megalith pretrain") -> argparse.ArgumentP
     return parser
 
 
+def _section(cls, values: dict):
+    return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
 def _model_default(name: str, spec_defaults: Mapping) -> object:
     if name in spec_defaults:
         return spec_defaults[name]
@@ -84,20 +89,16 @@ def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit:
     for name in ModelConfig.field_names():
         if name not in given:
             values[name] = _model_default(name, spec.defaults)
-    if "params_dtype" in given:
-        wanted = "bf16" if values["bf16"] else "fp16" if values["fp16"] else "fp32"
-        if values["params_dtype"] != wanted:
-            source = f"--{wanted}" if wanted != "fp32" else "fp32 (neither --bf16 nor --fp16)"
-            raise ConfigError(f"--params-dtype {values['params_dtype']} contradicts {source}; drop --params-dtype "
-                              "(it follows --bf16 / --fp16)")
-    data = SECTIONS["data"](**{f.name: values[f.name] for f in fields(SECTIONS["data"])})
+    sections = {name: _section(cls, values) for name, cls in SECTIONS.items() if name != "model"}
+    data = sections["data"]
     if data.data_path:  # the files exist and are sound; the tokenizer sets the model's vocabulary
         from megalith.training.data import check_datasets, model_vocab_size
 
         check_datasets(data.data_path)
         values["vocab_size"] = model_vocab_size(data, values["vocab_size"], "vocab_size" in given)
-    sections = {name: cls(**{f.name: values[f.name] for f in fields(cls)}) for name, cls in SECTIONS.items()}
-    config = PretrainConfig(**sections, world_size=world_size)
+    if "params_dtype" not in given:  # it follows --bf16 / --fp16; PretrainConfig refuses a contradiction
+        values["params_dtype"] = sections["precision"].params_dtype
+    config = PretrainConfig.resolve(world_size, model=_section(ModelConfig, values), **sections)
     if data.data_path:  # the tokenizer has the tokens the model's samples need (BERT: [MASK]; T5: sentinels)
         from megalith.training.data import check_data_tokenizer
 

@@ -16,16 +16,13 @@ from typing import Any
 
 import yaml
 
-from megalith.config import CHOICES
+from megalith.config.flags import field_choices
+from megalith.config.pretrain import SECTIONS, PretrainConfig, section_fields
+from megalith.config.validators import flag
 from megalith.errors import ConfigError
-from megalith.training.config import SECTIONS, PretrainConfig, section_fields
 
 DERIVED_SECTION = "derived"
 HEADER = "# megalith pretrain: resolved configuration (load it again with --config)\n"
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _read_yaml(path: str) -> Any:
@@ -43,7 +40,7 @@ def _read_yaml(path: str) -> Any:
 
 def _convert(name: str, value: Any, kind: str, choices, path: str) -> Any:
     """The value as the flag's type, or one line saying why it cannot be."""
-    where = f"{_flag(name)} in --config {path}"
+    where = f"{flag(name)} in --config {path}"
     if value is None:
         if "None" in kind:
             return None
@@ -96,9 +93,9 @@ class _Collector:
             raise ConfigError(f"key {spelled!r} in --config {self.path} belongs to section {owner}, not {section}; "
                               f"move it under {owner} or write it flat")
         if name in self.values:
-            raise ConfigError(f"--config {self.path} gives {_flag(name)} twice ({self.spelled[name]!r} and "
+            raise ConfigError(f"--config {self.path} gives {flag(name)} twice ({self.spelled[name]!r} and "
                               f"{spelled!r}); keep one")
-        choices = spec.metadata.get("choices") or CHOICES.get(name)
+        choices = field_choices(spec)
         self.values[name] = _convert(name, value, str(spec.type), choices, self.path)
         self.spelled[name] = spelled
 
@@ -106,7 +103,7 @@ class _Collector:
         if name == "config":
             return f"--config {self.path} cannot name another config file; merge the two files"
         close = difflib.get_close_matches(name, list(self.fields), n=1)
-        hint = f"did you mean {_flag(close[0])}?" if close else "see `megalith pretrain --help` for the flags"
+        hint = f"did you mean {flag(close[0])}?" if close else "see `megalith pretrain --help` for the flags"
         return f"unknown key {spelled!r} in --config {self.path}; {hint}"
 
 

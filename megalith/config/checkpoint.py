@@ -1,0 +1,35 @@
+"""The checkpointing section: saving, loading and leaving a run, in Megatron's directory layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megalith.config.flags import flag_field
+from megalith.config.validators import check_int, check_range
+from megalith.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Saving, loading and leaving a run (group "checkpointing"); Megatron's flags and directory layout."""
+
+    save: str | None = flag_field(None, "write checkpoints here (DIR/iter_0000100/, DIR/latest_checkpointed_iteration.txt)")
+    save_interval: int | None = flag_field(None, "iterations between checkpoints (None: only on exit)")
+    load: str | None = flag_field(None, "resume from the newest checkpoint here (any layout; none yet: start fresh)")
+    no_load_optim: bool = flag_field(False, "load weights, schedule position and data position, not the optimizer")
+    no_load_rng: bool = flag_field(False, "keep this run's random states")
+    finetune: bool = flag_field(False, "load the weights only and start at iteration 0")
+    override_opt_param_scheduler: bool = flag_field(
+        False, "keep this run's LR schedule flags instead of refusing ones that differ from the checkpoint's")
+    exit_signal_handler: bool = flag_field(False, "on SIGTERM save a checkpoint and exit with status 0")
+    exit_interval: int | None = flag_field(None, "save and exit when the iteration is a multiple of this")
+    exit_duration_in_mins: float | None = flag_field(None, "save and exit after this many minutes of training")
+
+    def __post_init__(self) -> None:
+        check_int("save_interval", self.save_interval, 1, optional=True)
+        check_int("exit_interval", self.exit_interval, 1, optional=True)
+        check_range("exit_duration_in_mins", self.exit_duration_in_mins, 0, open_low=True, optional=True)
+        if self.save_interval is not None and self.save is None:
+            raise ConfigError(f"--save-interval {self.save_interval} needs --save DIR (where to write checkpoints)")
+        if self.exit_signal_handler and self.save is None:
+            raise ConfigError("--exit-signal-handler saves a checkpoint on SIGTERM; give --save DIR")

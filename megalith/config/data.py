@@ -1,0 +1,48 @@
+"""The data and tokenizer section, with Megatron's flags and meanings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megalith.config.flags import flag_field
+from megalith.config.validators import check_choices, check_int, check_range
+from megalith.data.tokenizers import TOKENIZER_TYPES
+from megalith.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tokens come from (group "data and tokenizer"); Megatron's flags and meanings."""
+
+    data_path: tuple[str, ...] | None = flag_field(
+        None, "indexed datasets (PREFIX of PREFIX.bin/.idx), optionally weighted: [W1] PREFIX1 [W2 PREFIX2 ...]")
+    split: str = flag_field("969,30,1", "train,valid,test proportions of each dataset's documents")
+    data_cache_path: str | None = flag_field(
+        None, "where the sample indices are cached (None: a cache folder beside each dataset)")
+    mock_data: bool = flag_field(False, "train on synthetic batches from the model's registry entry")
+    tokenizer_type: str | None = flag_field(None, "tokenizer of the datasets (needed with --data-path)",
+                                            TOKENIZER_TYPES)
+    tokenizer_model: str | None = flag_field(None, "SentencePiece .model file, or a HuggingFace tokenizer directory")
+    vocab_file: str | None = flag_field(None, "GPT-2 BPE vocab.json")
+    merge_file: str | None = flag_field(None, "GPT-2 BPE merges.txt")
+    vocab_extra_ids: int = flag_field(0, "T5 sentinel tokens added to the vocabulary")
+    eod_mask_loss: bool = flag_field(False, "no loss on the end-of-document token's position")
+    reset_position_ids: bool = flag_field(False, "positions restart after each end-of-document token")
+    reset_attention_mask: bool = flag_field(False, "no attention across end-of-document tokens")
+    mask_prob: float = flag_field(0.15, "BERT, T5: share of a sample's tokens masked (BERT) or corrupted in spans (T5)")
+    short_seq_prob: float = flag_field(0.1, "BERT, T5: probability that a sample is cut to a random shorter length")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check_int("vocab_extra_ids", self.vocab_extra_ids, 0)
+        check_range("mask_prob", self.mask_prob, 0.0, 1.0, open_low=True)
+        check_range("short_seq_prob", self.short_seq_prob, 0.0, 1.0, open_high=False)
+        if self.mock_data and self.data_path:
+            raise ConfigError("--mock-data and --data-path are both given; drop one (mock data is synthetic, "
+                              "--data-path reads datasets)")
+        if not self.mock_data and not self.data_path:
+            raise ConfigError("no training data: give --data-path PREFIX (a .bin/.idx pair from megalith preprocess, "
+                              "with --tokenizer-type) or --mock-data for synthetic batches")
+        if self.data_path and self.tokenizer_type is None:
+            raise ConfigError("--data-path needs --tokenizer-type (and its files, e.g. --tokenizer-model) to know the "
+                              "vocabulary and the end-of-document token")

@@ -1,0 +1,30 @@
+"""The logging section: where metrics go besides the log line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megalith.config.flags import flag_field
+from megalith.config.validators import check_choices
+from megalith.errors import ConfigError
+from megalith.training.timers import TIMING_LOG_LEVELS
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go besides the log line (group "logging")."""
+
+    log_json: str | None = flag_field(None, "append one JSON record per log interval to this file")
+    tensorboard_dir: str | None = flag_field(None, "write TensorBoard scalars here")
+    wandb_project: str | None = flag_field(None, "log to this Weights & Biases project")
+    wandb_exp_name: str | None = flag_field(None, "Weights & Biases run name")
+    wandb_save_dir: str | None = flag_field(None, "Weights & Biases local directory")
+    timing_log_level: int = flag_field(0, "0: none; 1 and 2: the last rank's forward-backward (with the gradient reduction) and optimizer times per iteration",
+                                       TIMING_LOG_LEVELS)
+    log_progress_bar: bool | None = flag_field(None, "tqdm progress bar (None: when stdout is a terminal)")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.wandb_project and not self.wandb_exp_name:  # before any process starts, not at the first log
+            raise ConfigError(f"--wandb-project {self.wandb_project} needs --wandb-exp-name; add --wandb-exp-name "
+                              "NAME for the run")

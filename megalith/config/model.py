@@ -1,0 +1,167 @@
+"""The model section: a transformer's shape and options, with Megatron's flag names.
+
+Its own rules are checked on construction; the rules that tie it to a layout live in
+megalith.config.layout (Layout.check_model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from megalith.config.flags import flag_field
+from megalith.config.validators import check_choices, check_int, check_range
+from megalith.errors import ConfigError
+
+
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+PRECISIONS = dict(zip(PRECISION_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "relative")
+ACTIVATIONS = ("gelu", "relu")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+ATTENTION_BACKENDS = ("sdpa", "unfused")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A transformer's shape and options, with Megatron's names. Derived sizes are filled in.
+
+    ffn_hidden_size defaults to 4 * hidden_size, num_query_groups to the number of heads (plain
+    multi-head attention), kv_channels to hidden_size / heads, max_position_embeddings to
+    seq_length. Full recompute without a method means uniform over 1 layer, as a user of
+    `--recompute-granularity full` expects.
+    """
+
+    num_layers: int = flag_field(2, "transformer layers")
+    hidden_size: int = flag_field(64, "width of the hidden states")
+    num_attention_heads: int = flag_field(4, "attention heads")
+    ffn_hidden_size: int | None = flag_field(None, "MLP hidden size (None: 4 x hidden size)")
+    num_query_groups: int | None = flag_field(None, "key/value groups of grouped-query attention (None: one per head)")
+    kv_channels: int | None = flag_field(None, "size of one attention head (None: hidden size / heads)")
+    seq_length: int = flag_field(32, "tokens per sequence")
+    max_position_embeddings: int | None = flag_field(None, "rows of the learned position table (None: seq length)")
+    vocab_size: int = flag_field(512, "vocabulary size before padding")
+    make_vocab_size_divisible_by: int = flag_field(128, "pad the vocabulary to a multiple of this x tp")
+    position_embedding_type: str = flag_field("learned_absolute", "position encoding", POSITION_EMBEDDING_TYPES)
+    rotary_base: int = flag_field(10000, "base of the rotary frequencies")
+    normalization: str = flag_field("LayerNorm", "normalization layer", NORMALIZATIONS)
+    norm_epsilon: float = flag_field(1e-5, "epsilon of the norms")
+    swiglu: bool = flag_field(False, "SwiGLU MLP instead of GELU")
+    openai_gelu: bool = flag_field(False, "tanh-approximate GELU (OpenAI's, GPT-2's) instead of the exact one")
+    untie_embeddings_and_output_weights: bool = flag_field(False, "own output layer instead of the word embedding")
+    disable_bias_linear: bool = flag_field(False, "no biases in the linear layers")
+    add_qkv_bias: bool = flag_field(False, "bias in the QKV projection even with --disable-bias-linear")
+    hidden_dropout: float = flag_field(0.1, "dropout on hidden states")
+    attention_dropout: float = flag_field(0.1, "dropout on attention probabilities")
+    init_method_std: float = flag_field(0.02, "standard deviation of the weight initialisation")
+    attention_softmax_in_fp32: bool = flag_field(False, "attention softmax in fp32 for bf16/fp16 models")
+    attention_backend: str = flag_field("sdpa", "core attention: torch SDPA or explicit matmuls", ATTENTION_BACKENDS)
+    params_dtype: str = flag_field("fp32", "parameter dtype (pretrain: follows --bf16 / --fp16)", PRECISION_NAMES)
+    recompute_granularity: str | None = flag_field(None, "activation recompute (None: off)", RECOMPUTE_GRANULARITIES)
+    recompute_method: str | None = flag_field(None, "full recompute: uniform groups or the first N layers",
+                                               RECOMPUTE_METHODS)
+    recompute_num_layers: int | None = flag_field(None, "layers per group (uniform) or recomputed (block)")
+    post_layer_norm: bool = flag_field(False, "norm after each residual sum (original BERT, HF's BertModel) "
+                                              "instead of before each sublayer; no final norm")
+    num_tokentypes: int = flag_field(0, "token-type (segment) embeddings; BERT: 2 (GPT ignores them)")
+    bert_no_binary_head: bool = flag_field(False, "BERT without the sentence-order (binary) head")
+    activation: str = flag_field("gelu", "MLP activation without --swiglu (T5: relu)", ACTIVATIONS)
+    encoder_num_layers: int | None = flag_field(None, "T5: encoder layers (None: --num-layers)")
+    decoder_num_layers: int | None = flag_field(None, "T5: decoder layers (None: --num-layers)")
+    encoder_seq_length: int | None = flag_field(None, "T5: encoder tokens per sample; sets --seq-length (Megatron)")
+    decoder_seq_length: int | None = flag_field(None, "T5: decoder tokens per sample (None: the encoder's)")
+    relative_attention_num_buckets: int = flag_field(32, "T5: buckets of relative positions")
+    relative_attention_max_distance: int = flag_field(128, "T5: distance beyond which relative positions share a bucket")
+
+    def __post_init__(self) -> None:
+        if self.encoder_seq_length is not None:  # Megatron: --encoder-seq-length is the sequence length
+            object.__setattr__(self, "seq_length", self.encoder_seq_length)
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
+                     "make_vocab_size_divisible_by", "rotary_base"):
+            check_int(name, getattr(self, name))
+        derived = {
+            "ffn_hidden_size": 4 * self.hidden_size,
+            "num_query_groups": self.num_attention_heads,
+            "max_position_embeddings": self.seq_length,
+        }
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ConfigError(
+                    f"hidden size {self.hidden_size} is not divisible by the number of attention heads "
+                    f"{self.num_attention_heads}; change one of them or set --kv-channels"
+                )
+            derived["kv_channels"] = self.hidden_size // self.num_attention_heads
+        if self.recompute_granularity == "full":
+            derived["recompute_method"] = "uniform"
+            derived["recompute_num_layers"] = 1
+        for name, value in derived.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "max_position_embeddings",
+                     "relative_attention_num_buckets", "relative_attention_max_distance"):
+            check_int(name, getattr(self, name))
+        for name in ("encoder_num_layers", "decoder_num_layers", "decoder_seq_length"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
+        self._check_choices()
+        self._check_shapes()
+        self._check_recompute()
+
+    def _check_choices(self) -> None:
+        check_choices(self)
+        for name in ("hidden_dropout", "attention_dropout"):
+            check_range(name, getattr(self, name), 0.0, 1.0)
+        check_int("num_tokentypes", self.num_tokentypes, 0)
+        if self.init_method_std <= 0 or self.norm_epsilon <= 0:
+            raise ConfigError("--init-method-std and --norm-epsilon must be positive")
+        if self.openai_gelu and self.swiglu:
+            raise ConfigError("--openai-gelu picks a GELU but --swiglu replaces GELU with SwiGLU; give one of the two")
+        if self.activation != "gelu" and (self.openai_gelu or self.swiglu):
+            raise ConfigError(f"--activation {self.activation} contradicts --openai-gelu / --swiglu; give one of them")
+
+    def _check_shapes(self) -> None:
+        if self.num_attention_heads % self.num_query_groups != 0:
+            raise ConfigError(
+                f"number of attention heads {self.num_attention_heads} is not divisible by the number of query "
+                f"groups {self.num_query_groups}; use a --num-query-groups that divides it"
+            )
+        if self.position_embedding_type == "learned_absolute" and self.seq_length > self.max_position_embeddings:
+            raise ConfigError(
+                f"sequence length {self.seq_length} exceeds --max-position-embeddings {self.max_position_embeddings}; "
+                "raise --max-position-embeddings"
+            )
+        if self.position_embedding_type == "rope" and self.kv_channels % 2 != 0:
+            raise ConfigError(f"rotary embeddings need an even head size, got kv_channels {self.kv_channels}")
+
+    def _check_recompute(self) -> None:
+        if self.recompute_granularity is None:
+            if self.recompute_method is not None or self.recompute_num_layers is not None:
+                raise ConfigError("--recompute-method and --recompute-num-layers need --recompute-granularity full")
+            return
+        if self.recompute_granularity == "selective":
+            if self.recompute_method is not None or self.recompute_num_layers is not None:
+                raise ConfigError(
+                    "--recompute-method and --recompute-num-layers apply to --recompute-granularity full only"
+                )
+            return
+        lowest = 1 if self.recompute_method == "uniform" else 0
+        if not lowest <= self.recompute_num_layers <= self.num_layers:
+            raise ConfigError(
+                f"--recompute-num-layers {self.recompute_num_layers} must be between {lowest} and the "
+                f"{self.num_layers} layers with --recompute-method {self.recompute_method}"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return PRECISIONS[self.params_dtype]
+
+    @property
+    def add_bias_linear(self) -> bool:
+        return not self.disable_bias_linear
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

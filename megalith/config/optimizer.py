@@ -1,0 +1,51 @@
+"""The optimizer and learning-rate section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megalith.config.flags import flag_field
+from megalith.config.validators import check_choices, check_range
+from megalith.training.lr_schedule import LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, LRSchedule
+
+OPTIMIZER_NAMES = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer and the learning-rate schedule (group "optimizer and learning rate")."""
+
+    optimizer: str = flag_field("adam", "adam is AdamW (decoupled weight decay), as Megatron's adam",
+                                OPTIMIZER_NAMES)
+    lr: float = flag_field(1e-4, "peak learning rate")
+    min_lr: float = flag_field(0.0, "learning rate at the end of the decay")
+    weight_decay: float = flag_field(0.01, "decoupled weight decay (not on biases and norms)")
+    adam_beta1: float = flag_field(0.9, "Adam beta1")
+    adam_beta2: float = flag_field(0.999, "Adam beta2")
+    adam_eps: float = flag_field(1e-8, "Adam epsilon")
+    sgd_momentum: float = flag_field(0.9, "SGD momentum")
+    clip_grad: float = flag_field(1.0, "clip the global gradient norm to this (0: off)")
+    lr_warmup_iters: int = flag_field(0, "linear warm-up iterations")
+    lr_warmup_fraction: float | None = flag_field(None, "warm-up as a fraction of the decay iterations")
+    lr_warmup_init: float = flag_field(0.0, "learning rate at the start of the warm-up")
+    lr_decay_style: str = flag_field("linear", "decay after the warm-up", LR_DECAY_STYLES)
+    lr_decay_iters: int | None = flag_field(None, "iterations until --min-lr (None: --train-iters)")
+    lr_wsd_decay_iters: int | None = flag_field(None, "WSD: length of the final anneal")
+    lr_wsd_decay_style: str = flag_field("exponential", "WSD: shape of the final anneal", LR_WSD_DECAY_STYLES)
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("adam_beta1", self.adam_beta1, 0.0, 1.0)
+        check_range("adam_beta2", self.adam_beta2, 0.0, 1.0)
+        check_range("adam_eps", self.adam_eps, 0.0, open_low=True)
+        check_range("sgd_momentum", self.sgd_momentum, 0.0)
+        check_range("clip_grad", self.clip_grad, 0.0)
+
+    def lr_schedule(self, train_iters: int) -> LRSchedule:
+        """The learning rate of every step; raises if the schedule does not fit `train_iters`."""
+        return LRSchedule(lr=self.lr, train_iters=train_iters, min_lr=self.min_lr,
+                          lr_warmup_iters=self.lr_warmup_iters, lr_warmup_fraction=self.lr_warmup_fraction,
+                          lr_warmup_init=self.lr_warmup_init, lr_decay_style=self.lr_decay_style,
+                          lr_decay_iters=self.lr_decay_iters, lr_wsd_decay_iters=self.lr_wsd_decay_iters,
+                          lr_wsd_decay_style=self.lr_wsd_decay_style)

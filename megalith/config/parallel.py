@@ -1,0 +1,47 @@
+"""The distributed section: Megatron's flags for how a job is split and how gradients travel.
+
+PretrainConfig resolves them, with the world size, into the one Layout value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megalith.config.flags import flag_field
+from megalith.config.validators import check_choices, check_int, check_range
+from megalith.device import KNOWN_BACKENDS
+from megalith.parallel.pipeline.schedules import SCHEDULES
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How the job is split over processes, and how gradients travel (group "distributed")."""
+
+    tensor_model_parallel_size: int = flag_field(1, "tensor-parallel size (tp)")
+    pipeline_model_parallel_size: int = flag_field(1, "pipeline-parallel size (pp)")
+    num_layers_per_virtual_pipeline_stage: int | None = flag_field(
+        None, "layers per virtual pipeline stage; vpp = num layers / (pp x this) (None: no interleaving)")
+    context_parallel_size: int = flag_field(1, "context-parallel size (cp; only 1 is supported yet)")
+    sequence_parallel: bool = flag_field(False, "split norms, dropout and residuals along the sequence over tp")
+    decoder_first_pipeline_num_layers: int | None = flag_field(None, "layers of the first pipeline stage (None: even)")
+    decoder_last_pipeline_num_layers: int | None = flag_field(None, "layers of the last pipeline stage (None: even)")
+    pipeline_schedule: str | None = flag_field(
+        None, "pipeline schedule (None: no-pipelining at pp 1, 1f1b, interleaved-1f1b with vpp)", SCHEDULES)
+    use_distributed_optimizer: bool = flag_field(False, "shard optimizer state over data parallelism (ZeRO-1)")
+    overlap_grad_reduce: bool = flag_field(False, "reduce gradient buckets during backward")
+    ddp_bucket_size: int | None = flag_field(None, "elements per gradient bucket with --overlap-grad-reduce (None: max(40M, 1M x dp)); one bucket without it")
+    accumulate_allreduce_grads_in_fp32: bool = flag_field(
+        False, "accumulate and reduce gradients in fp32 (forced on with --bf16)")
+    distributed_backend: str | None = flag_field(None, "process-group backend (None: nccl with CUDA, gloo otherwise)",
+                                                 KNOWN_BACKENDS)
+    distributed_timeout_minutes: float | None = flag_field(
+        None, "timeout of collectives in minutes (None: 1 under gloo, 10 under nccl)")
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            check_int(name, getattr(self, name))
+        for name in ("num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
+                     "decoder_last_pipeline_num_layers", "ddp_bucket_size"):
+            check_int(name, getattr(self, name), optional=True)
+        check_choices(self)
+        check_range("distributed_timeout_minutes", self.distributed_timeout_minutes, 0, open_low=True, optional=True)
