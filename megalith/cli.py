@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(command)
         command.set_defaults(run=run)
 
-    from megalith.training.hf_convert import add_convert_arguments, run_convert
+    from megalith.convert import add_convert_arguments, run_convert
 
     convert = commands.add_parser(
         "convert", help="convert Hugging Face GPT-2 / Llama / BERT / T5 checkpoints to megalith checkpoints and back",

@@ -11,7 +11,7 @@ from megalith.config import ModelConfig, parse_layout
 from megalith.models.bert import BertModel
 from megalith.models.registry import BUILTIN_MODELS, bert_batch
 from megalith.testing import relative_error
-from megalith.training.hf_bert import bert_config_from_hf, bert_hf_to_global
+from megalith.convert.bert import bert_config_from_hf, bert_hf_to_global
 from megalith.training.step import sequence_mean_loss
 from megalith.verify import VerifySettings, _train_on_rank, compare, merge_ranks, run_verify
 

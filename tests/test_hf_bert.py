@@ -24,11 +24,11 @@ from megalith.errors import ConfigError  # noqa: E402
 from megalith.models.bert import BertModel  # noqa: E402
 from megalith.models.parallel_context import StageSpec  # noqa: E402
 from megalith.models.registry import BUILTIN_MODELS  # noqa: E402
-from megalith.training.hf_bert import BERT, bert_config_from_hf  # noqa: E402
-from megalith.training.hf_convert import (  # noqa: E402
+from megalith.convert.bert import BERT, bert_config_from_hf  # noqa: E402
+from megalith.convert.command import (  # noqa: E402
     CHECK_TOLERANCE, check_logits, hf_to_megalith, megalith_to_hf, open_checkpoint, read_global_tensors,
 )
-from megalith.training.hf_families import family_for_hf, family_for_model  # noqa: E402
+from megalith.convert.families import family_for_hf, family_for_model  # noqa: E402
 
 LAYERS = 4
 

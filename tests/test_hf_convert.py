@@ -29,13 +29,13 @@ from megalith.parallel.pipeline.split import split_layers  # noqa: E402
 from megalith.training.checkpoint_format import (  # noqa: E402
     PIECES_KEY, CheckpointReader, pieces, read_local, save_pieces, shard_file_name,
 )
-from megalith.training.hf_convert import (  # noqa: E402
+from megalith.convert.command import (  # noqa: E402
     CHECK_TOLERANCE, add_convert_arguments, check_logits, hf_to_megalith, megalith_to_hf, open_checkpoint,
     read_global_tensors, run_convert, write_checkpoint,
 )
-from megalith.training.hf_families import FAMILIES, family_for_hf  # noqa: E402
-from megalith.training.hf_gpt import GPT2, gpt_parameter_names  # noqa: E402
-from megalith.training.hf_mapping import placement  # noqa: E402
+from megalith.convert.families import FAMILIES, family_for_hf  # noqa: E402
+from megalith.convert.gpt import GPT2, gpt_parameter_names  # noqa: E402
+from megalith.convert.mapping import placement  # noqa: E402
 
 VOCAB, LAYERS = 100, 4
 
@@ -362,7 +362,7 @@ def test_export_refuses_a_model_no_hf_architecture_fits(tmp_path):
 
 
 def test_a_failed_write_leaves_nothing(models, tmp_path, monkeypatch):
-    import megalith.training.hf_convert as convert
+    import megalith.convert.command as convert
 
     calls = []
 

@@ -33,11 +33,11 @@ from megalith.parallel.layers import padded_vocab_size  # noqa: E402
 from megalith.parallel.pipeline.split import split_layers  # noqa: E402
 from megalith.training.checkpoint import placement_of  # noqa: E402
 from megalith.training.checkpoint_format import PIECES_KEY, pieces, shard_file_name  # noqa: E402
-from megalith.training.hf_convert import (  # noqa: E402
+from megalith.convert.command import (  # noqa: E402
     CHECK_TOLERANCE, check_logits, hf_to_megalith, megalith_to_hf, open_checkpoint, read_global_tensors,
 )
-from megalith.training.hf_families import family_for_hf, family_for_model  # noqa: E402
-from megalith.training.hf_t5 import T5  # noqa: E402
+from megalith.convert.families import family_for_hf, family_for_model  # noqa: E402
+from megalith.convert.t5 import T5  # noqa: E402
 
 SPEC = BUILTIN_MODELS["t5"]
 

@@ -14,8 +14,8 @@ from megalith.models.t5 import T5Model, relative_position_buckets, resolve_t5_co
 from megalith.parallel import comm
 from megalith.parallel.layers import sequence_parallel_parameters
 from megalith.testing import relative_error
-from megalith.training.hf_mapping import ConvertError
-from megalith.training.hf_t5 import t5_config_from_hf, t5_global_to_hf, t5_hf_to_global
+from megalith.convert.mapping import ConvertError
+from megalith.convert.t5 import t5_config_from_hf, t5_global_to_hf, t5_hf_to_global
 from megalith.verify import VerifySettings, _train_on_rank, compare, merge_ranks, run_verify
 
 SPEC = BUILTIN_MODELS["t5"]

@@ -3,7 +3,7 @@ transformer block -> masked-LM head (tied to the word embedding) and sentence-or
 
 Two layer orders: Megatron's pre-norm layers with a final norm (the default), or, with
 `post_layer_norm`, the original BERT's post-norm layers after an embedding norm (Hugging
-Face's BertModel; `megalith.training.hf_bert.bert_hf_to_global` maps its weights here).
+Face's BertModel; `megalith.convert.bert.bert_hf_to_global` maps its weights here).
 
 Initialisation is exact across layouts as in GPT: the embedding, the heads and each layer draw
 from their own generator seeded from `init_seed` and their index.

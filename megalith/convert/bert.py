@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from megalith.config import ModelConfig
-from megalith.training.hf_mapping import (
+from megalith.convert.mapping import (
     ConvertError, HFFamily, LogitPairs, Tensors, TensorTaker, fuse_qkv, placement, random_padding_mask, refuse,
     split_qkv, stage_of,
 )

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from megalith.config import ModelConfig
-from megalith.training.hf_mapping import (
+from megalith.convert.mapping import (
     HFFamily, LogitPairs, Tensors, TensorTaker, fuse_qkv, placement, refuse, split_qkv, stage_of,
 )
 

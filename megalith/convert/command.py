@@ -1,5 +1,5 @@
 """`megalith convert`: Hugging Face directories <-> megalith checkpoints, for every family in
-hf_families (GPT-2, Llama, BERT, T5).
+families (GPT-2, Llama, BERT, T5).
 
 Import writes a megalith checkpoint (iteration 0, no optimizer) for any tp x pp (x vpp) layout,
 computing each rank's shard purely, the way megalith's layers slice the global tensor, so no
@@ -7,8 +7,8 @@ processes start. Export reads any megalith checkpoint, whatever layout wrote it,
 tensors and writes config.json + model.safetensors that transformers' from_pretrained loads.
 `--check` runs the HF model and megalith's on one random batch and compares their logits.
 
-Nothing here knows a model: the family (hf_mapping.HFFamily) gives the config, the tensors,
-where each one goes and how to compare; hf_files reads HF directories and writes atomically.
+Nothing here knows a model: the family (mapping.HFFamily) gives the config, the tensors,
+where each one goes and how to compare; files reads HF directories and writes atomically.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from megalith.training.checkpoint_format import (
     FORMAT_VERSION, METADATA_FILE, CheckpointError, CheckpointReader, Placement, global_shape, iteration_dir_name,
     pieces, read_local, read_tracker, save_pieces, shard_file_name, write_tracker,
 )
-from megalith.training.hf_families import FAMILIES, family_for_hf, family_for_model
-from megalith.training.hf_files import (
+from megalith.convert.families import FAMILIES, family_for_hf, family_for_model
+from megalith.convert.files import (
     HF_CONFIG, HF_WEIGHTS, atomic_directory, hf_weight_names, load_hf_weights, read_hf_config,
 )
-from megalith.training.hf_mapping import ConvertError, HFFamily, relative_difference
+from megalith.convert.mapping import ConvertError, HFFamily, relative_difference
 
 CHECK_TOLERANCE = 1e-5  # fp32: largest |a - b| over largest |b|
 

@@ -29,10 +29,10 @@ from torch import nn
 from megalith.config import ModelConfig
 from megalith.models.t5 import resolve_t5_config
 from megalith.training.checkpoint_format import Placement
-from megalith.training.hf_mapping import (
+from megalith.convert.mapping import (
     ConvertError, HFFamily, LogitPairs, Tensors, TensorTaker, fuse_qkv, random_padding_mask, split_qkv,
 )
-from megalith.training.hf_mapping import placement as standard_placement
+from megalith.convert.mapping import placement as standard_placement
 
 # HF copies of the shared embedding that carry no information of their own
 TIED_HF_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")

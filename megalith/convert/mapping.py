@@ -3,8 +3,8 @@ QKV fusing, and where megalith's standard layers put a parameter (tp split, pipe
 
 A family (`HFFamily`) is one HF architecture and the megalith model it becomes. `megalith
 convert` knows nothing model-specific: it asks the family for the config, the global tensors,
-the checkpoint placement and the logit comparison. The entries live in hf_gpt (GPT-2, Llama),
-hf_bert (BERT) and so on; hf_families lists them.
+the checkpoint placement and the logit comparison. The entries live in gpt (GPT-2, Llama),
+bert (BERT) and so on; families lists them.
 
 megalith's side of every mapping is the *global* tensors of a whole model (what one process
 would hold, no vocabulary padding), named as the model's parameters.

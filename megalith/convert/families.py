@@ -2,17 +2,17 @@
 
 Importing picks by config.json's `model_type`; exporting by the megalith model the checkpoint
 was written for, then the first of that model's families its config fits (GPT: GPT-2 before
-Llama). To add a family, write a module that defines an `HFFamily` (see hf_mapping) and add it
-to FAMILIES below; hf_convert needs no change.
+Llama). To add a family, write a module that defines an `HFFamily` (see mapping) and add it
+to FAMILIES below; command needs no change.
 """
 
 from __future__ import annotations
 
 from megalith.config import ModelConfig
-from megalith.training.hf_bert import BERT
-from megalith.training.hf_gpt import GPT2, LLAMA
-from megalith.training.hf_mapping import ConvertError, HFFamily
-from megalith.training.hf_t5 import T5
+from megalith.convert.bert import BERT
+from megalith.convert.gpt import GPT2, LLAMA
+from megalith.convert.mapping import ConvertError, HFFamily
+from megalith.convert.t5 import T5
 
 FAMILIES: tuple[HFFamily, ...] = (GPT2, LLAMA, BERT, T5)
 

@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from megalith.training.hf_mapping import ConvertError
+from megalith.convert.mapping import ConvertError
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 HF_PICKLE, HF_PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
