@@ -10,10 +10,10 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Without --full, leave out (deselect, not skip) the tests marked slow."""
+    """Without --full, leave out (deselect, not skip) the tests marked full."""
     if config.getoption("--full"):
         return
-    kept = [item for item in items if item.get_closest_marker("slow") is None]
+    kept = [item for item in items if item.get_closest_marker("full") is None]
     if len(kept) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
         items[:] = kept

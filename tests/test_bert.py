@@ -20,7 +20,7 @@ POST_NORM = replace(BASE, post_layer_norm=True, num_layers=2)
 
 
 @pytest.mark.parametrize("config, layouts", [
-    (BASE, ["tp2.sp", "pp2", "tp2.pp2.dp2.sp.zero1"]),
+    pytest.param(BASE, ["tp2.sp", "pp2", "tp2.pp2.dp2.sp.zero1"], marks=pytest.mark.slow),
     (replace(POST_NORM, bert_no_binary_head=True), ["tp2.sp"]),
 ], ids=["megatron-pre-norm", "hf-post-norm-no-binary-head"])
 def test_layouts_match_one_process(rank_pools, config, layouts):

@@ -53,7 +53,8 @@ def _values(records: list[dict], key: str, first: int) -> list[float]:
     return [r[key] for r in records if r["iteration"] > first]
 
 
-@pytest.mark.parametrize("layout", ["tp2.pp2.dp2.sp", "pp2.vpp2.dp2.zero1", "dp4.zero1", "tp2.dp2.sp.zero1.bf16"])
+@pytest.mark.parametrize("layout", [pytest.param("tp2.pp2.dp2.sp", marks=pytest.mark.slow), "pp2.vpp2.dp2.zero1", "dp4.zero1",
+                                    pytest.param("tp2.dp2.sp.zero1.bf16", marks=pytest.mark.slow)])
 def test_resume_is_bitwise(rank_pools, tmp_path, layout):
     """6 iterations straight == 3, save (--exit-interval), load, 3 more: identical losses and norms."""
     pool = rank_pools(8)
@@ -69,7 +70,8 @@ def test_resume_is_bitwise(rank_pools, tmp_path, layout):
 
 
 @pytest.mark.parametrize("source, target", [
-    ("tp2.pp2.dp2", "tp1.pp4.dp2"), ("tp2.pp2.dp2.zero1", "tp4.pp1.dp2.zero1"), ("pp2.vpp2", "pp4"),
+    ("tp2.pp2.dp2", "tp1.pp4.dp2"), pytest.param("tp2.pp2.dp2.zero1", "tp4.pp1.dp2.zero1", marks=pytest.mark.slow),
+    ("pp2.vpp2", "pp4"),
     ("dp2.zero1", "dp4.zero1"),
 ])
 def test_a_checkpoint_reshards_to_another_layout(rank_pools, tmp_path, source, target):
@@ -167,7 +169,8 @@ def _run(args: list[str], *extra: str, timeout: float = 120) -> subprocess.Compl
     return subprocess.run([sys.executable, *args, *extra], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("point", ["shard", "rng", "rename", "tracker"])
+@pytest.mark.parametrize("point", [pytest.param("shard", marks=pytest.mark.slow), "rng", "rename",
+                                   pytest.param("tracker", marks=pytest.mark.slow)])
 def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_loadable(tmp_path, point):
     driver = tmp_path / "killer.py"
     driver.write_text(KILLER)
@@ -183,6 +186,7 @@ def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_loadable(tmp_
         assert "iteration        3/" in resumed.stdout and (save / TRACKER_FILE).read_text().strip() == "6"
 
 
+@pytest.mark.slow  # about 20 s; test_sigterm_to_one_rank_stops_every_rank_at_the_same_iteration stays fast
 def test_sigterm_saves_and_exits_cleanly_and_the_run_resumes(tmp_path):
     """What Slurm sends before it kills a job: the iteration finishes, a checkpoint is written, exit 0."""
     save = tmp_path / "ckpt"

@@ -26,6 +26,7 @@ CONFIG = ModelConfig(**tiny_lm.SPEC.defaults)
 LAYOUTS = ["tp2", "pp2", "tp2.pp2", "tp2.pp2.sp", "pp2.vpp2.recompute-full", "tp2.dp2.sp.zero1"]
 
 
+@pytest.mark.slow  # about 7 s; the pretrain test and the negative control below stay fast
 def test_verify_proves_every_layout_equal_to_one_process(rank_pools):
     settings = VerifySettings(MODEL, CONFIG, steps=3)
     results = run_verify(settings, [parse_layout(t) for t in LAYOUTS], pool=rank_pools(4))

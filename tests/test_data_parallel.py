@@ -42,6 +42,7 @@ def assert_all_pass(results, layouts):
         assert r.losses[-1] < r.losses[0], r
 
 
+@pytest.mark.slow  # about 20 s; the other verify tests here cover dp, ZeRO-1 and tp.dp in the fast tier
 def test_issue_layouts_match_one_process(rank_pools):
     """dp=N equals one process over the same global batch, with and without ZeRO-1, in 3D layouts."""
     results = run_verify(SETTINGS, [parse_layout(t) for t in ISSUE_LAYOUTS], pool=rank_pools(8))

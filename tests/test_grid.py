@@ -47,7 +47,7 @@ def test_factorizations_helper():
     assert len(factorizations(64)) == 84  # C(6+3, 3)
 
 
-@pytest.mark.parametrize("world", range(1, 65))
+@pytest.mark.parametrize("world", [pytest.param(w, marks=pytest.mark.slow) if w > 32 else w for w in range(1, 65)])
 def test_every_layout_matches_brute_force(world):
     for tp, cp, dp, pp in factorizations(world):
         coords, expected = brute_force(tp, cp, dp, pp)

@@ -20,6 +20,7 @@ def assert_all_pass(results, layouts):
         assert r.passed, r
 
 
+@pytest.mark.slow  # about 20 s; test_micro_batches_not_a_multiple_of_pp covers pp4, tp2.pp2 and vpp in the fast tier
 def test_issue_layouts_with_eight_micro_batches(rank_pools):
     settings = VerifySettings("gpt", BASE, steps=3, micro_batches=8, micro_batch_size=1)
     assert_all_pass(run_verify(settings, [parse_layout(t) for t in ISSUE_LAYOUTS], pool=rank_pools(4)), ISSUE_LAYOUTS)

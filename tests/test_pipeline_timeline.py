@@ -7,8 +7,8 @@ import pytest
 from megalith.errors import ConfigError
 
 from megalith.cli import main
+from megalith.parallel.pipeline.actions import TimelineEvent
 from megalith.parallel.pipeline.timeline import (
-    TimelineEvent,
     describe_schedule,
     draw_gantt,
     measured_bubble,

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from torch import nn
 
 from megalith.cli import main
@@ -103,6 +105,7 @@ MEGATRON_LINE = re.compile(
 )
 
 
+@pytest.mark.slow  # about 160 s: the README's command, 100 iterations under torchrun
 def test_the_launch_script_trains_a_gpt_with_8_processes(tmp_path):
     """scripts/pretrain_gpt.sh with no arguments: tp2 x pp2 (interleaved) x dp2, SP, 100 iterations
     on the embedded corpus (built on the way)."""

@@ -267,13 +267,14 @@ def train_with_script(script: Path, tmp_path: Path, iterations: int, *args: str)
 
 
 # Measured on 2 cores (8 processes): BERT 20 iterations ~40 s; T5 ~40 s. 100 iterations: see docs/training.md.
+@pytest.mark.slow  # about 50 s each; the dry-run tests above cover the scripts in the fast tier
 @pytest.mark.parametrize("script, drop", [(BERT_SCRIPT, 0.15), (T5_SCRIPT, 0.3)], ids=["bert", "t5"])
 def test_the_script_trains_and_the_loss_falls(tmp_path, script, drop):
     losses = train_with_script(script, tmp_path, 20, "--log-interval", "5", "--eval-iters", "1")
     assert len(losses) == 4 and losses[-1] < losses[0] - drop, losses
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.parametrize("script, drop", [(BERT_SCRIPT, 0.7), (T5_SCRIPT, 1.5)], ids=["bert", "t5"])
 def test_the_script_with_no_arguments_trains_100_iterations(tmp_path, script, drop):
     """As documented: BERT about 7.5 -> 6.4 (masked LM + sentence order), T5 about 6.9 -> 5.0."""

@@ -470,7 +470,7 @@ def test_real_run_saves_on_the_warning(tmp_path):
     run_until_warning(tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_requeued_job_resumes_from_the_warning_checkpoint(tmp_path):
     slurm, saved = run_until_warning(tmp_path)
     # Slurm starts the requeued job again under the same id; --exit-interval 5 ends it soon.

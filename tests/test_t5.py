@@ -27,7 +27,7 @@ def t5_config(**changes) -> ModelConfig:
 
 
 @pytest.mark.parametrize("config, layouts", [
-    (BASE, ["tp2", "pp2", "tp2.pp2.dp2"]),
+    pytest.param(BASE, ["tp2", "pp2", "tp2.pp2.dp2"], marks=pytest.mark.slow),
     # the split falls inside a stage: encoder output and decoder state travel together
     (t5_config(encoder_num_layers=1, decoder_num_layers=3, untie_embeddings_and_output_weights=True),
      ["tp2.pp2.dp2.sp.zero1", "pp4.mb4"]),
@@ -200,6 +200,7 @@ def _pretrain(pool, tmp_path, name: str, flags: list[str], world: int) -> list[d
     return [json.loads(line) for line in log.read_text().splitlines() if "consumed_samples" in line]
 
 
+@pytest.mark.slow  # about 10 s
 def test_pretrain_saves_under_one_layout_and_resumes_under_another(rank_pools, tmp_path):
     """T5 trained 3 iterations under tp2.pp2.dp2.zero1, saved, continued under pp4 (every form
     of stage boundary): the losses of continuing under the first layout; the checkpoint holds

@@ -17,7 +17,7 @@ TP_SIZES = [1, 2, 4, 8]
 def cases(*axes, keep=lambda *combo: True):
     """Every combination of the axes (tp first); tp=8 only with --full."""
     return [
-        pytest.param(*combo, marks=[pytest.mark.slow] if combo[0] == 8 else [])
+        pytest.param(*combo, marks=[pytest.mark.full] if combo[0] == 8 else [])
         for combo in itertools.product(TP_SIZES, *axes)
         if keep(*combo)
     ]

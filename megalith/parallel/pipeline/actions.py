@@ -14,6 +14,9 @@ output (to s + 1), RECV_BACKWARD receives the gradient of that output (from s + 
 SEND_BACKWARD sends the gradient of its input (to s - 1). Consecutive communication actions
 form one batch, posted together without blocking (batch_isend_irecv); a compute action waits
 only for the receive it consumes. Sends are never waited on before the end of the step.
+
+A TimelineEvent records when one compute action ran, in a simulation (simulate.py) or in a
+real step (engine.py); timeline.py draws them.
 """
 
 from __future__ import annotations
@@ -73,3 +76,15 @@ def peer_of(action: Action, rank: int, pp: int) -> tuple[int, int]:
     if action.kind in (Kind.RECV_FORWARD, Kind.SEND_BACKWARD):
         return holder_of(stage - 1, pp)
     raise ValueError(f"{action} is not a communication action")
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One forward or backward: which rank, what, and when (seconds, or the simulator's units)."""
+
+    rank: int
+    kind: str
+    chunk: int
+    microbatch: int
+    start: float
+    end: float

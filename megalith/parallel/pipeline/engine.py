@@ -26,8 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megalith.parallel.comm import group_size
-from megalith.parallel.pipeline.actions import Action, Kind, peer_of, stage_of
-from megalith.parallel.pipeline.timeline import TimelineEvent
+from megalith.parallel.pipeline.actions import Action, Kind, TimelineEvent, peer_of, stage_of
 
 
 @dataclass

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from megalith.errors import ConfigError
-from megalith.parallel.pipeline.actions import Action, Kind, stage_of
-from megalith.parallel.pipeline.timeline import TimelineEvent
+from megalith.parallel.pipeline.actions import Action, Kind, TimelineEvent, stage_of
 
 Cost = int | float | Fraction  # ints and Fractions keep the simulated bubble exact
 

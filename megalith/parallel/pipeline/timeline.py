@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from fractions import Fraction
 
 from megalith.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class TimelineEvent:
-    """One forward or backward: which rank, what, and when (seconds, or the simulator's units)."""
-
-    rank: int
-    kind: str
-    chunk: int
-    microbatch: int
-    start: float
-    end: float
+from megalith.parallel.pipeline.actions import TimelineEvent
+from megalith.parallel.pipeline.checks import check_schedule, peak_in_flight
+from megalith.parallel.pipeline.schedules import build_schedule
+from megalith.parallel.pipeline.simulate import predicted_bubble, simulate
 
 
 def to_chrome_trace(events: list[TimelineEvent], time_unit_us: float = 1.0) -> dict:
@@ -99,10 +90,6 @@ def draw_gantt(events: list[TimelineEvent], path, title: str, time_unit: str = "
 def describe_schedule(name: str, pp: int, vpp: int, microbatches: int, forward_cost: float = 1.0,
                       backward_cost: float = 2.0, p2p_cost: float = 0.0, trace_path=None, png_path=None) -> str:
     """Build, check and simulate a schedule on every rank; write its timeline; summarise in a few lines."""
-    from megalith.parallel.pipeline.checks import check_schedule, peak_in_flight
-    from megalith.parallel.pipeline.schedules import build_schedule
-    from megalith.parallel.pipeline.simulate import predicted_bubble, simulate
-
     schedules = [build_schedule(name, pp, vpp, microbatches, rank) for rank in range(pp)]
     check_schedule(schedules, pp, vpp, microbatches)
     # exact per-chunk costs (a float converts to Fraction exactly), so formula and simulation agree to the digit
