@@ -21,7 +21,8 @@ from megalith.parallel.pipeline.schedules import build_schedule
 from megalith.parallel.pipeline.simulate import predicted_bubble, simulate
 from megalith.parallel.pipeline.timeline import draw_gantt, measured_bubble, write_chrome_trace
 from megalith.parallel.spawn import RankPool
-from megalith.verify import VerifySettings, default_schedule, train
+from megalith.parallel.pipeline.schedules import default_schedule
+from megalith.verify import VerifySettings, train
 
 
 def record_on_rank(ctx, settings, layout_text):

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from megalith.config import ModelConfig  # noqa: E402
+from megalith.config import Layout, ModelConfig  # noqa: E402
 from megalith.errors import ConfigError  # noqa: E402
 from megalith.models.gpt import PADDED_VOCAB_PARAMETERS, GPTModel  # noqa: E402
 from megalith.models.parallel_context import StageSpec  # noqa: E402
@@ -89,7 +89,7 @@ def _write_model_checkpoint(model: torch.nn.Module, config: ModelConfig, ckpt: s
     """A whole megalith model's parameters as a converted checkpoint (vocabulary padding cut off)."""
     tensors = {n: p.detach()[: config.vocab_size] if n.endswith(PADDED_VOCAB_PARAMETERS) else p.detach()
                for n, p in model.named_parameters()}
-    write_checkpoint(tensors, config, ckpt, 1, pp, 1, family)
+    write_checkpoint(tensors, config, ckpt, Layout(pp=pp), family)
 
 
 def _one_line(error: pytest.ExceptionInfo) -> str:

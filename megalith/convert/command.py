@@ -25,7 +25,7 @@ from megalith.parallel.layers import padded_vocab_size
 from megalith.parallel.pipeline.split import split_layers
 from megalith.training.checkpoint_format import (
     FORMAT_VERSION, METADATA_FILE, CheckpointError, CheckpointReader, Placement, global_shape, iteration_dir_name,
-    pieces, read_local, read_tracker, save_pieces, shard_file_name, write_tracker,
+    layout_record, pieces, read_local, read_tracker, save_pieces, shard_file_name, write_tracker,
 )
 from megalith.convert.families import FAMILIES, family_for_hf, family_for_model
 from megalith.convert.files import (
@@ -50,13 +50,11 @@ def shard(full: torch.Tensor, where: Placement, tp_rank: int, tp_size: int, conf
     return parts.chunk(tp_size, dim=where.dim + 1)[tp_rank].flatten(where.dim, where.dim + 1).contiguous()
 
 
-def metadata(config: ModelConfig, tp: int, pp: int, vpp: int, model: str, source: str) -> dict:
+def metadata(config: ModelConfig, layout: Layout, model: str, source: str) -> dict:
     """metadata.json of a converted checkpoint: iteration 0, weights only, for `--model model`."""
     return {
         "format_version": FORMAT_VERSION, "iteration": 0, "consumed_samples": 0, "valid_batches": 0, "model": model,
-        "model_config": asdict(config),
-        "layout": {"world_size": tp * pp, "tp": tp, "pp": pp, "vpp": vpp, "dp": 1, "zero1": False,
-                   "params_dtype": "fp32"},
+        "model_config": asdict(config), "layout": layout_record(layout),
         "has_optimizer": False, "optimizer": None, "scheduler": None, "loss_scaler": None, "config": None,
         "source": source,
     }
@@ -80,11 +78,12 @@ def _virtual_stages(config: ModelConfig, family: HFFamily, pp: int, vpp_layers: 
     return config.num_layers // (pp * vpp_layers)
 
 
-def write_checkpoint(tensors: dict[str, torch.Tensor], config: ModelConfig, root: str, tp: int, pp: int,
-                     vpp: int, family: HFFamily, source: str | None = None) -> None:
-    """A megalith checkpoint (iteration 0) of global `tensors` in layout tp x pp x vpp, at `root`."""
-    Layout(tp=tp).check_model(config)
-    stages = split_layers(config.num_layers, pp, vpp)
+def write_checkpoint(tensors: dict[str, torch.Tensor], config: ModelConfig, root: str, layout: Layout,
+                     family: HFFamily, source: str | None = None) -> None:
+    """A megalith checkpoint (iteration 0) of global `tensors` in `layout` (tp x pp x vpp), at `root`."""
+    layout.check_model(config)
+    tp, pp = layout.tp, layout.pp
+    stages = split_layers(config.num_layers, pp, layout.vpp)
     layer_stages = {layer: stage for stage, layers in enumerate(stages) for layer in layers}
     owner = {name: family.stage_of(name, config, layer_stages, len(stages) - 1) % pp for name in tensors}
     with atomic_directory(root) as temporary:
@@ -101,7 +100,7 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], config: ModelConfig, root
                     local[f"model/{name}"] = (part, global_shape(shape, where, tp), pieces(shape, where, tp_rank, tp))
                 save_pieces(os.path.join(directory, shard_file_name(tp_rank, pp_rank)), local)
         with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as out:
-            json.dump(metadata(config, tp, pp, vpp, family.model, source or f"hf:{family.model_types[0]}"), out,
+            json.dump(metadata(config, layout, family.model, source or f"hf:{family.model_types[0]}"), out,
                       indent=2)
         write_tracker(temporary, 0)
 
@@ -111,11 +110,11 @@ def hf_to_megalith(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, vpp_laye
     hf = read_hf_config(hf_dir)
     family = family_for_hf(hf)
     config = _model_spec(family).resolved(family.config_from_hf(hf, hf_weight_names(hf_dir)))
-    vpp = _virtual_stages(config, family, pp, vpp_layers)
-    Layout(tp=tp).check_model(config)
-    split_layers(config.num_layers, pp, vpp)  # a bad split fails before any tensor is read
+    layout = Layout(tp=tp, pp=pp, vpp=_virtual_stages(config, family, pp, vpp_layers))
+    layout.check_model(config)
+    split_layers(config.num_layers, pp, layout.vpp)  # a bad split fails before any tensor is read
     tensors = family.hf_to_global(load_hf_weights(hf_dir), config)
-    write_checkpoint(tensors, config, out_dir, tp, pp, vpp, family, f"hf:{hf['model_type']}")
+    write_checkpoint(tensors, config, out_dir, layout, family, f"hf:{hf['model_type']}")
     return config
 
 
