@@ -8,6 +8,9 @@ from megalith.config.flags import flag_field
 from megalith.config.validators import check_int, check_range
 from megalith.errors import ConfigError
 
+# megalith's own format first; the rest are Megatron's names, which write megalith's format.
+CKPT_FORMATS = ("megalith", "torch_dist", "torch", "zarr", "torch_dcp", "fsdp_dtensor")
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -16,6 +19,13 @@ class CheckpointConfig:
     save: str | None = flag_field(None, "write checkpoints here (DIR/iter_0000100/, DIR/latest_checkpointed_iteration.txt)")
     save_interval: int | None = flag_field(None, "iterations between checkpoints (None: only on exit)")
     load: str | None = flag_field(None, "resume from the newest checkpoint here (any layout; none yet: start fresh)")
+    no_save_optim: bool = flag_field(False, "checkpoints without the optimizer state")
+    no_save_rng: bool = flag_field(False, "checkpoints without the random states")
+    use_checkpoint_args: bool = flag_field(False, "take the model's shape flags from the --load checkpoint's "
+                                           "metadata (flags given here must agree)")
+    ckpt_format: str = flag_field("megalith", "checkpoint format: megalith (reshardable safetensors shards); "
+                                  "torch_dist, torch, zarr, torch_dcp and fsdp_dtensor are Megatron's formats and "
+                                  "write megalith's (with one notice)", CKPT_FORMATS)
     no_load_optim: bool = flag_field(False, "load weights, schedule position and data position, not the optimizer")
     no_load_rng: bool = flag_field(False, "keep this run's random states")
     finetune: bool = flag_field(False, "load the weights only and start at iteration 0")

@@ -17,6 +17,14 @@ class DataConfig:
     data_path: tuple[str, ...] | None = flag_field(
         None, "indexed datasets (PREFIX of PREFIX.bin/.idx), optionally weighted: [W1] PREFIX1 [W2 PREFIX2 ...]")
     split: str = flag_field("969,30,1", "train,valid,test proportions of each dataset's documents")
+    train_data_path: tuple[str, ...] | None = flag_field(None, "datasets of the training split only (instead of "
+                                                         "--data-path and --split), weighted like --data-path")
+    valid_data_path: tuple[str, ...] | None = flag_field(None, "datasets of the validation split only")
+    test_data_path: tuple[str, ...] | None = flag_field(None, "datasets of the test split only")
+    data_args_path: str | None = flag_field(None, "a file whose whitespace-separated words are the --data-path "
+                                            "value (long blends)")
+    mmap_bin_files: bool = flag_field(True, "memory-map the .bin files (--no-mmap-bin-files: read them with file "
+                                      "reads)")
     data_cache_path: str | None = flag_field(
         None, "where the sample indices are cached (None: a cache folder beside each dataset)")
     mock_data: bool = flag_field(False, "train on synthetic batches from the model's registry entry")

@@ -80,8 +80,9 @@ def add_config_arguments(parser, cls, overrides: dict | None = None) -> None:
             action = parser.add_argument(name, action=_SwitchFlag, default=default, help=text)
             action.help = text  # some Pythons append the default themselves; keep one
             continue
-        if kind.startswith("tuple"):  # a list of words, e.g. --data-path 0.3 A 0.7 B
-            parser.add_argument(name, action=_StoreTuple, nargs="+", default=default, metavar=f.name.upper(), help=text)
+        if kind.startswith("tuple"):  # a list of words, e.g. --data-path 0.3 A 0.7 B (or of ints)
+            parser.add_argument(name, action=_StoreTuple, nargs="+", type=int if "int" in kind else str,
+                                default=default, metavar=f.name.upper(), help=text)
             continue
         convert = int if "int" in kind else float if "float" in kind else str
         parser.add_argument(name, action=_StoreFlag, type=convert, default=default, choices=choices,

@@ -16,6 +16,11 @@ class LoggingConfig:
 
     log_json: str | None = flag_field(None, "append one JSON record per log interval to this file")
     tensorboard_dir: str | None = flag_field(None, "write TensorBoard scalars here")
+    tensorboard_log_interval: int = flag_field(1, "iterations between TensorBoard scalars")
+    log_timers_to_tensorboard: bool = flag_field(False, "TensorBoard: the step's timers")
+    log_validation_ppl_to_tensorboard: bool = flag_field(False, "TensorBoard: validation perplexity")
+    log_memory_to_tensorboard: bool = flag_field(False, "TensorBoard: memory allocated and reserved")
+    log_throughput: bool = flag_field(False, "the log line's TFLOP/s field (megalith prints it always)")
     wandb_project: str | None = flag_field(None, "log to this Weights & Biases project")
     wandb_exp_name: str | None = flag_field(None, "Weights & Biases run name")
     wandb_save_dir: str | None = flag_field(None, "Weights & Biases local directory")

@@ -21,7 +21,9 @@ PRECISIONS = dict(zip(PRECISION_NAMES, (torch.float32, torch.bfloat16, torch.flo
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "relative")
 ACTIVATIONS = ("gelu", "relu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-ATTENTION_BACKENDS = ("sdpa", "unfused")
+# Megatron's --attention-backend names; "sdpa" is megalith's own name for torch's SDPA path.
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local", "sdpa")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
 RECOMPUTE_METHODS = ("uniform", "block")
 
 
@@ -39,7 +41,9 @@ class ModelConfig:
     hidden_size: int = flag_field(64, "width of the hidden states")
     num_attention_heads: int = flag_field(4, "attention heads")
     ffn_hidden_size: int | None = flag_field(None, "MLP hidden size (None: 4 x hidden size)")
-    num_query_groups: int | None = flag_field(None, "key/value groups of grouped-query attention (None: one per head)")
+    group_query_attention: bool = flag_field(False, "grouped-query attention: --num-query-groups takes effect "
+                                             "(without it Megatron ignores --num-query-groups)")
+    num_query_groups: int | None = flag_field(None, "key/value groups with --group-query-attention (None: one per head)")
     kv_channels: int | None = flag_field(None, "size of one attention head (None: hidden size / heads)")
     seq_length: int = flag_field(32, "tokens per sequence")
     max_position_embeddings: int | None = flag_field(None, "rows of the learned position table (None: seq length)")
@@ -47,8 +51,14 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = flag_field(128, "pad the vocabulary to a multiple of this x tp")
     position_embedding_type: str = flag_field("learned_absolute", "position encoding", POSITION_EMBEDDING_TYPES)
     rotary_base: int = flag_field(10000, "base of the rotary frequencies")
+    rotary_percent: float = flag_field(1.0, "share of each head's channels that rotary embeddings rotate")
+    position_embedding: bool = flag_field(True, "learned absolute position table (--no-position-embedding: none, "
+                                          "as Megatron's add_position_embedding)")
     normalization: str = flag_field("LayerNorm", "normalization layer", NORMALIZATIONS)
     norm_epsilon: float = flag_field(1e-5, "epsilon of the norms")
+    apply_layernorm_1p: bool = flag_field(False, "LayerNorm weights stored as (weight - 1), initialised to zero "
+                                          "(zero-centred gamma)")
+    qk_layernorm: bool = flag_field(False, "normalise queries and keys per head before attention")
     swiglu: bool = flag_field(False, "SwiGLU MLP instead of GELU")
     openai_gelu: bool = flag_field(False, "tanh-approximate GELU (OpenAI's, GPT-2's) instead of the exact one")
     untie_embeddings_and_output_weights: bool = flag_field(False, "own output layer instead of the word embedding")
@@ -57,8 +67,15 @@ class ModelConfig:
     hidden_dropout: float = flag_field(0.1, "dropout on hidden states")
     attention_dropout: float = flag_field(0.1, "dropout on attention probabilities")
     init_method_std: float = flag_field(0.02, "standard deviation of the weight initialisation")
+    init_method_xavier_uniform: bool = flag_field(False, "Xavier-uniform initialisation of the weights instead of "
+                                                  "normal(0, --init-method-std)")
     attention_softmax_in_fp32: bool = flag_field(False, "attention softmax in fp32 for bf16/fp16 models")
-    attention_backend: str = flag_field("sdpa", "core attention: torch SDPA or explicit matmuls", ATTENTION_BACKENDS)
+    attention_backend: str = flag_field("auto", "core attention (Megatron's names): auto, flash and fused run torch "
+                                        "SDPA until fused kernels land; unfused and local: explicit matmuls; sdpa: "
+                                        "torch SDPA", ATTENTION_BACKENDS)
+    transformer_impl: str = flag_field("local", "layer implementation: local (megalith's PyTorch layers); "
+                                       "transformer_engine needs Transformer Engine on CUDA (Megatron's default)",
+                                       TRANSFORMER_IMPLS)
     params_dtype: str = flag_field("fp32", "parameter dtype (pretrain: follows --bf16 / --fp16)", PRECISION_NAMES)
     recompute_granularity: str | None = flag_field(None, "activation recompute (None: off)", RECOMPUTE_GRANULARITIES)
     recompute_method: str | None = flag_field(None, "full recompute: uniform groups or the first N layers",
@@ -157,6 +174,12 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return PRECISIONS[self.params_dtype]
+
+    @property
+    def attention_path(self) -> str:
+        """What computes core attention here: "sdpa" (torch's SDPA, for auto, flash, fused and sdpa
+        until fused kernels land) or "unfused" (explicit matmuls, for unfused and local)."""
+        return "unfused" if self.attention_backend in ("unfused", "local") else "sdpa"
 
     @property
     def add_bias_linear(self) -> bool:

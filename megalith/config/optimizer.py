@@ -25,11 +25,18 @@ class OptimizerConfig:
     adam_eps: float = flag_field(1e-8, "Adam epsilon")
     sgd_momentum: float = flag_field(0.9, "SGD momentum")
     clip_grad: float = flag_field(1.0, "clip the global gradient norm to this (0: off)")
+    decoupled_lr: float | None = flag_field(None, "peak learning rate of the word embedding and output layer "
+                                            "(None: --lr)")
+    decoupled_min_lr: float | None = flag_field(None, "minimum learning rate of the embedding and output layer "
+                                                "(None: --min-lr)")
     lr_warmup_iters: int = flag_field(0, "linear warm-up iterations")
+    lr_warmup_samples: int = flag_field(0, "linear warm-up in samples (with --train-samples)")
     lr_warmup_fraction: float | None = flag_field(None, "warm-up as a fraction of the decay iterations")
     lr_warmup_init: float = flag_field(0.0, "learning rate at the start of the warm-up")
     lr_decay_style: str = flag_field("linear", "decay after the warm-up", LR_DECAY_STYLES)
     lr_decay_iters: int | None = flag_field(None, "iterations until --min-lr (None: --train-iters)")
+    lr_decay_samples: int | None = flag_field(None, "samples until --min-lr (with --train-samples; None: "
+                                              "--train-samples)")
     lr_wsd_decay_iters: int | None = flag_field(None, "WSD: length of the final anneal")
     lr_wsd_decay_style: str = flag_field("exponential", "WSD: shape of the final anneal", LR_WSD_DECAY_STYLES)
 

@@ -30,6 +30,9 @@ class DistributedConfig:
     use_distributed_optimizer: bool = flag_field(False, "shard optimizer state over data parallelism (ZeRO-1)")
     overlap_grad_reduce: bool = flag_field(False, "reduce gradient buckets during backward")
     ddp_bucket_size: int | None = flag_field(None, "elements per gradient bucket with --overlap-grad-reduce (None: max(40M, 1M x dp)); one bucket without it")
+    overlap_param_gather: bool = flag_field(False, "with --use-distributed-optimizer: all-gather the updated "
+                                            "parameters bucket by bucket as the next forward reaches them")
+    grad_reduce_in_bf16: bool = flag_field(False, "reduce gradients over dp in bf16 (halves the bytes; needs --bf16)")
     accumulate_allreduce_grads_in_fp32: bool = flag_field(
         False, "accumulate and reduce gradients in fp32 (forced on with --bf16)")
     distributed_backend: str | None = flag_field(None, "process-group backend (None: nccl with CUDA, gloo otherwise)",

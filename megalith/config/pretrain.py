@@ -90,6 +90,7 @@ class PretrainConfig:
                         sequence_parallel=dist.sequence_parallel, zero=1 if dist.use_distributed_optimizer else 0,
                         recompute=model.recompute_granularity, precision=model.params_dtype,
                         schedule=_schedule(dist.pipeline_schedule, layout.pp, vpp, batch))
+        training = sections["training"] = replace(training, train_iters=_train_iters(training, batch))
         sections["optimizer"].lr_schedule(training.train_iters)  # checks warm-up, decay and WSD against the run
         return cls(**sections, layout=layout, num_micro_batches=batch.num_micro_batches,
                    global_batch_size=batch.global_batch_size,
@@ -146,6 +147,16 @@ def _adjusted(sections: dict, notices: list[str]) -> dict:
         raise ConfigError(f"--params-dtype {model.params_dtype} contradicts {given}; drop --params-dtype "
                           "(it follows --bf16 / --fp16)")
     return {**sections, "distributed": dist, "precision": precision, "model": model}
+
+
+DEFAULT_TRAIN_ITERS = 100
+
+
+def _train_iters(training: TrainingConfig, batch: BatchPlan) -> int:
+    """--train-iters, else the steps --train-samples takes (Megatron's floor division), else 100."""
+    if training.train_samples is not None:
+        return max(1, training.train_samples // batch.global_batch_size)
+    return training.train_iters if training.train_iters is not None else DEFAULT_TRAIN_ITERS
 
 
 def _virtual_pipeline_size(dist: DistributedConfig, num_layers: int) -> int:

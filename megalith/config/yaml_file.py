@@ -49,7 +49,11 @@ def _convert(name: str, value: Any, kind: str, choices, path: str) -> Any:
         words = value.split() if isinstance(value, str) else value
         if not isinstance(words, list) or not words or not all(isinstance(w, (str, int, float)) for w in words):
             raise ConfigError(f"{where} must be a list of words (e.g. [0.3, A, 0.7, B]), got {value!r}")
-        return tuple(str(w) for w in words)
+        if "int" not in kind:
+            return tuple(str(w) for w in words)
+        if not all(isinstance(w, int) or (isinstance(w, str) and w.strip().lstrip("-").isdigit()) for w in words):
+            raise ConfigError(f"{where} must be a list of integers, got {value!r}")
+        return tuple(int(w) for w in words)
     if kind.startswith("bool"):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")

@@ -92,7 +92,7 @@ def core_attention(
     if config.attention_softmax_in_fp32:
         q, k, v = q.float(), k.float(), v.float()
     q, k, v = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, n, s, d]
-    if repeat > 1 and config.attention_backend == "unfused":
+    if repeat > 1 and config.attention_path == "unfused":
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     p = config.attention_dropout if training else 0.0
 
@@ -111,7 +111,7 @@ def core_attention(
     # heads are split over tp: each rank draws its own attention-dropout mask
     streams = ctx.rng_tracker.fork(TP_LOCAL) if p > 0 else contextlib.nullcontext()
     with streams:
-        if config.attention_backend == "sdpa":
+        if config.attention_path == "sdpa":
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=additive, dropout_p=p, is_causal=causal and additive is None, enable_gqa=repeat > 1,
                 scale=scale,
