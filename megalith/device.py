@@ -34,6 +34,20 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def backend_for_run(requested: str | None) -> tuple[str, str | None]:
+    """The backend a training run uses, and a notice when it differs from the one asked for.
+
+    `--distributed-backend nccl` on a machine without CUDA (a Megatron launch script run on a
+    CPU) falls back to gloo with one line, as the run would otherwise stop before it starts;
+    an unknown name is still refused.
+    """
+    if requested is None:
+        return default_backend(), None
+    if requested == "nccl" and requested in KNOWN_BACKENDS and not cuda_available():
+        return "gloo", "--distributed-backend nccl needs CUDA, which is not available; using gloo"
+    return check_backend(requested), None
+
+
 def device_for(backend: str, local_rank: int) -> torch.device:
     """cuda:LOCAL_RANK under NCCL, cpu under gloo."""
     if backend == "nccl":

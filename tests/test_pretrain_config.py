@@ -174,7 +174,6 @@ def test_overlap_and_distributed_optimizer_work_at_any_dp(cpu_only):
     (["--eval-interval", "0"], 1, "--eval-interval must be an integer >= 1, got 0"),
     (["--eval-iters", "-1"], 1, "--eval-iters must be an integer >= 0, got -1"),
     (["--model", "gpt2"], 1, "unknown model 'gpt2'; known models: gpt, bert, t5;"),
-    (["--distributed-backend", "nccl"], 1, "backend 'nccl' needs CUDA, which is not available; use --distributed-backend gloo"),
     (["--context-parallel-size", "2"], 2, "--context-parallel-size 2 is not supported yet"),
     (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--num-layers", "8",
       "--num-layers-per-virtual-pipeline-stage", "2", "--micro-batch-size", "2", "--global-batch-size", "12"], 8,
@@ -191,6 +190,14 @@ def test_overlap_and_distributed_optimizer_work_at_any_dp(cpu_only):
 def test_invalid_combinations_are_one_line_before_anything_starts(argv, world_size, fragment, cpu_only,
                                                                   no_process_groups):
     assert fragment in rejected(argv, world_size)
+
+
+def test_nccl_without_cuda_falls_back_to_gloo_with_one_notice(cpu_only):
+    """A Megatron launch script (T5's passes --distributed-backend nccl) runs on a CPU machine."""
+    config = parse_pretrain_args(["--distributed-backend", "nccl"], 1)
+    assert config.distributed_backend == "gloo"
+    assert [n for n in config.notices if "nccl" in n] == [
+        "--distributed-backend nccl needs CUDA, which is not available; using gloo"]
 
 
 def test_world_size_must_be_positive(cpu_only):

@@ -21,7 +21,7 @@ from megalith.config.optimizer import OptimizerConfig
 from megalith.config.parallel import DistributedConfig
 from megalith.config.precision import PrecisionConfig
 from megalith.config.training import TrainingConfig
-from megalith.device import check_backend, default_backend
+from megalith.device import backend_for_run
 from megalith.errors import ConfigError
 from megalith.models.registry import get_model_spec
 from megalith.parallel.data_parallel import default_bucket_size
@@ -92,10 +92,12 @@ class PretrainConfig:
                         schedule=_schedule(dist.pipeline_schedule, layout.pp, vpp, batch))
         training = sections["training"] = replace(training, train_iters=_train_iters(training, batch))
         sections["optimizer"].lr_schedule(training.train_iters)  # checks warm-up, decay and WSD against the run
+        backend, backend_notice = backend_for_run(dist.distributed_backend)
+        notices += [backend_notice] if backend_notice else []
         return cls(**sections, layout=layout, num_micro_batches=batch.num_micro_batches,
                    global_batch_size=batch.global_batch_size,
                    ddp_bucket_size=dist.ddp_bucket_size or default_bucket_size(dp),
-                   distributed_backend=check_backend(dist.distributed_backend or default_backend()),
+                   distributed_backend=backend,
                    notices=tuple(notices))
 
     def batch_plan(self) -> BatchPlan:
