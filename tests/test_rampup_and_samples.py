@@ -251,3 +251,19 @@ def test_data_parallel_and_pipeline_ramp_equals_one_process(rank_pools, tmp_path
         assert max(errors.values()) < 1e-5, (name, errors)
         sizes = [r["global_batch_size"] for r in records[name] if "consumed_samples" in r]
         assert sizes[:4] == [2, 2, 4, 6] and set(sizes[4:]) == {8}
+
+
+@pytest.mark.slow  # three runs
+def test_resuming_inside_the_ramp_continues_its_batches_and_schedule(rank_pools, tmp_path):
+    """The checkpoint's consumed samples pick the next batch; the scheduler's sample count the rate."""
+    base = ["--mock-data", *TINY, *RAMP_RUN, "--eval-iters", "0"]
+    pool = rank_pools(1)
+    pool.run(pretrain_on_rank, base + ["--log-json", str(tmp_path / "straight.jsonl")], 1)
+    pool.run(pretrain_on_rank, base + ["--save", str(tmp_path / "ckpt"), "--exit-interval", "3"], 1)
+    pool.run(pretrain_on_rank, base + ["--load", str(tmp_path / "ckpt"), "--log-json", str(tmp_path / "resumed.jsonl")], 1)
+    straight = [r for r in _records(tmp_path / "straight.jsonl") if r["iteration"] > 3]
+    resumed = _records(tmp_path / "resumed.jsonl")
+    assert [r["global_batch_size"] for r in resumed] == [r["global_batch_size"] for r in straight]
+    assert [r["global_batch_size"] for r in resumed][:1] == [6]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]
+    assert max(log_record_errors(straight, resumed, keys=("lm_loss",)).values()) < 1e-6
