@@ -267,3 +267,33 @@ def test_resuming_inside_the_ramp_continues_its_batches_and_schedule(rank_pools,
     assert [r["global_batch_size"] for r in resumed][:1] == [6]
     assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]
     assert max(log_record_errors(straight, resumed, keys=("lm_loss",)).values()) < 1e-6
+
+
+@pytest.mark.parametrize("argv, train", [
+    (["--train-samples", "60", "--rampup-batch-size", "2", "2", "12"], 60),  # Megatron asks for --train-samples
+    (["--train-iters", "6", "--rampup-batch-size", "2", "2", "12"], 6 * 8),  # else iterations x the full batch
+    (["--train-samples", "100"], 100),
+])
+def test_datasets_are_asked_for_megatrons_train_samples(argv, train):
+    from megalith.training.data import samples_per_split
+
+    config = parse(["--global-batch-size", "8", "--eval-interval", "4", "--eval-iters", "2", *argv])
+    evaluations = config.training.train_iters // 4 + 1
+    assert samples_per_split(config) == (train, evaluations * 2 * 8, 0)
+    assert config.batch_schedule().consumed_after(config.training.train_iters) <= train
+
+
+@pytest.mark.slow  # two ranks, real data
+def test_a_ramp_on_the_corpus_reads_the_same_samples_under_dp2(rank_pools, tmp_path):
+    from megalith.data.corpus import build_default_corpus
+
+    corpus = build_default_corpus(str(tmp_path / "corpus"))
+    data = corpus.flags() + ["--data-cache-path", str(tmp_path / "cache"), "--split", "90,10,0"]
+    records = {}
+    for name, world in (("one", 1), ("dp2", 2)):
+        log = tmp_path / f"{name}.jsonl"
+        tiny = [a for a in TINY if a not in ("--vocab-size", "128")]  # the tokenizer sets the vocabulary
+        rank_pools(2).run(pretrain_on_rank, [*tiny, *data, *RAMP_RUN, "--log-json", str(log)], world)
+        records[name] = _records(log)
+    assert max(log_record_errors(records["one"], records["dp2"]).values()) < 1e-5
+    assert [r["consumed_samples"] for r in records["dp2"] if "consumed_samples" in r][:5] == [2, 4, 8, 14, 22]
