@@ -239,14 +239,18 @@ def test_one_process_run_with_a_ramp_logs_the_growing_global_batch(rank_pools, t
 
 @pytest.mark.slow  # two ranks
 def test_data_parallel_and_pipeline_ramp_equals_one_process(rank_pools, tmp_path):
-    """dp2 splits every ramp batch over ranks; pp2 (1F1B) runs a schedule rebuilt for each micro-batch count."""
+    """dp2 splits every ramp batch over ranks; pp2 (1F1B) and pp2.vpp2 (interleaved: 2, 4, 6 and 8
+    micro-batches, all multiples of pp) run a schedule rebuilt for each micro-batch count."""
     records = {}
-    for name, extra, world in (("one", [], 1), ("dp2", [], 2), ("pp2", ["--pipeline-model-parallel-size", "2"], 2)):
+    pp2 = ["--pipeline-model-parallel-size", "2"]
+    for name, extra, world in (("one", [], 1), ("dp2", [], 2), ("pp2", pp2, 2),
+                               ("pp2.vpp2", pp2 + ["--num-layers-per-virtual-pipeline-stage", "1"], 2)):
         log = tmp_path / f"{name}.jsonl"
-        argv = ["--mock-data", *TINY, *RAMP_RUN, *extra, "--log-json", str(log)]
-        rank_pools(2).run(pretrain_on_rank, argv, world)
+        argv = ["--mock-data", *TINY, *RAMP_RUN, "--num-layers", "4", *extra, "--log-json", str(log)]
+        lines = rank_pools(2).run(pretrain_on_rank, argv, world)[world - 1]
+        assert name != "pp2.vpp2" or "interleaved-1f1b" in lines[0]
         records[name] = _records(log)
-    for name in ("dp2", "pp2"):
+    for name in ("dp2", "pp2", "pp2.vpp2"):
         errors = log_record_errors(records["one"], records[name])
         assert max(errors.values()) < 1e-5, (name, errors)
         sizes = [r["global_batch_size"] for r in records[name] if "consumed_samples" in r]
