@@ -1,4 +1,5 @@
-"""The LR schedule follows Megatron's OptimizerParamScheduler, counted in optimizer steps."""
+"""The LR schedule follows Megatron's OptimizerParamScheduler (counted in samples; with the default global
+batch of 1 sample a step is a sample, so these curves read in optimizer steps)."""
 
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ def test_scheduler_steps_through_the_schedule():
     for _ in range(120):
         seen.append(scheduler.lr)
         scheduler.step()
-    assert scheduler.num_steps == 120
+    assert scheduler.num_samples == 120
     assert seen == [schedule.lr_at(s) for s in range(120)]
 
 
@@ -189,16 +190,16 @@ def test_scheduler_state_round_trip():
     for _ in range(37):
         scheduler.step()
     state = scheduler.state_dict()
-    assert state["num_steps"] == 37
+    assert state["num_samples"] == 37
     assert all(isinstance(v, (int, float, str)) for v in state.values())
     resumed = LRScheduler(schedule)
     resumed.load_state_dict(dict(state))
-    assert resumed.num_steps == 37
+    assert resumed.num_samples == 37
     assert resumed.lr == pytest.approx(0.1 + 0.9 * (1 - 27 / 100))
 
 
 def test_resuming_with_a_different_schedule_is_refused_unless_overridden():
-    old = LRScheduler(LRSchedule(**BASE, lr_decay_style="linear"), num_steps=20)
+    old = LRScheduler(LRSchedule(**BASE, lr_decay_style="linear"), num_samples=20)
     new_schedule = LRSchedule(**BASE, lr_decay_style="cosine")
     with pytest.raises(ConfigError) as info:
         LRScheduler(new_schedule).load_state_dict(old.state_dict())
@@ -207,10 +208,23 @@ def test_resuming_with_a_different_schedule_is_refused_unless_overridden():
     assert "\n" not in str(info.value)
     overridden = LRScheduler(new_schedule)
     overridden.load_state_dict(old.state_dict(), override_opt_param_scheduler=True)
-    assert overridden.num_steps == 20
+    assert overridden.num_samples == 20
     assert overridden.lr == pytest.approx(0.1 + 0.9 * 0.5 * (math.cos(math.pi * 0.1) + 1))
 
 
-def test_state_without_num_steps_is_refused():
-    with pytest.raises(ConfigError, match="has no 'num_steps'"):
+def test_state_of_an_older_checkpoint_counted_in_steps_resumes_in_samples():
+    """Before the schedule counted samples a checkpoint stored steps of one constant global batch."""
+    schedule = LRSchedule(lr=1.0, min_lr=0.1, lr_warmup_iters=10, train_iters=110, global_batch_size=8)
+    old = {"lr": 1.0, "min_lr": 0.1, "warmup_iters": 10, "decay_iters": 110, "lr_decay_style": "linear",
+           "num_steps": 35}
+    resumed = LRScheduler(schedule)
+    resumed.load_state_dict(old)
+    assert resumed.num_samples == 35 * 8 and resumed.lr == schedule.lr_at(35)
+    with pytest.raises(ConfigError, match="trained with --lr-decay-iters 110 but this run sets 120"):
+        LRScheduler(LRSchedule(lr=1.0, min_lr=0.1, lr_warmup_iters=10, train_iters=120,
+                               global_batch_size=8)).load_state_dict(old)
+
+
+def test_state_without_a_count_is_refused():
+    with pytest.raises(ConfigError, match="has no 'num_samples'"):
         LRScheduler(LRSchedule(lr=1.0, train_iters=10)).load_state_dict({"lr": 1.0})

@@ -31,13 +31,15 @@ class OptimizerConfig:
                                                 "(None: --min-lr)")
     lr_warmup_iters: int = flag_field(0, "linear warm-up iterations")
     lr_warmup_samples: int = flag_field(0, "linear warm-up in samples (with --train-samples)")
-    lr_warmup_fraction: float | None = flag_field(None, "warm-up as a fraction of the decay iterations")
+    lr_warmup_fraction: float | None = flag_field(None, "warm-up as a fraction of the decay (iterations or samples)")
     lr_warmup_init: float = flag_field(0.0, "learning rate at the start of the warm-up")
     lr_decay_style: str = flag_field("linear", "decay after the warm-up", LR_DECAY_STYLES)
     lr_decay_iters: int | None = flag_field(None, "iterations until --min-lr (None: --train-iters)")
     lr_decay_samples: int | None = flag_field(None, "samples until --min-lr (with --train-samples; None: "
                                               "--train-samples)")
-    lr_wsd_decay_iters: int | None = flag_field(None, "WSD: length of the final anneal")
+    lr_wsd_decay_iters: int | None = flag_field(None, "WSD: length of the final anneal in iterations")
+    lr_wsd_decay_samples: int | None = flag_field(None, "WSD: length of the final anneal in samples (with "
+                                                  "--train-samples)")
     lr_wsd_decay_style: str = flag_field("exponential", "WSD: shape of the final anneal", LR_WSD_DECAY_STYLES)
 
     def __post_init__(self) -> None:
@@ -49,10 +51,17 @@ class OptimizerConfig:
         check_range("sgd_momentum", self.sgd_momentum, 0.0)
         check_range("clip_grad", self.clip_grad, 0.0)
 
-    def lr_schedule(self, train_iters: int) -> LRSchedule:
-        """The learning rate of every step; raises if the schedule does not fit `train_iters`."""
+    def lr_schedule(self, train_iters: int | None, *, train_samples: int | None = None,
+                    global_batch_size: int = 1) -> LRSchedule:
+        """The learning rate after any number of samples; raises if the flags do not fit the run.
+
+        Give `train_iters` (iteration flags, worth `global_batch_size` samples an iteration, the full
+        batch as in Megatron) or `train_samples` (sample flags), not both.
+        """
         return LRSchedule(lr=self.lr, train_iters=train_iters, min_lr=self.min_lr,
                           lr_warmup_iters=self.lr_warmup_iters, lr_warmup_fraction=self.lr_warmup_fraction,
                           lr_warmup_init=self.lr_warmup_init, lr_decay_style=self.lr_decay_style,
                           lr_decay_iters=self.lr_decay_iters, lr_wsd_decay_iters=self.lr_wsd_decay_iters,
-                          lr_wsd_decay_style=self.lr_wsd_decay_style)
+                          lr_wsd_decay_style=self.lr_wsd_decay_style, train_samples=train_samples,
+                          lr_warmup_samples=self.lr_warmup_samples, lr_decay_samples=self.lr_decay_samples,
+                          lr_wsd_decay_samples=self.lr_wsd_decay_samples, global_batch_size=global_batch_size)

@@ -29,6 +29,7 @@ from megalith.parallel.pipeline.schedules import validate_schedule_args
 from megalith.parallel.pipeline.split import split_layers
 from megalith.training.batch import BatchPlan, check_interleaved_micro_batches
 from megalith.training.lr_schedule import LRSchedule
+from megalith.training.rampup import BatchSchedule
 
 # The sections of PretrainConfig, in the order of --help and of the written config.yaml.
 SECTIONS = {
@@ -79,29 +80,39 @@ class PretrainConfig:
         layout.check_implemented()
         sections = _adjusted(sections, notices)
         dist, model, training = sections["distributed"], sections["model"], sections["training"]
+        training.check_length()
         replace(layout, sequence_parallel=dist.sequence_parallel).check_model(model)
         vpp = _virtual_pipeline_size(dist, model.num_layers)
         get_model_spec(training.model).check_virtual_pipeline(vpp)
         split_layers(model.num_layers, layout.pp, vpp, dist.decoder_first_pipeline_num_layers,
                      dist.decoder_last_pipeline_num_layers)
         dp = layout.dp
-        batch = BatchPlan(training.global_batch_size or training.micro_batch_size * dp, training.micro_batch_size, dp)
+        batches = BatchSchedule(training.global_batch_size or training.micro_batch_size * dp,
+                                training.micro_batch_size, dp, training.rampup_batch_size)
+        batch = BatchPlan(batches.global_batch_size, batches.micro_batch_size, dp)  # the full batch
         layout = Layout(tp=layout.tp, pp=layout.pp, vpp=vpp, cp=layout.cp, dp=dp,
                         sequence_parallel=dist.sequence_parallel, zero=1 if dist.use_distributed_optimizer else 0,
                         recompute=model.recompute_granularity, precision=model.params_dtype,
-                        schedule=_schedule(dist.pipeline_schedule, layout.pp, vpp, batch))
-        training = sections["training"] = replace(training, train_iters=_train_iters(training, batch))
-        sections["optimizer"].lr_schedule(training.train_iters)  # checks warm-up, decay and WSD against the run
+                        schedule=_schedule(dist.pipeline_schedule, layout.pp, vpp, batches))
+        training = sections["training"] = replace(training, train_iters=_train_iters(training, batches))
         backend, backend_notice = backend_for_run(dist.distributed_backend)
         notices += [backend_notice] if backend_notice else []
-        return cls(**sections, layout=layout, num_micro_batches=batch.num_micro_batches,
-                   global_batch_size=batch.global_batch_size,
-                   ddp_bucket_size=dist.ddp_bucket_size or default_bucket_size(dp),
-                   distributed_backend=backend,
-                   notices=tuple(notices))
+        resolved = cls(**sections, layout=layout, num_micro_batches=batch.num_micro_batches,
+                       global_batch_size=batch.global_batch_size,
+                       ddp_bucket_size=dist.ddp_bucket_size or default_bucket_size(dp),
+                       distributed_backend=backend,
+                       notices=tuple(notices))
+        resolved.lr_schedule()  # checks warm-up, decay, WSD and their units against the run
+        return resolved
 
     def batch_plan(self) -> BatchPlan:
+        """The full global batch's split (every step's once a --rampup-batch-size ramp is over)."""
         return BatchPlan(self.global_batch_size, self.training.micro_batch_size, self.layout.dp)
+
+    def batch_schedule(self) -> BatchSchedule:
+        """The global batch of each step, from the samples consumed before it (--rampup-batch-size)."""
+        return BatchSchedule(self.global_batch_size, self.training.micro_batch_size, self.layout.dp,
+                             self.training.rampup_batch_size)
 
     def stage_layers(self) -> list[list[int]]:
         """Every global pipeline stage's layers (--decoder-first/last-pipeline-num-layers honoured)."""
@@ -110,7 +121,13 @@ class PretrainConfig:
                             dist.decoder_first_pipeline_num_layers, dist.decoder_last_pipeline_num_layers)
 
     def lr_schedule(self) -> LRSchedule:
-        return self.optimizer.lr_schedule(self.training.train_iters)
+        """Counted in samples: by --train-samples and the sample flags, else by the iteration flags x the
+        full global batch (Megatron's two modes)."""
+        training = self.training
+        if training.train_samples is not None:
+            return self.optimizer.lr_schedule(None, train_samples=training.train_samples,
+                                              global_batch_size=self.global_batch_size)
+        return self.optimizer.lr_schedule(training.train_iters, global_batch_size=self.global_batch_size)
 
     def to_dict(self) -> dict:
         """Sections of plain values (YAML-safe), keys sorted, plus a `derived` record.
@@ -121,6 +138,8 @@ class PretrainConfig:
         out = {name: {key: list(value) if isinstance(value, tuple) else value
                       for key, value in sorted(asdict(getattr(self, name)).items())} for name in SECTIONS}
         del out["model"]["params_dtype"]
+        if self.training.train_samples is not None:  # the iterations follow from the samples when read back
+            out["training"]["train_iters"] = None
         layout = self.layout
         out["derived"] = {"world_size": layout.world_size, "data_parallel_size": layout.dp,
                           "virtual_pipeline_size": layout.vpp, "num_micro_batches": self.num_micro_batches,
@@ -154,11 +173,17 @@ def _adjusted(sections: dict, notices: list[str]) -> dict:
 DEFAULT_TRAIN_ITERS = 100
 
 
-def _train_iters(training: TrainingConfig, batch: BatchPlan) -> int:
-    """--train-iters, else the steps --train-samples takes (Megatron's floor division), else 100."""
-    if training.train_samples is not None:
-        return max(1, training.train_samples // batch.global_batch_size)
-    return training.train_iters if training.train_iters is not None else DEFAULT_TRAIN_ITERS
+def _train_iters(training: TrainingConfig, batches: BatchSchedule) -> int:
+    """--train-iters, else the steps --train-samples takes (Megatron's update_train_iters, ramp-up
+    included; a partial last batch is dropped), else 100."""
+    if training.train_samples is None:
+        return training.train_iters if training.train_iters is not None else DEFAULT_TRAIN_ITERS
+    iterations = batches.train_iters(training.train_samples)
+    if iterations < 1:
+        first = batches.global_batch_size_at(0)
+        raise ConfigError(f"--train-samples {training.train_samples} is less than one global batch of {first}; "
+                          f"train on at least {first} samples")
+    return iterations
 
 
 def _virtual_pipeline_size(dist: DistributedConfig, num_layers: int) -> int:
@@ -184,8 +209,23 @@ def _virtual_pipeline_size(dist: DistributedConfig, num_layers: int) -> int:
     return num_layers // (pp * per_stage)
 
 
-def _schedule(given: str | None, pp: int, vpp: int, batch: BatchPlan) -> str:
+def _schedule(given: str | None, pp: int, vpp: int, batches: BatchSchedule) -> str:
+    """The pipeline schedule, checked against every global batch the run uses (the full one first)."""
     schedule = given or Layout(pp=pp, vpp=vpp).pipeline_schedule
+    full, ramp = batches.global_batch_size, batches.rampup
+    for size in (full, *(s for s in batches.batch_sizes() if s != full)):
+        plan = BatchPlan(size, batches.micro_batch_size, batches.data_parallel_size)
+        try:
+            _check_schedule(schedule, pp, vpp, plan)
+        except ConfigError as error:
+            if size == full:
+                raise
+            raise ConfigError(f"--rampup-batch-size {' '.join(map(str, ramp))} reaches a global batch of {size}: "
+                              f"{error}") from None
+    return schedule
+
+
+def _check_schedule(schedule: str, pp: int, vpp: int, batch: BatchPlan) -> None:
     if schedule == "interleaved-1f1b" and pp > 1:
         check_interleaved_micro_batches(batch.num_micro_batches, pp, micro_batch_size=batch.micro_batch_size,
                                         data_parallel_size=batch.data_parallel_size)
@@ -193,7 +233,6 @@ def _schedule(given: str | None, pp: int, vpp: int, batch: BatchPlan) -> str:
         validate_schedule_args(schedule, pp, vpp, batch.num_micro_batches)
     except ConfigError as error:
         raise ConfigError(f"--pipeline-schedule {schedule}: {error}") from None
-    return schedule
 
 
 def section_fields() -> dict[str, tuple[str, object]]:

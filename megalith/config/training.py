@@ -24,7 +24,7 @@ class TrainingConfig:
     global_batch_size: int | None = flag_field(None, "sequences per step (None: micro-batch size x dp)")
     rampup_batch_size: tuple[int, ...] | None = flag_field(
         None, "START INCREMENT SAMPLES: the global batch grows from START by INCREMENT up to --global-batch-size, "
-        "evenly over SAMPLES samples")
+        "evenly over SAMPLES samples (with --train-samples or --train-iters)")
     calculate_per_token_loss: bool = flag_field(False, "the step loss is the sum over loss tokens divided by their "
                                                 "count across micro-batches and dp ranks (not a mean per sequence)")
     dataloader_type: str = flag_field("single", "single: each sample once, in order of the shuffled dataset; cyclic: "
@@ -46,6 +46,15 @@ class TrainingConfig:
     eval_iters: int = flag_field(100, "batches per evaluation (0: none)")
     log_interval: int = flag_field(100, "iterations between log lines")
 
+    def check_length(self) -> None:
+        """As given on the command line (before resolution fills in train_iters): iterations or samples.
+
+        A resolved --train-samples run carries both: the samples and the iterations they take.
+        """
+        if self.train_iters is not None and self.train_samples is not None:
+            raise ConfigError(f"--train-iters {self.train_iters} and --train-samples {self.train_samples} are both "
+                              "given; give one (Megatron trains for iterations or for samples, not both)")
+
     @property
     def iterations(self) -> int:
         """train_iters once resolved (PretrainConfig.resolve fills it in from --train-samples or 100)."""
@@ -58,9 +67,6 @@ class TrainingConfig:
             check_int(name, getattr(self, name))
         check_int("train_iters", self.train_iters, optional=True)
         check_int("train_samples", self.train_samples, optional=True)
-        if self.train_iters is not None and self.train_samples is not None:
-            raise ConfigError(f"--train-iters {self.train_iters} and --train-samples {self.train_samples} are both "
-                              "given; give one (Megatron trains for iterations or for samples, not both)")
         check_choices(self)
         check_int("num_workers", self.num_workers, 0)
         check_int("manual_gc_interval", self.manual_gc_interval, 0)

@@ -163,12 +163,15 @@ class MockBatches:
 
 
 def samples_per_split(config) -> tuple[int, int, int]:
-    """Megatron's request for training and validation: every training batch, and validation
-    batches for every evaluation (and the one at the end). None for the test split: pretrain
+    """Megatron's request for training and validation: --train-samples (else every iteration's full
+    global batch), at least what the run's steps consume (a ramp-up's), and validation batches of the
+    full global batch for every evaluation (and the one at the end). 0 for the test split: pretrain
     never evaluates it, so a split too small to hold a test sample is no error."""
     training, gbs = config.training, config.global_batch_size
     evaluations = training.train_iters // training.eval_interval + 1
-    return (training.train_iters * gbs, evaluations * training.eval_iters * gbs, 0)
+    train = training.train_samples if training.train_samples is not None else training.train_iters * gbs
+    train = max(train, config.batch_schedule().consumed_after(training.train_iters))
+    return (train, evaluations * training.eval_iters * gbs, 0)
 
 
 class DatasetBatches:
@@ -210,7 +213,7 @@ class DatasetBatches:
             raise DataError(f"the {SPLIT_NAMES[split]} split is empty; give it a share in --split "
                             "(e.g. 969,30,1) or set --eval-iters 0")
         first = index * self.global_batch_size if first_sample is None else first_sample
-        rows = local_batch_indices(first, self.global_batch_size,
+        rows = local_batch_indices(first, plan.global_batch_size,  # this step's (a ramp-up's) batch
                                    plan.data_parallel_size, dp_rank)
         if rows.stop > len(dataset):
             raise DataError(f"the {SPLIT_NAMES[split]} dataset has {len(dataset)} samples; batch {index} needs "

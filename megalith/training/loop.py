@@ -74,6 +74,7 @@ class Trainer:
         self.is_last_rank = state.rank == state.grid.world_size - 1
         torch.manual_seed(config.training.seed)
         self.plan = StepPlan.for_pretrain(config)
+        self.batches = config.batch_schedule()  # the global batch of each step (a --rampup-batch-size ramp)
         self.runner = assemble_runner(self.plan, state, config.optimizer, config.precision.make_loss_scaler())
         self.optimizer = self.runner.optimizer
         self.eval_actions = forward_only(self.runner.actions)
@@ -86,6 +87,7 @@ class Trainer:
             padded_vocab_size(config.model.vocab_size, state.tp_size, config.model.make_vocab_size_divisible_by))
         self.iteration = 0
         self.consumed_samples = 0
+        self.current_global_batch_size = config.global_batch_size  # the last step's (the log line's)
         self.valid_batches = 0  # validation walks on through its stream, as Megatron's does
         self.exit_reason = None  # why training stopped early, if it did
         self.checkpointer = Checkpointer(self.runner, state, config, log=self._notice)
@@ -105,8 +107,8 @@ class Trainer:
         if meta is not None and not checkpointing.finetune:  # Megatron: --finetune starts at iteration 0
             self.iteration, self.consumed_samples = meta["iteration"], meta["consumed_samples"]
             self.valid_batches = meta.get("valid_batches", 0)
-            if checkpointing.no_load_optim:  # the schedule follows the iteration (Megatron's --no-load-optim)
-                self.scheduler.num_steps = self.iteration
+            if checkpointing.no_load_optim:  # the schedule follows the samples (Megatron's --no-load-optim)
+                self.scheduler.num_samples = self.consumed_samples
         return meta
 
     def save(self) -> str:
@@ -115,19 +117,26 @@ class Trainer:
         self._notice(f"saved checkpoint {path} at iteration {self.iteration}")
         return path
 
-    def loss_fn(self, per_token, batch):
-        return sequence_mean_loss(per_token, batch, self.config.global_batch_size)
+    def loss_fn(self, per_token, batch, global_batch_size: int | None = None):
+        """A micro-batch's share of the loss of a step of `global_batch_size` (None: the full batch)."""
+        return sequence_mean_loss(per_token, batch, global_batch_size or self.config.global_batch_size)
 
     # --- one step and one evaluation ------------------------------------------------------
 
     def train_step(self):
-        micro = self.data.micro_batches(self.plan.batch, self.state.dp_rank, TRAIN_SPLIT, self.iteration,
+        """One step of the global batch the consumed samples call for (Megatron's update_num_microbatches)."""
+        plan = self.batches.plan_at(self.consumed_samples)
+        size = plan.global_batch_size
+        micro = self.data.micro_batches(plan, self.state.dp_rank, TRAIN_SPLIT, self.iteration,
                                         first_sample=self.consumed_samples)
-        report = self.runner.train_step(micro, self.loss_fn, self.scheduler.lr, timers=self.timers)
+        report = self.runner.train_step(micro, lambda per_token, batch: self.loss_fn(per_token, batch, size),
+                                        self.scheduler.lr, timers=self.timers,
+                                        num_micro_batches=plan.num_micro_batches)
         if not report.outcome.skipped:  # Megatron advances the schedule only on a real update
-            self.scheduler.step()
+            self.scheduler.step(size)
         self.iteration += 1
-        self.consumed_samples += self.config.global_batch_size
+        self.consumed_samples += size
+        self.current_global_batch_size = size
         return report.loss, report.outcome
 
     def evaluate(self) -> float:
@@ -151,7 +160,9 @@ class Trainer:
             f"{', sequence parallel' if c.distributed.sequence_parallel else ''}"
             f"{', distributed optimizer' if c.distributed.use_distributed_optimizer else ''}",
             f"global batch {c.global_batch_size} = micro-batch {c.training.micro_batch_size} x dp {s.dp_size} x "
-            f"{c.num_micro_batches} micro-batches; {c.training.train_iters} iterations",
+            f"{c.num_micro_batches} micro-batches; {c.training.train_iters} iterations"
+            + (f"; ramp-up from {c.training.rampup_batch_size[0]} by {c.training.rampup_batch_size[1]} over "
+               f"{c.training.rampup_batch_size[2]} samples" if c.training.rampup_batch_size else ""),
             f"parameters on the last rank: {params:,}; optimizer: {self.optimizer.backend.name}",
         ]
         if self.optimizer.backend.notice:
@@ -160,12 +171,13 @@ class Trainer:
 
     def log(self, stats: IntervalStats, writers: MetricsWriters, emit) -> None:
         elapsed = (time.perf_counter() - stats.started) / max(stats.iterations, 1)
-        c = self.config
+        c, size = self.config, self.current_global_batch_size
+        flops = self.flops * size / c.global_batch_size  # the last step's batch (a ramp-up's)
         entry = IterationLog(
             iteration=self.iteration, train_iters=c.training.train_iters, consumed_samples=self.consumed_samples,
-            elapsed_ms=elapsed * 1000.0, tflops_per_device=tflops_per_device(self.flops, elapsed, c.layout.world_size),
-            tokens_per_s=c.global_batch_size * c.model.seq_length / elapsed, learning_rate=self.scheduler.lr,
-            global_batch_size=c.global_batch_size, lm_loss=stats.mean_loss,
+            elapsed_ms=elapsed * 1000.0, tflops_per_device=tflops_per_device(flops, elapsed, c.layout.world_size),
+            tokens_per_s=size * c.model.seq_length / elapsed, learning_rate=self.scheduler.lr,
+            global_batch_size=size, lm_loss=stats.mean_loss,
             loss_scale=self.optimizer.loss_scale, grad_norm=stats.grad_norm, skipped_iterations=stats.skipped,
             nan_iterations=stats.nan, timestamp=datetime.now())
         emit(format_log_line(entry))

@@ -107,8 +107,11 @@ def assemble_runner(plan: StepPlan, state, optimizer_config, loss_scaler, record
     engine = PipelineEngine(chunks, rank=pp_rank, pp=layout.pp, pp_group=group("pp_group"),
                             micro_batch_size=plan.batch.micro_batch_size, dtype=plan.model.torch_dtype,
                             device=ctx.device, record=record)
-    actions = build_schedule(layout.pipeline_schedule, layout.pp, layout.vpp, plan.batch.num_micro_batches, pp_rank)
-    return StepRunner(chunks, buffers, engine, actions, optimizer, dp_group=group("dp_group"))
+    def schedule(num_micro_batches: int) -> list[Action]:
+        return build_schedule(layout.pipeline_schedule, layout.pp, layout.vpp, num_micro_batches, pp_rank)
+
+    return StepRunner(chunks, buffers, engine, schedule(plan.batch.num_micro_batches), optimizer,
+                      dp_group=group("dp_group"), schedule=schedule)
 
 
 @dataclass(frozen=True)
@@ -122,9 +125,25 @@ class StepRunner:
     """Runs training steps for one rank's chunks with their buffers, engine and optimizer."""
 
     def __init__(self, chunks: list[nn.Module], buffers: list[DataParallelGrads], engine: PipelineEngine,
-                 actions: list[Action], optimizer: ParallelOptimizer, dp_group=None) -> None:
+                 actions: list[Action], optimizer: ParallelOptimizer, dp_group=None,
+                 schedule: Callable[[int], list[Action]] | None = None) -> None:
+        """`actions`: the step of the full global batch; `schedule(n)`: this rank's actions for a step of
+        n micro-batches (a batch-size ramp-up changes n), built once per count."""
         self.chunks, self.buffers, self.engine = chunks, buffers, engine
         self.actions, self.optimizer, self.dp_group = actions, optimizer, dp_group
+        self._schedule = schedule
+        self._actions_by_count: dict[int, list[Action]] = {}
+
+    def actions_for(self, num_micro_batches: int | None) -> list[Action]:
+        """The actions of a step of `num_micro_batches` micro-batches (None: the full batch's)."""
+        if num_micro_batches is None:
+            return self.actions
+        if num_micro_batches not in self._actions_by_count:
+            if self._schedule is None:
+                raise ValueError(f"this runner was built for one batch size; it cannot run {num_micro_batches} "
+                                 "micro-batches (build it with assemble_runner)")
+            self._actions_by_count[num_micro_batches] = self._schedule(num_micro_batches)
+        return self._actions_by_count[num_micro_batches]
 
     def _before_backward(self, chunk: int, last: bool) -> None:
         self.buffers[chunk].set_last_microbatch(last)
@@ -136,13 +155,15 @@ class StepRunner:
         for chunk in self.chunks:
             chunk.finish_grad_sync()
 
-    def forward_backward(self, get_micro_batch: Callable[[int], dict], loss_fn) -> tuple[float, StepResult]:
-        """Forward and backward over this rank's micro-batches; gradients reduced and finalised."""
+    def forward_backward(self, get_micro_batch: Callable[[int], dict], loss_fn,
+                         num_micro_batches: int | None = None) -> tuple[float, StepResult]:
+        """Forward and backward over this rank's micro-batches (`num_micro_batches` of them; None: the
+        full batch's count); gradients reduced and finalised."""
         self.optimizer.zero_grad()
         for chunk in self.chunks:
             chunk.train()
-        result = self.engine.step(self.actions, get_micro_batch, loss_fn, loss_scale=self.optimizer.loss_scale,
-                                  before_backward=self._before_backward)
+        result = self.engine.step(self.actions_for(num_micro_batches), get_micro_batch, loss_fn,
+                                  loss_scale=self.optimizer.loss_scale, before_backward=self._before_backward)
         self.finalize_grads()
         return self._sum_over_dp(result.loss), result
 
@@ -155,12 +176,14 @@ class StepRunner:
         return float(total)
 
     def train_step(self, get_micro_batch: Callable[[int], dict], loss_fn, lr: float,
-                   inspect_grads: Callable[[], None] | None = None, timers=None) -> StepReport:
+                   inspect_grads: Callable[[], None] | None = None, timers=None,
+                   num_micro_batches: int | None = None) -> StepReport:
         """forward_backward, then the optimizer: the one step of pretrain and verify.
-        `inspect_grads()` runs in between (verify's probe); `timers` (pretrain's) time both halves."""
+        `inspect_grads()` runs in between (verify's probe); `timers` (pretrain's) time both halves;
+        `num_micro_batches` is this step's count under a batch-size ramp-up (None: the full batch's)."""
         timers = timers or Timers(0)  # level 0: every timer a no-op
         timers("forward-backward", 1).start()
-        loss, result = self.forward_backward(get_micro_batch, loss_fn)
+        loss, result = self.forward_backward(get_micro_batch, loss_fn, num_micro_batches)
         timers("forward-backward", 1).stop()
         if inspect_grads is not None:
             inspect_grads()
