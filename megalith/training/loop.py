@@ -32,7 +32,7 @@ from megalith.training.flops import model_flops_per_iteration, tflops_per_device
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line
 from megalith.training.lr_schedule import LRScheduler
 from megalith.training.progress import NullProgressBar, progress_bar
-from megalith.training.step import StepPlan, assemble_runner, forward_only, sequence_mean_loss
+from megalith.training.step import StepPlan, assemble_runner, forward_only, sequence_mean_loss, token_sum_loss
 from megalith.training.timers import Timers
 from megalith.training.writers import MetricsWriters, open_writers
 
@@ -116,6 +116,9 @@ class Trainer:
         return path
 
     def loss_fn(self, per_token, batch):
+        """A micro-batch's share of the step loss; with --calculate-per-token-loss its (sum, tokens)."""
+        if self.plan.calculate_per_token_loss:
+            return token_sum_loss(per_token, batch)
         return sequence_mean_loss(per_token, batch, self.config.global_batch_size)
 
     # --- one step and one evaluation ------------------------------------------------------
