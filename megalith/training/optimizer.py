@@ -128,7 +128,7 @@ class ParallelOptimizer:
         groups = []
         for own_lr in ((False, True) if decoupled else (False,)):
             for decay, weight_decay in ((True, config.weight_decay), (False, 0.0)):
-                params = [f.main for f in self.fragments if f.decay == decay and f.decoupled == own_lr]
+                params = [f.main for f in self.fragments if f.decay == decay and (f.decoupled and decoupled) == own_lr]
                 if params:
                     groups.append({"params": params, "weight_decay": weight_decay, "decoupled": own_lr})
         device = buffers[0].grad_data.device
