@@ -24,7 +24,8 @@ comparison in the optimizer's conditioning rather than test the parallel computa
 The loss of a step is the mean over the global batch's sequences of each sequence's mean over
 its loss-masked tokens (DESIGN.md: one definition of a step's loss): every micro-batch adds
 its share and data-parallel ranks' shares are summed, so neither micro-batching nor
-data-parallel splitting changes it.
+data-parallel splitting changes it. With --calculate-per-token-loss it is Megatron's other
+definition, the sum over the global batch's loss tokens divided by their number.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from megalith.testing import RELATIVE_TOLERANCES, Tolerance, relative_error
 from megalith.training.batch import BatchPlan
 from megalith.training.loss_scaler import make_loss_scaler
 from megalith.training.lr_schedule import LRSchedule
-from megalith.training.step import StepPlan, StepRunner, assemble_runner, sequence_mean_loss
+from megalith.training.step import StepPlan, StepRunner, assemble_runner, sequence_mean_loss, token_sum_loss
 
 ALIASES = TIED_COPY_ALIASES
 
@@ -85,6 +86,8 @@ class VerifySettings:
         None, "layers on the first pipeline stage (the rest split evenly)")
     decoder_last_pipeline_num_layers: int | None = flag_field(
         None, "layers on the last pipeline stage (the rest split evenly)")
+    calculate_per_token_loss: bool = flag_field(False, "the step loss is the sum over loss tokens divided by their "
+                                                "count across micro-batches and dp ranks (Megatron's flag)")
 
     @property
     def global_batch_size(self) -> int:
@@ -153,7 +156,8 @@ def plan(settings: VerifySettings, layout: Layout) -> StepPlan:
     layout = replace(layout, schedule=layout.schedule or settings.schedule)
     validate_schedule_args(layout.pipeline_schedule, layout.pp, layout.vpp, batch.num_micro_batches)
     return StepPlan(spec, config, layout, batch, stage_layers, settings.seed, settings.ddp_bucket_size,
-                    accumulate_in_fp32=config.params_dtype != "fp16")
+                    accumulate_in_fp32=config.params_dtype != "fp16",
+                    calculate_per_token_loss=settings.calculate_per_token_loss)
 
 
 def global_batch(settings: VerifySettings, spec: ModelSpec, step: int) -> dict:
@@ -184,6 +188,8 @@ def train(settings: VerifySettings, layout: Layout | None = None, state=None, st
     schedule = settings.lr_schedule()
 
     def loss_fn(per_token, batch):
+        if settings.calculate_per_token_loss:
+            return token_sum_loss(per_token, batch)
         return sequence_mean_loss(per_token, batch, settings.global_batch_size)
 
     losses, norms, first_grads = [], [], None
@@ -200,6 +206,7 @@ def train(settings: VerifySettings, layout: Layout | None = None, state=None, st
         if step_hook is not None:
             step_hook(step, report)
         losses.append(report.loss)
+    runner.finish_param_gather()
     return losses, first_grads, full_tensors(runner.chunks, settings.config.vocab_size, tp_group), norms
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from megalith.config.flags import flag_field
 from megalith.config.validators import check_choices, check_range
+from megalith.errors import ConfigError
 from megalith.training.lr_schedule import LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, LRSchedule
 
 OPTIMIZER_NAMES = ("adam", "sgd")
@@ -50,6 +51,13 @@ class OptimizerConfig:
         check_range("adam_eps", self.adam_eps, 0.0, open_low=True)
         check_range("sgd_momentum", self.sgd_momentum, 0.0)
         check_range("clip_grad", self.clip_grad, 0.0)
+        check_range("decoupled_lr", self.decoupled_lr, 0.0, open_low=True, optional=True)
+        check_range("decoupled_min_lr", self.decoupled_min_lr, 0.0, optional=True)
+        if self.decoupled_lr is not None:  # without it Megatron ignores --decoupled-min-lr, and so does this
+            low = self.min_lr if self.decoupled_min_lr is None else self.decoupled_min_lr
+            if not self.lr_warmup_init <= self.decoupled_lr >= low:
+                raise ConfigError(f"--decoupled-lr {self.decoupled_lr} is below --lr-warmup-init {self.lr_warmup_init} "
+                                  f"or the decoupled minimum {low} (--decoupled-min-lr, else --min-lr); raise it")
 
     def lr_schedule(self, train_iters: int | None, *, train_samples: int | None = None,
                     global_batch_size: int = 1) -> LRSchedule:

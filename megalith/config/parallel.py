@@ -5,11 +5,12 @@ PretrainConfig resolves them, with the world size, into the one Layout value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megalith.config.flags import flag_field
 from megalith.config.validators import check_choices, check_int, check_range
 from megalith.device import KNOWN_BACKENDS
+from megalith.errors import ConfigError
 from megalith.parallel.pipeline.schedules import SCHEDULES
 
 
@@ -48,3 +49,29 @@ class DistributedConfig:
             check_int(name, getattr(self, name), optional=True)
         check_choices(self)
         check_range("distributed_timeout_minutes", self.distributed_timeout_minutes, 0, open_low=True, optional=True)
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (only sharded parameters are "
+                              "all-gathered); add it or drop --overlap-param-gather")
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            raise ConfigError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron); add it or drop "
+                              "--overlap-param-gather")
+
+
+def gradient_precision(dist: DistributedConfig, bf16: bool, notices: list[str]) -> DistributedConfig:
+    """Megatron's rules for the dtype gradients accumulate and travel over dp in, each change with a
+    notice: --bf16 turns --accumulate-allreduce-grads-in-fp32 on, unless --grad-reduce-in-bf16 asks
+    for bf16 buffers (then it is turned off); --grad-reduce-in-bf16 does nothing without --bf16."""
+    if dist.grad_reduce_in_bf16 and not bf16:
+        notices.append("--grad-reduce-in-bf16 applies to --bf16 only (gradients travel in the parameters' dtype); "
+                       "ignored")
+        return replace(dist, grad_reduce_in_bf16=False)
+    if dist.grad_reduce_in_bf16:
+        if dist.accumulate_allreduce_grads_in_fp32:
+            notices.append("--grad-reduce-in-bf16: gradients accumulate and reduce in bf16; "
+                           "--accumulate-allreduce-grads-in-fp32 turned off (as in Megatron)")
+        return replace(dist, accumulate_allreduce_grads_in_fp32=False)
+    if bf16 and not dist.accumulate_allreduce_grads_in_fp32:
+        notices.append("--bf16: gradients are accumulated and all-reduced in fp32 "
+                       "(--accumulate-allreduce-grads-in-fp32 turned on, as in Megatron)")
+        return replace(dist, accumulate_allreduce_grads_in_fp32=True)
+    return dist

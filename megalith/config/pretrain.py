@@ -18,7 +18,7 @@ from megalith.config.layout import Layout
 from megalith.config.logs import LoggingConfig
 from megalith.config.model import ModelConfig
 from megalith.config.optimizer import OptimizerConfig
-from megalith.config.parallel import DistributedConfig
+from megalith.config.parallel import DistributedConfig, gradient_precision
 from megalith.config.precision import PrecisionConfig
 from megalith.config.training import TrainingConfig
 from megalith.device import backend_for_run
@@ -155,10 +155,7 @@ def _adjusted(sections: dict, notices: list[str]) -> dict:
     if dist.sequence_parallel and dist.tensor_model_parallel_size == 1:
         dist = replace(dist, sequence_parallel=False)
         notices.append("--sequence-parallel does nothing with --tensor-model-parallel-size 1; turned off")
-    if precision.bf16 and not dist.accumulate_allreduce_grads_in_fp32:
-        dist = replace(dist, accumulate_allreduce_grads_in_fp32=True)
-        notices.append("--bf16: gradients are accumulated and all-reduced in fp32 "
-                       "(--accumulate-allreduce-grads-in-fp32 turned on, as in Megatron)")
+    dist = gradient_precision(dist, precision.bf16, notices)
     if precision.loss_scale is not None and not precision.fp16:
         notices.append(f"--loss-scale {precision.loss_scale} applies to --fp16 only; ignored")
         precision = replace(precision, loss_scale=None)

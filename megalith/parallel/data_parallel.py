@@ -19,6 +19,13 @@ contributes its share), so summing over dp gives exactly one process's gradient.
 reduce-scattered: dp rank r then owns the r-th contiguous slice of every bucket, gradients and
 (through `param_data`) parameters, which the optimizer all-gathers after its step.
 
+With `overlap_param_gather` (Megatron's --overlap-param-gather) the optimizer's all-gather only
+starts each bucket's collective; a forward pre-hook on every module waits for the buckets of
+the module's own parameters, so the next forward computes while later buckets still travel.
+Parameters used without their module being called (the output layer and tied head copy, whose
+weights the model reads directly) are found in the first forward, which has nothing pending:
+their buckets go first and the chunk's own pre-hook waits for them.
+
 Parameters marked `shared_embedding` (a tied embedding split over pipeline stages) get a bucket
 of their own, so their slice boundaries are the same on the first and the last stage and the
 embedding-group sum after the reduce-scatter adds matching elements (Megatron bug #844).
@@ -27,6 +34,7 @@ embedding-group sum after the reduce-scatter adds matching elements (Megatron bu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -53,6 +61,7 @@ class Bucket:
     pending: set = field(default_factory=set)  # ids of parameters whose gradient is not final yet
     work: object = None
     shard_out: torch.Tensor | None = None  # reduce-scatter output before it is copied into the buffer
+    gather: tuple | None = None  # (work, source) of an all-gather in flight (--overlap-param-gather)
 
     @property
     def size(self) -> int:
@@ -66,6 +75,16 @@ class BucketLaunch:
     bucket: int
     hooks_fired: int  # parameters whose gradient was final when the bucket was launched
     hooks_total: int
+    bytes: int = 0  # what this rank puts into the collective (0 at dp 1: nothing is sent)
+
+
+@dataclass(frozen=True)
+class GatherEvent:
+    """An all-gather of a bucket's parameters: started, or waited for (in a forward pre-hook,
+    or by `finish_param_gather` when something must read the parameters first)."""
+
+    kind: str  # "start", "forward" or "finish"
+    bucket: int
 
 
 class DataParallelGrads:
@@ -80,6 +99,7 @@ class DataParallelGrads:
         overlap: bool = False,
         accumulate_in_fp32: bool = False,
         shard: bool = False,
+        overlap_param_gather: bool = False,
     ) -> None:
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         if not named:
@@ -89,7 +109,11 @@ class DataParallelGrads:
             raise ConfigError(f"a model chunk mixes parameter dtypes {sorted(map(str, dtypes))}; use one --params-dtype")
         if bucket_size is not None and bucket_size < 1:
             raise ConfigError(f"--ddp-bucket-size must be a positive number of elements, got {bucket_size}")
+        if overlap_param_gather and not shard:
+            raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (only sharded parameters are "
+                              "all-gathered); add it or drop --overlap-param-gather")
         self.dp_group, self.overlap, self.shard = dp_group, overlap, shard
+        self.overlap_param_gather = overlap_param_gather
         self.dp_size, self.dp_rank = group_size(dp_group), group_rank(dp_group)
         self.param_dtype = dtypes.pop()
         self.grad_dtype = torch.float32 if accumulate_in_fp32 else self.param_dtype
@@ -118,7 +142,13 @@ class DataParallelGrads:
         self._sync = True
         self._hooks_fired = 0
         self.launches: list[BucketLaunch] = []
+        self.gather_events: list[GatherEvent] = []
         self._reset_buckets()
+        self._seen: set[int] = set()  # parameters whose module's pre-hook has fired
+        self._root_seen = False
+        self._unhooked: set[int] | None = None  # fixed at the first gather, the same on every dp rank
+        if overlap_param_gather:
+            self._install_forward_hooks(module)
 
     # --- layout ---------------------------------------------------------------------------
 
@@ -182,8 +212,9 @@ class DataParallelGrads:
     def _launch(self, bucket: Bucket) -> None:
         if bucket.work is not None or bucket.shard_out is not None:
             return
-        self.launches.append(BucketLaunch(bucket.index, self._hooks_fired, len(self.params)))
         view = self.grad_data[bucket.start:bucket.end]
+        sent = view.numel() * view.element_size() if self.dp_size > 1 else 0
+        self.launches.append(BucketLaunch(bucket.index, self._hooks_fired, len(self.params), sent))
         if self.dp_size == 1:
             bucket.work = _Done()
         elif self.shard:
@@ -217,16 +248,65 @@ class DataParallelGrads:
         self._reset_buckets()
         self.launches = []
 
+    def scale_gradients(self, factor: float) -> None:
+        """Multiply the reduced gradients (--calculate-per-token-loss: 1 / the step's tokens)."""
+        self.grad_data.mul_(factor)
+
     # --- after the optimizer (sharded) ----------------------------------------------------
 
     def all_gather_params(self) -> None:
-        """Every dp rank's updated slice of every bucket to every rank (distributed optimizer)."""
+        """Every dp rank's updated slice of every bucket to every rank (distributed optimizer);
+        with overlap_param_gather only started, each bucket waited for by the next forward."""
         if not self.shard or self.dp_size == 1:
             return
-        for bucket in self.buckets:
+        if not self.overlap_param_gather or not self._root_seen:  # no forward seen: nothing to wait in
+            for bucket in self.buckets:
+                start, end = self.shard_range(bucket)
+                mine = self.param_data[start:end].clone()
+                _all_gather_single(self.param_data[bucket.start:bucket.end], mine, group=self.dp_group)
+            return
+        self.gather_events = []  # this round's record only
+        if self._unhooked is None:
+            self._unhooked = {id(p) for p in self.params if id(p) not in self._seen}
+        forward_order = list(reversed(self.buckets))
+        first = [b for b in forward_order if any(id(p) in self._unhooked for p in b.params)]
+        for bucket in first + [b for b in forward_order if b not in first]:
             start, end = self.shard_range(bucket)
-            mine = self.param_data[start:end].clone()
-            _all_gather_single(self.param_data[bucket.start:bucket.end], mine, group=self.dp_group)
+            mine = self.param_data[start:end].clone()  # the source must not alias the output
+            work = _all_gather_single(self.param_data[bucket.start:bucket.end], mine, group=self.dp_group,
+                                      async_op=True)
+            bucket.gather = (work, mine)
+            self.gather_events.append(GatherEvent("start", bucket.index))
+
+    def _wait_gather(self, bucket: Bucket, kind: str) -> None:
+        if bucket.gather is not None:
+            bucket.gather[0].wait()
+            bucket.gather = None
+            self.gather_events.append(GatherEvent(kind, bucket.index))
+
+    def finish_param_gather(self) -> None:
+        """Wait for every all-gather still in flight: before anything reads or writes parameters
+        outside a forward (evaluation entry, checkpoint save, the optimizer's next step)."""
+        for bucket in reversed(self.buckets):
+            self._wait_gather(bucket, "finish")
+
+    def _install_forward_hooks(self, module: nn.Module) -> None:
+        for sub in module.modules():
+            own = [id(p) for p in sub.parameters(recurse=False) if id(p) in self.ranges]
+            if own:
+                sub.register_forward_pre_hook(partial(self._before_module, own))
+        module.register_forward_pre_hook(self._before_chunk)
+
+    def _before_module(self, ids: list[int], module, args) -> None:
+        self._seen.update(ids)
+        for bucket in {self._bucket_of[i].index: self._bucket_of[i] for i in ids}.values():
+            self._wait_gather(bucket, "forward")
+
+    def _before_chunk(self, module, args) -> None:
+        self._root_seen = True
+        for bucket in reversed(self.buckets):
+            if self._unhooked and any(id(p) in self._unhooked for p in bucket.params):
+                self._wait_gather(bucket, "forward")
 
     def full_main_grads(self) -> dict[str, torch.Tensor]:
         """Each parameter's reduced gradient, whole (a collective over dp when sharded): for checks."""

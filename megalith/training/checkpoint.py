@@ -193,6 +193,7 @@ class Checkpointer:
                 failed = error
         if _any_rank_failed(failed is not None, state):
             raise CheckpointError(f"cannot create {temporary}: {failed or 'rank 0 failed'}; check --save") from None
+        self.runner.finish_param_gather()  # --overlap-param-gather: the parameters are complete first
         optimizer = self._optimizer_shards()  # collective over dp: every rank takes part
         try:
             if state.dp_rank == 0:

@@ -31,8 +31,9 @@ from megalith.training.exit_policy import ExitPolicy, block_sigterm_in_new_threa
 from megalith.training.flops import model_flops_per_iteration, tflops_per_device
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line
 from megalith.training.lr_schedule import LRScheduler
+from megalith.training.optimizer import learning_rates
 from megalith.training.progress import NullProgressBar, progress_bar
-from megalith.training.step import StepPlan, assemble_runner, forward_only, sequence_mean_loss
+from megalith.training.step import StepPlan, assemble_runner, forward_only, sequence_mean_loss, token_sum_loss
 from megalith.training.timers import Timers
 from megalith.training.writers import MetricsWriters, open_writers
 
@@ -118,7 +119,10 @@ class Trainer:
         return path
 
     def loss_fn(self, per_token, batch, global_batch_size: int | None = None):
-        """A micro-batch's share of the loss of a step of `global_batch_size` (None: the full batch)."""
+        """A micro-batch's share of the loss of a step of `global_batch_size` (None: the full batch);
+        with --calculate-per-token-loss its (sum, tokens)."""
+        if self.plan.calculate_per_token_loss:
+            return token_sum_loss(per_token, batch)
         return sequence_mean_loss(per_token, batch, global_batch_size or self.config.global_batch_size)
 
     # --- one step and one evaluation ------------------------------------------------------
@@ -130,7 +134,7 @@ class Trainer:
         micro = self.data.micro_batches(plan, self.state.dp_rank, TRAIN_SPLIT, self.iteration,
                                         first_sample=self.consumed_samples)
         report = self.runner.train_step(micro, lambda per_token, batch: self.loss_fn(per_token, batch, size),
-                                        self.scheduler.lr, timers=self.timers,
+                                        learning_rates(self.scheduler, self.config.optimizer), timers=self.timers,
                                         num_micro_batches=plan.num_micro_batches)
         if not report.outcome.skipped:  # Megatron advances the schedule only on a real update
             self.scheduler.step(size)
@@ -238,6 +242,7 @@ class Trainer:
             if checkpointing.save and saved_at != self.iteration and self.iteration > 0:
                 self.save()  # the end of training, or an early exit, is always saved (as Megatron)
         finally:
+            self.runner.finish_param_gather()  # no gather in flight when the groups are torn down
             exits.close()
             bar.close()
             writers.close()

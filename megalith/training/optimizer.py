@@ -19,12 +19,18 @@ rank 0; the tied embedding's copy on the last stage (`is_tied_copy`) not at all;
 fragment on the one dp rank that owns it. Its square is summed over dp (sharded) and the
 model-parallel group, together with the squares of the gradients not counted (so that every
 gradient is checked): a non-finite sum is an overflow, agreed by every rank, and skips the step.
+
+With `--decoupled-lr` the word embedding and the output layer (the tied head copy included,
+position embeddings not: Megatron's `is_embedding_or_output_parameter`) form groups of their
+own whose rate follows the same warm-up and decay from `--decoupled-lr` to `--decoupled-min-lr`
+(else `--min-lr`); `step` takes both rates as `LearningRates`.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -47,6 +53,40 @@ class Fragment:
     counted: bool  # in the global norm on this rank
     name: str = ""  # the parameter's name in its chunk (global layer indices: unique across chunks)
     offset: int = 0  # where [start, end) begins inside the flattened parameter
+    decoupled: bool = False  # in the --decoupled-lr groups (word embedding, output layer)
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    """The rates of one step: `main` for every parameter, `decoupled` for the word embedding and
+    output layer under --decoupled-lr (None: no decoupled rate)."""
+
+    main: float
+    decoupled: float | None = None
+
+
+def learning_rates(scheduler, config) -> LearningRates:
+    """Both rates at the scheduler's current point. The decoupled rate is the same schedule (warm-up
+    from --lr-warmup-init, decay style, lengths) with --decoupled-lr as its peak and
+    --decoupled-min-lr (else --min-lr) as its floor, as Megatron's per-group max_lr / min_lr."""
+    if config.decoupled_lr is None:
+        return LearningRates(scheduler.lr)
+    twin = copy.copy(scheduler)  # shares the position (steps or samples), not the peak
+    floor = config.min_lr if config.decoupled_min_lr is None else config.decoupled_min_lr
+    twin.schedule = replace(scheduler.schedule, lr=config.decoupled_lr, min_lr=floor)
+    return LearningRates(scheduler.lr, twin.lr)
+
+
+EMBEDDING_OR_OUTPUT = ("word_embeddings.weight", "word_embeddings_for_head.weight", "output_layer.weight")
+
+
+def is_embedding_or_output(name: str, param: torch.Tensor) -> bool:
+    """Megatron's `is_embedding_or_output_parameter`: the attribute when a model sets it, else the
+    built-in models' names of the word embedding, its head copy and the untied output layer."""
+    marked = getattr(param, "is_embedding_or_output_parameter", None)
+    if marked is not None:
+        return bool(marked)
+    return any(name == known or name.endswith("." + known) for known in EMBEDDING_OR_OUTPUT)
 
 
 @dataclass(frozen=True)
@@ -84,10 +124,13 @@ class ParallelOptimizer:
         self.fragments = [f for b in buffers for f in self._fragments(b, tp_rank)]
         self._counted = torch.tensor([f.counted for f in self.fragments], dtype=torch.bool,
                                      device=buffers[0].grad_data.device)
-        decay = [f.main for f in self.fragments if f.decay]
-        no_decay = [f.main for f in self.fragments if not f.decay]
-        groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        decoupled = config.decoupled_lr is not None
+        groups = []
+        for own_lr in ((False, True) if decoupled else (False,)):
+            for decay, weight_decay in ((True, config.weight_decay), (False, 0.0)):
+                params = [f.main for f in self.fragments if f.decay == decay and (f.decoupled and decoupled) == own_lr]
+                if params:
+                    groups.append({"params": params, "weight_decay": weight_decay, "decoupled": own_lr})
         device = buffers[0].grad_data.device
         if config.optimizer == "adam":
             self.inner, self.choice = make_adam(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
@@ -111,7 +154,8 @@ class ParallelOptimizer:
                 name = buffer.names[id(param)]
                 fragments.append(Fragment(main, None if fp32 else flat, buffer.grad_data[a:b],
                                           decay=not _no_weight_decay(name, param),
-                                          counted=_counted_in_norm(param, tp_rank), name=name, offset=a - start))
+                                          counted=_counted_in_norm(param, tp_rank), name=name, offset=a - start,
+                                          decoupled=is_embedding_or_output(name, param)))
         return fragments
 
     @property
@@ -138,8 +182,15 @@ class ParallelOptimizer:
             squares = torch.stack([per_fragment[self._counted].sum(), per_fragment[~self._counted].sum()])
         return squares
 
-    def step(self, lr: float) -> StepOutcome:
-        """One update from the reduced gradients (call after the gradients are finalised)."""
+    def step(self, lr: float | LearningRates) -> StepOutcome:
+        """One update from the reduced gradients (call after the gradients are finalised); `lr` a
+        float, or `LearningRates` (needed with --decoupled-lr)."""
+        rates = lr if isinstance(lr, LearningRates) else LearningRates(lr)
+        if self.config.decoupled_lr is not None and rates.decoupled is None:
+            raise ValueError("--decoupled-lr is set: pass step() LearningRates with the decoupled rate "
+                             "(megalith.training.optimizer.learning_rates)")
+        for buffer in self.buffers:  # the previous step's parameter all-gathers (--overlap-param-gather)
+            buffer.finish_param_gather()
         grads = []
         for fragment in self.fragments:
             fragment.main.grad = fragment.grad if fragment.grad.dtype == torch.float32 else fragment.grad.float()
@@ -160,7 +211,7 @@ class ParallelOptimizer:
             if coefficient < 1.0:
                 torch._foreach_mul_(grads, coefficient)
         for group in self.inner.param_groups:
-            group["lr"] = lr
+            group["lr"] = rates.decoupled if group.get("decoupled") else rates.main
         self.inner.step()
         for fragment in self.fragments:
             if fragment.model is not None:

@@ -30,7 +30,7 @@ from megalith.parallel.pipeline.schedules import build_schedule
 from megalith.parallel.rng import model_parallel_rng_tracker
 from megalith.training.batch import BatchPlan
 from megalith.training.timers import Timers
-from megalith.training.optimizer import ParallelOptimizer, StepOutcome
+from megalith.training.optimizer import LearningRates, ParallelOptimizer, StepOutcome
 
 
 def sequence_mean_loss(per_token: torch.Tensor, batch: dict, global_batch_size: int) -> torch.Tensor:
@@ -41,6 +41,14 @@ def sequence_mean_loss(per_token: torch.Tensor, batch: dict, global_batch_size: 
     mask = batch["loss_mask"]
     per_sequence = (per_token.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
     return per_sequence.sum() / global_batch_size
+
+
+def token_sum_loss(per_token: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """--calculate-per-token-loss (Megatron's): this micro-batch's (sum of the per-token losses over
+    its loss-masked tokens, number of those tokens). `StepRunner` divides the step's total sum by
+    the total count over micro-batches and dp ranks, and so scales the gradients by 1 / count."""
+    mask = batch["loss_mask"].float()
+    return (per_token.float() * mask).sum(), mask.sum()
 
 
 def forward_only(actions: list[Action]) -> list[Action]:
@@ -62,7 +70,9 @@ class StepPlan:
     seed: int
     bucket_size: int
     overlap: bool = True
-    accumulate_in_fp32: bool = True
+    accumulate_in_fp32: bool = True  # False: gradients accumulate and reduce in the parameters' dtype
+    calculate_per_token_loss: bool = False  # the loss function returns (sum, tokens): token_sum_loss
+    overlap_param_gather: bool = False  # ZeRO-1's all-gather waited for by the next forward, bucket by bucket
 
     @classmethod
     def for_pretrain(cls, config: PretrainConfig) -> "StepPlan":
@@ -71,7 +81,9 @@ class StepPlan:
                    config.stage_layers(), config.training.seed,
                    # without overlap nothing is gained by splitting: one bucket, one collective (as Megatron)
                    bucket_size=config.ddp_bucket_size if dist.overlap_grad_reduce else sys.maxsize,
-                   overlap=dist.overlap_grad_reduce, accumulate_in_fp32=dist.accumulate_allreduce_grads_in_fp32)
+                   overlap=dist.overlap_grad_reduce, accumulate_in_fp32=dist.accumulate_allreduce_grads_in_fp32,
+                   calculate_per_token_loss=config.training.calculate_per_token_loss,
+                   overlap_param_gather=dist.overlap_param_gather)
 
 
 def parallel_context(state, layout: Layout, seed: int) -> ParallelContext:
@@ -100,7 +112,8 @@ def assemble_runner(plan: StepPlan, state, optimizer_config, loss_scaler, record
     pp_rank = state.pp_rank if state is not None else 0
     chunks = build_chunks(plan, ctx, pp_rank)
     buffers = [DataParallelGrads(chunk, group("dp_group"), bucket_size=plan.bucket_size, overlap=plan.overlap,
-                                 accumulate_in_fp32=plan.accumulate_in_fp32, shard=layout.distributed_optimizer)
+                                 accumulate_in_fp32=plan.accumulate_in_fp32, shard=layout.distributed_optimizer,
+                                 overlap_param_gather=plan.overlap_param_gather)
                for chunk in chunks]
     optimizer = ParallelOptimizer(buffers, optimizer_config, tp_group=group("tp_group"), mp_group=group("mp_group"),
                                   loss_scaler=loss_scaler)
@@ -111,7 +124,8 @@ def assemble_runner(plan: StepPlan, state, optimizer_config, loss_scaler, record
         return build_schedule(layout.pipeline_schedule, layout.pp, layout.vpp, num_micro_batches, pp_rank)
 
     return StepRunner(chunks, buffers, engine, schedule(plan.batch.num_micro_batches), optimizer,
-                      dp_group=group("dp_group"), schedule=schedule)
+                      dp_group=group("dp_group"), schedule=schedule, pp_group=group("pp_group"),
+                      per_token_loss=plan.calculate_per_token_loss)
 
 
 @dataclass(frozen=True)
@@ -122,15 +136,22 @@ class StepReport:
 
 
 class StepRunner:
-    """Runs training steps for one rank's chunks with their buffers, engine and optimizer."""
+    """Runs training steps for one rank's chunks with their buffers, engine and optimizer.
+
+    `per_token_loss` (--calculate-per-token-loss): the loss function returns (sum, tokens) per
+    micro-batch; the token count of the last stage is summed over pp (the other stages hold
+    zero: Megatron's broadcast from the last stage) and dp, the gradients are scaled by its
+    inverse after the dp reduction, and the step loss is the total sum over the total count."""
 
     def __init__(self, chunks: list[nn.Module], buffers: list[DataParallelGrads], engine: PipelineEngine,
                  actions: list[Action], optimizer: ParallelOptimizer, dp_group=None,
-                 schedule: Callable[[int], list[Action]] | None = None) -> None:
+                 schedule: Callable[[int], list[Action]] | None = None, pp_group=None,
+                 per_token_loss: bool = False) -> None:
         """`actions`: the step of the full global batch; `schedule(n)`: this rank's actions for a step of
         n micro-batches (a batch-size ramp-up changes n), built once per count."""
         self.chunks, self.buffers, self.engine = chunks, buffers, engine
         self.actions, self.optimizer, self.dp_group = actions, optimizer, dp_group
+        self.pp_group, self.per_token_loss = pp_group, per_token_loss
         self._schedule = schedule
         self._actions_by_count: dict[int, list[Action]] = {}
 
@@ -155,6 +176,35 @@ class StepRunner:
         for chunk in self.chunks:
             chunk.finish_grad_sync()
 
+    def finish_param_gather(self) -> None:
+        """Wait for ZeRO-1's parameter all-gathers still in flight (--overlap-param-gather): call
+        before reading the parameters outside a forward (checkpoint save, comparisons)."""
+        for buffer in self.buffers:
+            buffer.finish_param_gather()
+
+    def _counting(self, loss_fn):
+        """The loss function for the engine, and the tokens it counted on this rank (per-token loss)."""
+        if not self.per_token_loss:
+            return loss_fn, None
+        tokens = torch.zeros((), dtype=torch.float64, device=self.engine.device)
+
+        def counted(per_token, batch):
+            total, count = loss_fn(per_token, batch)
+            tokens.add_(count.detach().double())
+            return total
+
+        return counted, tokens
+
+    def _per_token_total(self, loss_sum: float, tokens: torch.Tensor) -> tuple[float, float]:
+        """(the step's loss sum, its token count) over pp (count from the last stage) and dp."""
+        if group_size(self.pp_group) > 1:
+            dist.all_reduce(tokens, group=self.pp_group)  # zero on every stage but the last
+        pair = torch.stack([torch.tensor(loss_sum, dtype=torch.float64, device=tokens.device), tokens])
+        if group_size(self.dp_group) > 1:
+            dist.all_reduce(pair, group=self.dp_group)
+        total, count = pair.tolist()
+        return total, max(count, 1.0)  # no loss token at all: zero loss and gradients, not 0 / 0
+
     def forward_backward(self, get_micro_batch: Callable[[int], dict], loss_fn,
                          num_micro_batches: int | None = None) -> tuple[float, StepResult]:
         """Forward and backward over this rank's micro-batches (`num_micro_batches` of them; None: the
@@ -162,10 +212,16 @@ class StepRunner:
         self.optimizer.zero_grad()
         for chunk in self.chunks:
             chunk.train()
-        result = self.engine.step(self.actions_for(num_micro_batches), get_micro_batch, loss_fn,
+        engine_loss, tokens = self._counting(loss_fn)
+        result = self.engine.step(self.actions_for(num_micro_batches), get_micro_batch, engine_loss,
                                   loss_scale=self.optimizer.loss_scale, before_backward=self._before_backward)
         self.finalize_grads()
-        return self._sum_over_dp(result.loss), result
+        if tokens is None:
+            return self._sum_over_dp(result.loss), result
+        total, count = self._per_token_total(result.loss, tokens)
+        for buffer in self.buffers:
+            buffer.scale_gradients(1.0 / count)
+        return total / count, result
 
     def _sum_over_dp(self, value: float) -> float:
         """Each dp rank's loss is its share of the global batch's mean: the sum is the step loss."""
@@ -175,12 +231,13 @@ class StepRunner:
         dist.all_reduce(total, group=self.dp_group)
         return float(total)
 
-    def train_step(self, get_micro_batch: Callable[[int], dict], loss_fn, lr: float,
+    def train_step(self, get_micro_batch: Callable[[int], dict], loss_fn, lr: float | LearningRates,
                    inspect_grads: Callable[[], None] | None = None, timers=None,
                    num_micro_batches: int | None = None) -> StepReport:
         """forward_backward, then the optimizer: the one step of pretrain and verify.
         `inspect_grads()` runs in between (verify's probe); `timers` (pretrain's) time both halves;
-        `num_micro_batches` is this step's count under a batch-size ramp-up (None: the full batch's)."""
+        `lr` is a float, or `LearningRates` with --decoupled-lr; `num_micro_batches` is this step's
+        count under a batch-size ramp-up (None: the full batch's)."""
         timers = timers or Timers(0)  # level 0: every timer a no-op
         timers("forward-backward", 1).start()
         loss, result = self.forward_backward(get_micro_batch, loss_fn, num_micro_batches)
@@ -195,7 +252,12 @@ class StepRunner:
     @torch.no_grad()
     def evaluate(self, get_micro_batch: Callable[[int], dict], loss_fn, forward_only_actions: list[Action]) -> float:
         """The loss without a backward or an update (validation)."""
+        self.finish_param_gather()
         for chunk in self.chunks:
             chunk.eval()
-        result = self.engine.step(forward_only_actions, get_micro_batch, loss_fn)
-        return self._sum_over_dp(result.loss)
+        engine_loss, tokens = self._counting(loss_fn)
+        result = self.engine.step(forward_only_actions, get_micro_batch, engine_loss)
+        if tokens is None:
+            return self._sum_over_dp(result.loss)
+        total, count = self._per_token_total(result.loss, tokens)
+        return total / count
