@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from megalith.config.checkpoint import CheckpointConfig
 from megalith.config.data import DataConfig
 from megalith.config.layout import Layout
-from megalith.config.logs import LoggingConfig
+from megalith.config.logs import LoggingConfig, check_profile_output
 from megalith.config.model import ModelConfig
 from megalith.config.optimizer import OptimizerConfig
 from megalith.config.parallel import DistributedConfig
@@ -92,6 +92,7 @@ class PretrainConfig:
                         schedule=_schedule(dist.pipeline_schedule, layout.pp, vpp, batch))
         training = sections["training"] = replace(training, train_iters=_train_iters(training, batch))
         sections["optimizer"].lr_schedule(training.train_iters)  # checks warm-up, decay and WSD against the run
+        check_profile_output(training, sections["logging"], world_size)
         return cls(**sections, layout=layout, num_micro_batches=batch.num_micro_batches,
                    global_batch_size=batch.global_batch_size,
                    ddp_bucket_size=dist.ddp_bucket_size or default_bucket_size(dp),
