@@ -172,3 +172,12 @@ def test_bad_profile_and_logging_flags_are_one_line(flags, message):
 
 def test_a_bad_window_without_profile_is_left_alone():
     assert TrainingConfig(profile_step_start=5, profile_step_end=5).profile_step_end == 5
+
+
+def test_memory_on_cuda_is_megatrons_four_allocator_counters(monkeypatch):
+    counters = {"allocated_bytes.all.current": 3, "reserved_bytes.all.current": 8, "allocated_bytes.all.peak": 5,
+                "allocation.all.current": 2}
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: counters)  # no GPU needed
+    house = RunHousekeeping(TrainingConfig(), LoggingConfig(log_memory_to_tensorboard=True), 0, torch.device("cuda", 0))
+    assert house.tensorboard_scalars(timers=None, iterations=1) == {
+        "mem-allocated-bytes": 3, "mem-reserved-bytes": 8, "mem-max-allocated-bytes": 5, "mem-allocated-count": 2}
