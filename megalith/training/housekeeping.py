@@ -20,7 +20,6 @@ Megatron's meanings:
 from __future__ import annotations
 
 import gc as _gc
-import resource
 import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -53,8 +52,9 @@ def profiler_schedule(start: int, end: int, resumed_at: int) -> dict[str, int] |
 def max_rss_bytes() -> int | None:
     """This process's peak resident set size (None where the OS does not say)."""
     try:
+        import resource  # POSIX only
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    except (AttributeError, OSError):
+    except (ImportError, AttributeError, OSError):
         return None
     return peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB, macOS bytes
 
