@@ -88,3 +88,21 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued work on `device` (for timing); CPU work is already done."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def empty_cache(device: torch.device) -> None:
+    """Hand the caching allocator's unused blocks back to the driver (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def memory_stats(device: torch.device) -> dict[str, int]:
+    """The allocator's counters Megatron plots (bytes allocated, reserved, peak; live allocations);
+    {} off CUDA, where PyTorch keeps no such counters."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {"allocated_bytes": stats.get("allocated_bytes.all.current", 0),
+            "reserved_bytes": stats.get("reserved_bytes.all.current", 0),
+            "max_allocated_bytes": stats.get("allocated_bytes.all.peak", 0),
+            "allocation_count": stats.get("allocation.all.current", 0)}

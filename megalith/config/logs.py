@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megalith.config.flags import flag_field
-from megalith.config.validators import check_choices
+from megalith.config.validators import check_choices, check_int
 from megalith.errors import ConfigError
 from megalith.training.timers import TIMING_LOG_LEVELS
 
@@ -30,6 +30,20 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        check_int("tensorboard_log_interval", self.tensorboard_log_interval)
         if self.wandb_project and not self.wandb_exp_name:  # before any process starts, not at the first log
             raise ConfigError(f"--wandb-project {self.wandb_project} needs --wandb-exp-name; add --wandb-exp-name "
                               "NAME for the run")
+
+
+def check_profile_output(training, logging: LoggingConfig, world_size: int) -> None:
+    """--profile writes its traces under --tensorboard-dir (as Megatron's torch.profiler does), on
+    ranks that exist; checked by PretrainConfig.resolve, before any process starts."""
+    if not training.profile:
+        return
+    if not logging.tensorboard_dir:
+        raise ConfigError("--profile writes its trace under --tensorboard-dir; add --tensorboard-dir DIR")
+    outside = [rank for rank in training.profile_ranks if rank >= world_size]
+    if outside:
+        raise ConfigError(f"--profile-ranks {' '.join(map(str, outside))}: the job has ranks 0..{world_size - 1}; "
+                          "name ranks of this job")

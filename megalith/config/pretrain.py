@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from megalith.config.checkpoint import CheckpointConfig
 from megalith.config.data import DataConfig
 from megalith.config.layout import Layout
-from megalith.config.logs import LoggingConfig
+from megalith.config.logs import LoggingConfig, check_profile_output
 from megalith.config.model import ModelConfig
 from megalith.config.optimizer import OptimizerConfig
 from megalith.config.parallel import DistributedConfig, gradient_precision
@@ -95,6 +95,7 @@ class PretrainConfig:
                         recompute=model.recompute_granularity, precision=model.params_dtype,
                         schedule=_schedule(dist.pipeline_schedule, layout.pp, vpp, batches))
         training = sections["training"] = replace(training, train_iters=_train_iters(training, batches))
+        check_profile_output(training, sections["logging"], world_size)
         backend, backend_notice = backend_for_run(dist.distributed_backend)
         notices += [backend_notice] if backend_notice else []
         resolved = cls(**sections, layout=layout, num_micro_batches=batch.num_micro_batches,

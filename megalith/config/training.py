@@ -32,7 +32,7 @@ class TrainingConfig:
     num_workers: int = flag_field(2, "processes that read samples ahead of each step (0: in the training process)")
     manual_gc: bool = flag_field(False, "turn Python's automatic garbage collector off and collect at fixed steps")
     manual_gc_interval: int = flag_field(0, "with --manual-gc: collect every this many iterations (0: only at "
-                                         "evaluation and checkpoints)")
+                                         "the start and around evaluation)")
     manual_gc_eval: bool = flag_field(True, "with --manual-gc: collect before and after each evaluation")
     empty_unused_memory_level: int = flag_field(0, "free the allocator's cached memory: 1 after each step, 2 also "
                                                 "after each evaluation", (0, 1, 2))
@@ -72,6 +72,11 @@ class TrainingConfig:
         check_int("manual_gc_interval", self.manual_gc_interval, 0)
         check_int("profile_step_start", self.profile_step_start, 0)
         check_int("profile_step_end", self.profile_step_end, 0)
+        if self.profile and self.profile_step_end <= self.profile_step_start:
+            raise ConfigError(f"--profile-step-end {self.profile_step_end} must be after --profile-step-start "
+                              f"{self.profile_step_start}; the window is iterations start..end-1")
+        for rank in self.profile_ranks:
+            check_int("profile_ranks", rank, 0)
         check_int("global_batch_size", self.global_batch_size, 1, optional=True)
         check_int("eval_iters", self.eval_iters, 0)
         check_int("seed", self.seed, 0)

@@ -29,6 +29,7 @@ from megalith.config.pretrain import PretrainConfig
 from megalith.training.data import TRAIN_SPLIT, VALID_SPLIT, DatasetBatches, MockBatches, run_tokenizer
 from megalith.training.exit_policy import ExitPolicy, block_sigterm_in_new_threads
 from megalith.training.flops import model_flops_per_iteration, tflops_per_device
+from megalith.training.housekeeping import RunHousekeeping
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line
 from megalith.training.lr_schedule import LRScheduler
 from megalith.training.optimizer import learning_rates
@@ -206,8 +207,11 @@ class Trainer:
                 self.print(f"resolved config: {write_resolved_config(c, directory)}")
         writers = (open_writers(log_json=c.logging.log_json, tensorboard_dir=c.logging.tensorboard_dir,
                                 wandb_project=c.logging.wandb_project, wandb_exp_name=c.logging.wandb_exp_name,
-                                wandb_save_dir=c.logging.wandb_save_dir, run_config=c.to_dict())
+                                wandb_save_dir=c.logging.wandb_save_dir, run_config=c.to_dict(),
+                                tensorboard_log_interval=c.logging.tensorboard_log_interval,
+                                log_validation_ppl_to_tensorboard=c.logging.log_validation_ppl_to_tensorboard)
                    if self.is_last_rank else MetricsWriters([]))
+        house = RunHousekeeping(c.training, c.logging, self.state.rank, self.state.device, notice=self.print)
         logged = []
         bar = progress_bar(c.training.train_iters, self.iteration,
                            enabled=c.logging.log_progress_bar if self.is_last_rank else False)
@@ -217,21 +221,27 @@ class Trainer:
         exits = ExitPolicy(checkpointing, self.state)
         saved_at = None
         try:
+            house.start(self.iteration)
             stats = IntervalStats()
             while self.iteration < c.training.train_iters:
+                house.before_step()
                 loss, outcome = self.train_step()
                 stats.add(loss, outcome.skipped, outcome.grad_norm)
                 bar.update(1)
                 if self.iteration % c.training.log_interval == 0:
                     if self.is_last_rank:
+                        writers.write_tensorboard(house.tensorboard_scalars(self.timers, stats.iterations),
+                                                  self.iteration)
                         self.log(stats, writers, emit)
                         logged.append(stats.mean_loss)
                     stats = IntervalStats()
                 at_end = self.iteration == c.training.train_iters
                 if c.training.eval_iters and (self.iteration % c.training.eval_interval == 0 or at_end):
                     eval_started = time.perf_counter()
-                    self.report_validation(self.evaluate(), writers, emit)
+                    with house.around_evaluation():
+                        self.report_validation(self.evaluate(), writers, emit)
                     stats.started += time.perf_counter() - eval_started  # not part of an iteration's time
+                house.after_step(self.iteration)
                 if checkpointing.save_interval and self.iteration % checkpointing.save_interval == 0:
                     self.save()
                     saved_at = self.iteration
@@ -243,6 +253,7 @@ class Trainer:
                 self.save()  # the end of training, or an early exit, is always saved (as Megatron)
         finally:
             self.runner.finish_param_gather()  # no gather in flight when the groups are torn down
+            house.close()
             exits.close()
             bar.close()
             writers.close()

@@ -117,6 +117,10 @@ class Timers:
             self._timers[name] = Timer(name, self.device, self._clock)
         return self._timers[name]
 
+    def active_names(self) -> list[str]:
+        """The timers that really time at this log level (created, not no-ops), in creation order."""
+        return list(self._timers)
+
     def elapsed_ms(self, names: Iterable[str] | None = None, reset: bool = True) -> dict[str, float]:
         """This rank's milliseconds per timer (0 for a name never started here), in the order asked."""
         names = list(self._timers) if names is None else list(names)

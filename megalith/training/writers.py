@@ -5,6 +5,13 @@ takes the record of `log_line.as_json_record` (plus any extra numeric fields) an
 TensorBoard and W&B get Megatron's scalar names ("lm loss", "learning-rate", "grad-norm",
 "loss-scale", "batch-size", "iteration-time" in seconds, "throughput" in TFLOP/s per device), so
 dashboards built for Megatron runs show ours; tokens/s, skipped and nan counts are our additions.
+Validation goes in as "lm loss validation", with "lm loss validation ppl" on TensorBoard only under
+--log-validation-ppl-to-tensorboard, as in Megatron.
+
+TensorBoard writes the training scalars of a log line whose iteration is a multiple of
+--tensorboard-log-interval (the log line's numbers: means over the log interval), validation
+whenever it runs, and the TensorBoard-only scalars of `write_tensorboard` (memory, timers; see
+megalith.training.housekeeping) on the same iterations as the training scalars.
 
 TensorBoard and wandb are optional packages, imported only when asked for. wandb never stops to
 ask for a login: without an API key it runs offline (no network at all) and says how to upload
@@ -35,7 +42,11 @@ _SCALAR_NAMES: dict[str, tuple[str, float]] = {
     "skipped": ("num-skipped-iterations", 1.0),
     "nan_iterations": ("num-nan-iterations", 1.0),
     "consumed_samples": ("samples vs steps", 1.0),
+    "validation_lm_loss": ("lm loss validation", 1.0),
+    "validation_lm_loss_ppl": ("lm loss validation ppl", 1.0),
 }
+VALIDATION_KEY = "validation_lm_loss"  # what marks a validation record
+_VALIDATION_PPL = "lm loss validation ppl"
 _NOT_SCALARS = {"iteration", "train_iters", "timestamp"}
 # Megatron also plots these against consumed samples on TensorBoard ("lm loss vs samples").
 _VS_SAMPLES = ("lm loss", "learning-rate", "batch-size", "loss-scale", "grad-norm")
@@ -94,9 +105,14 @@ class JsonLinesWriter:
 
 
 class TensorBoardWriter:
-    """--tensorboard-dir DIR: scalars at global step = iteration, the run's config as text once."""
+    """--tensorboard-dir DIR: scalars at global step = iteration, the run's config as text once.
 
-    def __init__(self, log_dir: str | os.PathLike, run_config: Mapping[str, Any] | None = None) -> None:
+    `log_interval` is --tensorboard-log-interval; `validation_ppl` is --log-validation-ppl-to-tensorboard.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, run_config: Mapping[str, Any] | None = None, *,
+                 log_interval: int = 1, validation_ppl: bool = False) -> None:
+        self.log_interval, self.validation_ppl = log_interval, validation_ppl
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -114,7 +130,12 @@ class TensorBoardWriter:
         self._writer.flush()
 
     def write(self, record: Mapping[str, Any], iteration: int) -> None:
+        validation = VALIDATION_KEY in record
+        if not validation and iteration % self.log_interval:
+            return
         scalars = scalars_for(record)
+        if validation and not self.validation_ppl:
+            scalars.pop(_VALIDATION_PPL, None)
         for name, value in scalars.items():
             self._writer.add_scalar(name, value, global_step=iteration)
         samples = record.get("consumed_samples")
@@ -122,6 +143,14 @@ class TensorBoardWriter:
             for name in _VS_SAMPLES:
                 if name in scalars:
                     self._writer.add_scalar(f"{name} vs samples", scalars[name], global_step=samples)
+        self._writer.flush()
+
+    def write_scalars(self, scalars: Mapping[str, float], iteration: int) -> None:
+        """TensorBoard-only scalars under their own names, on the training scalars' iterations."""
+        if iteration % self.log_interval or not scalars:
+            return
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, global_step=iteration)
         self._writer.flush()
 
     def close(self) -> None:
@@ -228,6 +257,12 @@ class MetricsWriters:
         for writer in self.writers:
             writer.write(record, iteration)
 
+    def write_tensorboard(self, scalars: Mapping[str, float], iteration: int) -> None:
+        """Scalars only TensorBoard plots (the others have no such method and skip them)."""
+        for writer in self.writers:
+            if hasattr(writer, "write_scalars"):
+                writer.write_scalars(scalars, iteration)
+
     def close(self) -> None:
         errors = []
         for writer in self.writers:
@@ -248,6 +283,8 @@ def open_writers(
     wandb_exp_name: str | None,
     wandb_save_dir: str | None,
     run_config: dict,
+    tensorboard_log_interval: int = 1,
+    log_validation_ppl_to_tensorboard: bool = False,
 ) -> MetricsWriters:
     """The writers the flags ask for; call on the last rank only. An empty --wandb-project means no
     W&B (Megatron's default), and a W&B run needs --wandb-exp-name (as in Megatron)."""
@@ -260,7 +297,8 @@ def open_writers(
         if log_json:
             writers.append(JsonLinesWriter(log_json))
         if tensorboard_dir:
-            writers.append(TensorBoardWriter(tensorboard_dir, run_config))
+            writers.append(TensorBoardWriter(tensorboard_dir, run_config, log_interval=tensorboard_log_interval,
+                                             validation_ppl=log_validation_ppl_to_tensorboard))
         if wandb_project:
             writers.append(WandbWriter(wandb_project, wandb_exp_name, wandb_save_dir, run_config))
     except BaseException:
