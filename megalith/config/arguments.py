@@ -89,6 +89,8 @@ def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit:
     for name in ModelConfig.field_names():
         if name not in given:
             values[name] = _model_default(name, spec.defaults)
+    if values["tokenizer_type"] is None and values["vocab_file"] and values["merge_file"]:
+        values["tokenizer_type"] = "GPT2BPETokenizer"  # Megatron's GPT-3 script gives only the two files
     sections = {name: _section(cls, values) for name, cls in SECTIONS.items() if name != "model"}
     data = sections["data"]
     if data.data_path:  # the files exist and are sound; the tokenizer sets the model's vocabulary
