@@ -196,6 +196,8 @@ def test_huggingface_takes_a_tokenizer_json_and_never_downloads(vocab_file, tmp_
 
 
 def test_vocab_and_merge_files_without_a_type_mean_gpt2_bpe(corpus, tmp_path):
+    """Megatron's pretrain_gpt.py defaults --tokenizer-type to GPT2BPETokenizer (its GPT-3 script
+    passes only --vocab-file and --merge-file)."""
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
     with open(corpus.jsonl, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in list(f)[:20]]
@@ -213,8 +215,10 @@ def test_vocab_and_merge_files_without_a_type_mean_gpt2_bpe(corpus, tmp_path):
     assert config.data.tokenizer_type == "GPT2BPETokenizer"
     assert config.model.vocab_size == build_tokenizer("GPT2BPETokenizer", vocab_file=vocab,
                                                       merge_file=merges).vocab_size
-    with pytest.raises(ConfigError, match="--tokenizer-type"):  # a vocab file alone says nothing
+    with pytest.raises(DataError, match="pass --merge-file PATH"):  # GPT-2 BPE needs both files
         parse_pretrain_args(flags + ["--vocab-file", vocab], 1)
+    with pytest.raises(ConfigError, match="--data-path needs --tokenizer-type"):  # no file: no default
+        parse_pretrain_args(flags, 1)
     assert "BertWordPieceLowerCase" in TOKENIZER_TYPES and "Llama2Tokenizer" in TOKENIZER_TYPES
 
 
@@ -262,9 +266,10 @@ def test_bert_pretrains_two_iterations_on_preprocessed_wordpiece_data(rank_pools
     from megalith.testing import pretrain_on_rank
 
     log = tmp_path / "bert.jsonl"
-    argv = BERT_MODEL + RUN + ["--data-path", bert_data, "--tokenizer-type", "BertWordPieceLowerCase",
-                               "--vocab-file", corpus_vocab, "--data-cache-path", str(tmp_path / "cache"),
-                               "--log-json", str(log)]
+    # As Megatron's BERT script: --vocab-file alone (pretrain_bert.py defaults to BertWordPieceLowerCase).
+    argv = BERT_MODEL + RUN + ["--data-path", bert_data, "--vocab-file", corpus_vocab, "--data-cache-path",
+                               str(tmp_path / "cache"), "--log-json", str(log)]
+    assert parse_pretrain_args(argv, 1).data.tokenizer_type == "BertWordPieceLowerCase"
     rank_pools(1).run(pretrain_on_rank, argv, 1)
     train = [r for r in map(json.loads, log.read_text().splitlines()) if "consumed_samples" in r]
     assert [r["consumed_samples"] for r in train] == [4, 8]

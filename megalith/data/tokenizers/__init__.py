@@ -22,7 +22,7 @@ round-trips text exactly (identity normalisation, whitespace kept, byte fallback
 
 from megalith.data.tokenizers.base import Tokenizer, sentinel
 from megalith.data.tokenizers.bpe import GPT2_EOD, GPT2BPETokenizer
-from megalith.data.tokenizers.build import TOKENIZER_TYPES, build_tokenizer
+from megalith.data.tokenizers.build import DEFAULT_TOKENIZER_TYPES, TOKENIZER_TYPES, build_tokenizer
 from megalith.data.tokenizers.huggingface import HuggingFaceTokenizer
 from megalith.data.tokenizers.null import NullTokenizer
 from megalith.data.tokenizers.spm import (SP_BOS, SP_EOS, SP_PAD, SP_SPECIAL_TOKENS, SP_UNK,
@@ -32,7 +32,7 @@ from megalith.data.tokenizers.training import (add_train_tokenizer_arguments, ru
 from megalith.data.tokenizers.wordpiece import BertWordPieceTokenizer, read_wordpiece_vocab
 
 __all__ = [
-    "TOKENIZER_TYPES", "Tokenizer", "sentinel", "build_tokenizer",
+    "TOKENIZER_TYPES", "DEFAULT_TOKENIZER_TYPES", "Tokenizer", "sentinel", "build_tokenizer",
     "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "SP_SPECIAL_TOKENS", "SP_UNK",
     "SP_BOS", "SP_EOS", "SP_PAD",
     "GPT2BPETokenizer", "GPT2_EOD", "BertWordPieceTokenizer", "read_wordpiece_vocab",

@@ -12,6 +12,9 @@ from megalith.data.tokenizers.wordpiece import BertWordPieceTokenizer
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "GPT2BPETokenizer",
                    "BertWordPieceLowerCase", "BertWordPieceCase", "HuggingFaceTokenizer", "NullTokenizer")
+# --tokenizer-type when only --vocab-file (and --merge-file) is given, by the samples the model reads:
+# Megatron's pretrain_gpt.py, pretrain_bert.py and pretrain_t5.py default it so.
+DEFAULT_TOKENIZER_TYPES = {"gpt": "GPT2BPETokenizer", "bert": "BertWordPieceLowerCase", "t5": "BertWordPieceLowerCase"}
 
 
 def _needs(value, message: str) -> None:
