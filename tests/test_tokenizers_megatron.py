@@ -274,3 +274,19 @@ def test_bert_pretrains_two_iterations_on_preprocessed_wordpiece_data(rank_pools
     train = [r for r in map(json.loads, log.read_text().splitlines()) if "consumed_samples" in r]
     assert [r["consumed_samples"] for r in train] == [4, 8]
     assert all(np.isfinite(r["lm_loss"]) and r["lm_loss"] > 0 for r in train)
+
+
+def test_preprocess_accepts_megatrons_flags(tmp_path, vocab_file, capsys):
+    source = tmp_path / "docs.jsonl"
+    source.write_text(json.dumps({"text": SENTENCE + " The dog."}) + "\n")
+    common = ["--input", source, "--tokenizer-type", "BertWordPieceCase", "--vocab-file", vocab_file]
+    preprocess(*common, "--output-prefix", tmp_path / "plain")
+    assert "--split-sentences" in capsys.readouterr().err  # Megatron's tool asks too
+    preprocess(*common, "--output-prefix", tmp_path / "tuned", "--partitions", 4, "--keep-sequential-samples",
+               "--lang", "english", "--dataset-impl", "mmap", "--workers", 1, "--log-interval", 1)
+    for suffix in (".bin", ".idx"):  # the knobs change nothing
+        assert (tmp_path / f"plain_text_document{suffix}").read_bytes() == \
+            (tmp_path / f"tuned_text_document{suffix}").read_bytes()
+    tokenizer = build_tokenizer("BertWordPieceCase", vocab_file=vocab_file)
+    assert IndexedDataset(str(tmp_path / "plain_text_document"))[0].tolist() == \
+        tokenizer.tokenize(SENTENCE + " The dog.")

@@ -72,6 +72,8 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True,
                        help="writes PREFIX_<key>_document.bin/.idx (or _sentence) per json key")
+    group.add_argument("--dataset-impl", default="mmap", choices=("mmap",),
+                       help="accepted for older Megatron scripts: the mmap .bin/.idx format is the one written")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1,
                        help="tokenizing processes (1: tokenize in this process)")
