@@ -130,6 +130,26 @@ def test_wordpiece_feeds_bert_and_t5_samples(vocab_file):
     assert {0, 2, 3, 4, tokenizer.bos, tokenizer.eos} <= specials  # never masked nor drawn as replacements
 
 
+@pytest.mark.parametrize("lower_case", [True, False])
+def test_wordpiece_matches_berts_original_python_tokenizer(corpus, corpus_vocab, lower_case):
+    """The same ids as BERT's original BasicTokenizer + WordpieceTokenizer (Megatron's FullTokenizer;
+    here transformers' pure-Python copy) on the corpus and on text that exercises every rule."""
+    legacy = pytest.importorskip("transformers.models.bert.tokenization_bert_legacy")
+    name = "BertWordPieceLowerCase" if lower_case else "BertWordPieceCase"
+    tokenizer = build_tokenizer(name, vocab_file=corpus_vocab)
+    basic = legacy.BasicTokenizer(do_lower_case=lower_case)
+    pieces = legacy.WordpieceTokenizer(vocab=tokenizer.vocab, unk_token="[UNK]", max_input_chars_per_word=200)
+    with open(corpus.jsonl, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in list(f)[:30]]
+    texts += ["Naïve CAFÉ déjà-vu, 東京タワー!", "tabs\tand\x00control\x07chars\ufffd", "[CLS] x [SEP] <extra_id_0>",
+              "a" * 199 + " " + "b" * 201, "print(f'{x!r}') # 3.14e-10 -> ~$5", "Ünïcödé\u3000spaces\u00a0here"]
+    for text in texts:
+        expected = [tokenizer.vocab[p] for w in basic.tokenize(text) for p in pieces.tokenize(w)]
+        assert tokenizer.tokenize(text) == expected, text[:60]
+        tokens = [tokenizer.inv_vocab[i] for i in expected]  # Megatron's decode: convert_tokens_to_string
+        assert tokenizer.detokenize(expected) == " ".join(tokens).replace(" ##", "").strip()
+
+
 @pytest.mark.parametrize("lines, message", [
     (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "dog"], "no [MASK] in the vocab"),
     (VOCAB + ["dog"], "token 'dog' is already on line"),
