@@ -20,6 +20,7 @@ from megalith.config.flags import add_config_arguments, explicit_flags
 from megalith.config.model import ModelConfig
 from megalith.config.pretrain import SECTIONS, PretrainConfig
 from megalith.config.yaml_file import config_to_yaml, load_config_file
+from megalith.data.tokenizers import DEFAULT_TOKENIZER_TYPES
 from megalith.errors import ConfigError
 from megalith.models.registry import BUILTIN_MODELS, get_model_spec
 
@@ -89,6 +90,8 @@ def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit:
     for name in ModelConfig.field_names():
         if name not in given:
             values[name] = _model_default(name, spec.defaults)
+    if values["tokenizer_type"] is None and values["vocab_file"]:  # Megatron's pretrain_{gpt,bert,t5}.py default
+        values["tokenizer_type"] = DEFAULT_TOKENIZER_TYPES.get(spec.dataset, "GPT2BPETokenizer")
     sections = {name: _section(cls, values) for name, cls in SECTIONS.items() if name != "model"}
     data = sections["data"]
     if data.data_path:  # the files exist and are sound; the tokenizer sets the model's vocabulary

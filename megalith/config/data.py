@@ -28,10 +28,12 @@ class DataConfig:
     data_cache_path: str | None = flag_field(
         None, "where the sample indices are cached (None: a cache folder beside each dataset)")
     mock_data: bool = flag_field(False, "train on synthetic batches from the model's registry entry")
-    tokenizer_type: str | None = flag_field(None, "tokenizer of the datasets (needed with --data-path)",
+    tokenizer_type: str | None = flag_field(None, "tokenizer of the datasets (needed with --data-path; with only "
+                                            "--vocab-file: GPT2BPETokenizer, BERT/T5: BertWordPieceLowerCase)",
                                             TOKENIZER_TYPES)
-    tokenizer_model: str | None = flag_field(None, "SentencePiece .model file, or a HuggingFace tokenizer directory")
-    vocab_file: str | None = flag_field(None, "GPT-2 BPE vocab.json")
+    tokenizer_model: str | None = flag_field(None, "SentencePiece .model file, or a local HuggingFace tokenizer.json "
+                                            "or its directory")
+    vocab_file: str | None = flag_field(None, "GPT-2 BPE vocab.json, or BERT WordPiece vocab.txt")
     merge_file: str | None = flag_field(None, "GPT-2 BPE merges.txt")
     vocab_extra_ids: int = flag_field(0, "T5 sentinel tokens added to the vocabulary")
     eod_mask_loss: bool = flag_field(False, "no loss on the end-of-document token's position")

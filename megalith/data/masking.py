@@ -101,10 +101,14 @@ def wordpiece_word_start(pieces: Sequence[str]) -> Callable[[int], bool]:
 def word_start_from_tokenizer(tokenizer) -> Callable[[int], bool]:
     """The word-start predicate of a tokenizer with an `inv_vocab` (id -> piece): WordPiece when
     its pieces use '##' continuations, SentencePiece when they use '▁' word starts, GPT-2
-    byte-level BPE when they use 'Ġ'; a DataError when it has no such convention."""
+    byte-level BPE when they use 'Ġ'; a DataError when it has no such convention. A tokenizer
+    that names its `continuing_subword_prefix` (the BERT WordPiece types: '##') is taken at its word."""
     inv_vocab = getattr(tokenizer, "inv_vocab", None)
     if inv_vocab:
         pieces = [str(inv_vocab.get(i, "")) for i in range(int(tokenizer.vocab_size))]
+        prefix = getattr(tokenizer, "continuing_subword_prefix", None)
+        if prefix == "##":
+            return wordpiece_word_start(pieces)
         markers = ("##", "\u2581", "\u0120")
         counts = {marker: sum(piece.startswith(marker) for piece in pieces) for marker in markers}
         marker = max(counts, key=counts.get)

@@ -42,32 +42,46 @@ IN_FLIGHT_PER_WORKER = 3  # batches queued or running per worker: bounds memory,
 
 
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron's preprocess_data.py flags (those that matter on one machine)."""
+    """Megatron's tools/preprocess_data.py flags; those that only tune its multi-file runs are accepted."""
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True, help="JSON lines file (.gz read as gzip)")
     group.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
                        help="keys whose text to tokenize; one dataset per key (default: text)")
     group.add_argument("--split-sentences", action="store_true",
                        help="split texts into sentences (rule-based splitter), one sequence each; "
-                            "writes PREFIX_<key>_sentence.bin/.idx")
+                            "writes PREFIX_<key>_sentence.bin/.idx (BERT, T5 data)")
     group.add_argument("--keep-newlines", action="store_true",
                        help="with --split-sentences: keep the whitespace (newlines) after each sentence")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    group.add_argument("--tokenizer-model", default=None, help="SentencePiece .model, or Hugging Face directory")
-    group.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
+    group.add_argument("--tokenizer-model", default=None,
+                       help="SentencePiece .model (SentencePieceTokenizer, GPTSentencePieceTokenizer, "
+                            "Llama2Tokenizer), or a local Hugging Face tokenizer.json or its directory")
+    group.add_argument("--vocab-file", default=None,
+                       help="GPT-2 vocab.json (GPT2BPETokenizer) or BERT vocab.txt (BertWordPiece*)")
     group.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
     group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer's vocab size")
-    group.add_argument("--vocab-extra-ids", type=int, default=0, help="T5 sentinel tokens to add")
+    group.add_argument("--vocab-extra-ids", type=int, default=0,
+                       help="T5 sentinel tokens to add (SentencePieceTokenizer, BertWordPiece*)")
     group = parser.add_argument_group("tokenization process")
     group.add_argument("--append-eod", action="store_true",
                        help="append the tokenizer's end-of-document token to every non-empty document")
+    group.add_argument("--lang", default="english",
+                       help="accepted for Megatron's scripts (its NLTK splitter's language); the rule-based "
+                            "splitter here breaks after . ! ? in any language")
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True,
                        help="writes PREFIX_<key>_document.bin/.idx (or _sentence) per json key")
+    group.add_argument("--dataset-impl", default="mmap", choices=("mmap",),
+                       help="accepted for older Megatron scripts: the mmap .bin/.idx format is the one written")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1,
                        help="tokenizing processes (1: tokenize in this process)")
+    group.add_argument("--partitions", type=int, default=1,
+                       help="accepted for Megatron's scripts; the input streams through --workers processes in "
+                            "one pass and PREFIX_<key>_* is written directly (Megatron's merged output)")
+    group.add_argument("--keep-sequential-samples", action="store_true",
+                       help="accepted for Megatron's scripts: documents always keep the input's order")
     group.add_argument("--log-interval", type=int, default=1000,
                        help="documents between progress lines (when stderr is not a terminal)")
     return parser
@@ -136,6 +150,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise DataError(f"--workers {args.workers}: need at least 1")
     if args.log_interval < 1:
         raise DataError(f"--log-interval {args.log_interval}: need at least 1")
+    if args.partitions < 1:
+        raise DataError(f"--partitions {args.partitions}: need at least 1")
+    if args.tokenizer_type.startswith("BertWordPiece") and not args.split_sentences:
+        print("note: BERT data is usually split into sentences; pass --split-sentences for BERT's "
+              "sentence-pair samples (as Megatron's tool asks)", file=sys.stderr)
     if args.keep_newlines and not args.split_sentences:
         print("note: --keep-newlines only applies with --split-sentences; ignored (as Megatron does)", file=sys.stderr)
 
