@@ -96,6 +96,8 @@ def gpt2_misfits(config: ModelConfig) -> list[str]:
         ("a relu MLP", config.activation != "gelu"), ("no linear biases", config.disable_bias_linear),
         ("grouped-query attention", config.num_query_groups != config.num_attention_heads),
         ("kv_channels x heads != hidden size", config.kv_channels * config.num_attention_heads != config.hidden_size),
+        ("no position table (--no-position-embedding)", not config.position_embedding),
+        ("--qk-layernorm", config.qk_layernorm),
     ) if bad]
 
 
@@ -104,6 +106,8 @@ def llama_misfits(config: ModelConfig) -> list[str]:
         ("learned positions", config.position_embedding_type != "rope"),
         ("LayerNorm", config.normalization != "RMSNorm"), ("a GELU MLP", not config.swiglu),
         ("linear biases", config.add_bias_linear or config.add_qkv_bias),
+        ("--qk-layernorm", config.qk_layernorm),
+        (f"--rotary-percent {config.rotary_percent:g} (Llama rotates whole heads)", config.rotary_percent < 1.0),
     ) if bad]
 
 
@@ -153,13 +157,15 @@ def gpt_parameter_names(config: ModelConfig) -> list[str]:
     linear = ["weight"] + (["bias"] if config.add_bias_linear else [])
     qkv = ["weight"] + (["bias"] if config.add_bias_linear or config.add_qkv_bias else [])
     names = ["embedding.word_embeddings.weight"]
-    if config.position_embedding_type == "learned_absolute":
+    if config.has_position_table:
         names.append("embedding.position_embeddings.weight")
     for i in range(config.num_layers):
         prefix = f"decoder.layers.{i}."
         names += [f"{prefix}input_layernorm.{p}" for p in norm]
         names += [f"{prefix}self_attention.linear_qkv.{p}" for p in qkv]
         names += [f"{prefix}self_attention.linear_proj.{p}" for p in linear]
+        if config.qk_layernorm:
+            names += [f"{prefix}self_attention.{qk}_layernorm.{p}" for qk in "qk" for p in norm]
         names += [f"{prefix}pre_mlp_layernorm.{p}" for p in norm]
         names += [f"{prefix}mlp.linear_fc1.{p}" for p in linear]
         names += [f"{prefix}mlp.linear_fc2.{p}" for p in linear]
