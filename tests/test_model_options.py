@@ -239,3 +239,24 @@ def test_options_under_tp_sp_and_pp_equal_one_process(rank_pools, model):
     results = run_verify(VerifySettings(model, config, steps=2), [parse_layout(t) for t in layouts], pool=rank_pools(4))
     for result in results:
         assert result.passed, result
+
+
+def test_layernorm_1p_model_exports_to_hugging_face_with_the_same_logits(tmp_path):
+    pytest.importorskip("transformers")
+    from megalith.config import Layout
+    from megalith.convert.command import check_logits, megalith_to_hf, write_checkpoint
+    from megalith.convert.gpt import GPT2
+    from megalith.models.gpt import PADDED_VOCAB_PARAMETERS
+
+    config = small(apply_layernorm_1p=True, num_layers=1)
+    model = GPTModel(config)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    tensors = {n: p.detach()[: config.vocab_size] if n.endswith(PADDED_VOCAB_PARAMETERS) else p.detach()
+               for n, p in model.named_parameters()}
+    ckpt, hf = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    write_checkpoint(tensors, config, ckpt, Layout(), GPT2)
+    megalith_to_hf(ckpt, hf)
+    assert check_logits(hf, ckpt) < 1e-5
