@@ -76,10 +76,11 @@ def llama_config(hf: dict, names: Collection[str] = ()) -> ModelConfig:
         if hf.get(flag, False):
             refuse("llama", flag)
     hidden, heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
-    positions = hf.get("max_position_embeddings", 2048)
+    positions, groups = hf.get("max_position_embeddings", 2048), hf.get("num_key_value_heads") or heads
     return ModelConfig(
         num_layers=hf.get("num_hidden_layers", 32), hidden_size=hidden, num_attention_heads=heads,
-        ffn_hidden_size=hf.get("intermediate_size", 11008), num_query_groups=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf.get("intermediate_size", 11008), num_query_groups=groups,
+        group_query_attention=groups != heads,  # the flags a Megatron user gives for this model
         kv_channels=hf.get("head_dim") or hidden // heads, seq_length=positions,
         max_position_embeddings=positions, vocab_size=hf.get("vocab_size", 32000),
         norm_epsilon=hf.get("rms_norm_eps", 1e-6), normalization="RMSNorm", position_embedding_type="rope",
