@@ -55,7 +55,8 @@ def test_negative_control_verify_catches_a_missing_sequence_parallel_sum(rank_po
 
 
 SMALL = ["--model", MODEL, "--mock-data", "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
-         "--num-query-groups", "2", "--seq-length", "16", "--vocab-size", "128", "--micro-batch-size", "1",
+         "--group-query-attention", "--num-query-groups", "2", "--seq-length", "16", "--vocab-size", "128",
+         "--micro-batch-size", "1",
          "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "1", "--min-lr", "1e-4", "--adam-eps", "1e-6",
          "--train-iters", "6", "--log-interval", "1", "--eval-interval", "3", "--eval-iters", "1",
          "--no-log-progress-bar"]

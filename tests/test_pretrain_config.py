@@ -154,7 +154,7 @@ def test_overlap_and_distributed_optimizer_work_at_any_dp(cpu_only):
     (["--num-layers-per-virtual-pipeline-stage", "2"], 1, "--num-layers-per-virtual-pipeline-stage needs a pipeline"),
     (["--tensor-model-parallel-size", "2", "--num-attention-heads", "3", "--hidden-size", "48"], 2,
      "number of attention heads 3 is not divisible by --tensor-model-parallel-size 2"),
-    (["--tensor-model-parallel-size", "4", "--num-query-groups", "2"], 4,
+    (["--tensor-model-parallel-size", "4", "--group-query-attention", "--num-query-groups", "2"], 4,
      "number of query groups 2 is not divisible by --tensor-model-parallel-size 4"),
     (["--tensor-model-parallel-size", "4", "--ffn-hidden-size", "90"], 4,
      "ffn hidden size 90 is not divisible by --tensor-model-parallel-size 4"),
@@ -298,7 +298,7 @@ def test_flag_names_are_unique_across_sections():
 def rich_config():
     return parse_pretrain_args(
         ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel",
-         "--num-layers", "8", "--num-layers-per-virtual-pipeline-stage", "2", "--num-query-groups", "2",
+         "--num-layers", "8", "--num-layers-per-virtual-pipeline-stage", "2", "--group-query-attention", "--num-query-groups", "2",
          "--position-embedding-type", "rope", "--swiglu", "--recompute-granularity", "full", "--bf16",
          "--micro-batch-size", "2", "--global-batch-size", "16", "--lr", "3e-4", "--min-lr", "3e-5",
          "--lr-warmup-fraction", "0.05", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "20",

@@ -95,7 +95,7 @@ class TinyLM(nn.Module):
         stage the per-token loss `[b, s]` (fp32), or without labels this rank's logits `[s, b, V/tp]`."""
         config = self.config
         h = self.word_embeddings(input_ids.t()) if self.stage.is_first else hidden  # [s, b, h]; SP: [s/tp, b, h]
-        rotary = rotary_cos_sin(input_ids.shape[1], config.kv_channels, config.rotary_base, input_ids.device,
+        rotary = rotary_cos_sin(input_ids.shape[1], config.rotary_dim, config.rotary_base, input_ids.device,
                                 position_ids)
         h = self.decoder(h, rotary, attention_mask)
         if not self.stage.is_last:
@@ -146,7 +146,8 @@ SPEC = ModelSpec(
     description="decoder LM with GPT-J's parallel attention + MLP block, rotary positions, untied output",
     build=TinyLM,
     make_batch=copy_batch,
-    defaults=dict(num_layers=4, hidden_size=64, num_attention_heads=8, num_query_groups=4, seq_length=32,
+    defaults=dict(num_layers=4, hidden_size=64, num_attention_heads=8, group_query_attention=True,
+                  num_query_groups=4, seq_length=32,
                   vocab_size=256, position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
                   untie_embeddings_and_output_weights=True, hidden_dropout=0.0, attention_dropout=0.0),
 )

@@ -6,7 +6,7 @@ megalith.config.layout (Layout.check_model).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -32,9 +32,13 @@ class ModelConfig:
     """A transformer's shape and options, with Megatron's names. Derived sizes are filled in.
 
     ffn_hidden_size defaults to 4 * hidden_size, num_query_groups to the number of heads (plain
-    multi-head attention), kv_channels to hidden_size / heads, max_position_embeddings to
-    seq_length. Full recompute without a method means uniform over 1 layer, as a user of
-    `--recompute-granularity full` expects.
+    multi-head attention; with group_query_attention, Megatron's default of 1 group), kv_channels
+    to hidden_size / heads, max_position_embeddings to seq_length. Full recompute without a
+    method means uniform over 1 layer, as a user of `--recompute-granularity full` expects.
+
+    The dataclass honours num_query_groups as given, as Megatron-Core's TransformerConfig does;
+    Megatron's *argument* rule (--num-query-groups is ignored without --group-query-attention)
+    belongs to the flag path: `megatron_flag_rules`.
     """
 
     num_layers: int = flag_field(2, "transformer layers")
@@ -43,7 +47,8 @@ class ModelConfig:
     ffn_hidden_size: int | None = flag_field(None, "MLP hidden size (None: 4 x hidden size)")
     group_query_attention: bool = flag_field(False, "grouped-query attention: --num-query-groups takes effect "
                                              "(without it Megatron ignores --num-query-groups)")
-    num_query_groups: int | None = flag_field(None, "key/value groups with --group-query-attention (None: one per head)")
+    num_query_groups: int | None = flag_field(None, "key/value groups with --group-query-attention (None: 1 with it, "
+                                                  "Megatron's default; one per head without)")
     kv_channels: int | None = flag_field(None, "size of one attention head (None: hidden size / heads)")
     seq_length: int = flag_field(32, "tokens per sequence")
     max_position_embeddings: int | None = flag_field(None, "rows of the learned position table (None: seq length)")
@@ -101,7 +106,7 @@ class ModelConfig:
             check_int(name, getattr(self, name))
         derived = {
             "ffn_hidden_size": 4 * self.hidden_size,
-            "num_query_groups": self.num_attention_heads,
+            "num_query_groups": 1 if self.group_query_attention else self.num_attention_heads,
             "max_position_embeddings": self.seq_length,
         }
         if self.kv_channels is None:
@@ -134,6 +139,11 @@ class ModelConfig:
         check_int("num_tokentypes", self.num_tokentypes, 0)
         if self.init_method_std <= 0 or self.norm_epsilon <= 0:
             raise ConfigError("--init-method-std and --norm-epsilon must be positive")
+        if self.transformer_impl == "transformer_engine":
+            raise ConfigError("--transformer-impl transformer_engine needs Transformer Engine on CUDA, which megalith "
+                              "does not use; megalith's own layers are --transformer-impl local")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ConfigError(f"--rotary-percent {self.rotary_percent} is not a share of the head; give one in (0, 1]")
         if self.openai_gelu and self.swiglu:
             raise ConfigError("--openai-gelu picks a GELU but --swiglu replaces GELU with SwiGLU; give one of the two")
         if self.activation != "gelu" and (self.openai_gelu or self.swiglu):
@@ -145,13 +155,17 @@ class ModelConfig:
                 f"number of attention heads {self.num_attention_heads} is not divisible by the number of query "
                 f"groups {self.num_query_groups}; use a --num-query-groups that divides it"
             )
-        if self.position_embedding_type == "learned_absolute" and self.seq_length > self.max_position_embeddings:
+        if self.has_position_table and self.seq_length > self.max_position_embeddings:
             raise ConfigError(
                 f"sequence length {self.seq_length} exceeds --max-position-embeddings {self.max_position_embeddings}; "
                 "raise --max-position-embeddings"
             )
-        if self.position_embedding_type == "rope" and self.kv_channels % 2 != 0:
-            raise ConfigError(f"rotary embeddings need an even head size, got kv_channels {self.kv_channels}")
+        if self.position_embedding_type == "rope" and (self.rotary_dim % 2 != 0 or self.rotary_dim == 0):
+            raise ConfigError(
+                f"rotary embeddings rotate int(--rotary-percent {self.rotary_percent:g} x kv_channels "
+                f"{self.kv_channels}) = {self.rotary_dim} channels of each head, which must be even and positive; "
+                "choose a --rotary-percent (or --kv-channels) that gives an even count"
+            )
 
     def _check_recompute(self) -> None:
         if self.recompute_granularity is None:
@@ -182,9 +196,44 @@ class ModelConfig:
         return "unfused" if self.attention_backend in ("unfused", "local") else "sdpa"
 
     @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that rotary embeddings rotate (Megatron: int(kv_channels x rotary_percent))."""
+        return self.kv_channels if self.rotary_percent >= 1.0 else int(self.kv_channels * self.rotary_percent)
+
+    @property
+    def has_position_table(self) -> bool:
+        """Whether the model adds a learned absolute position table (not with --no-position-embedding)."""
+        return self.position_embedding_type == "learned_absolute" and self.position_embedding
+
+    @property
     def add_bias_linear(self) -> bool:
         return not self.disable_bias_linear
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def megatron_flag_rules(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
+    """Megatron's argument rules for a config built from flags, with a notice line for each.
+
+    --num-query-groups takes effect only with --group-query-attention (Megatron passes no query
+    groups to the model otherwise), and --attention-backend flash / fused run torch's SDPA here.
+    Programmatic configs skip this: ModelConfig(num_query_groups=2) is grouped-query attention.
+    """
+    notices = []
+    if not config.group_query_attention and config.num_query_groups != config.num_attention_heads:
+        notices.append(f"--num-query-groups {config.num_query_groups} takes effect only with --group-query-attention "
+                       f"(as in Megatron); using {config.num_attention_heads} query groups, one per head")
+        config = replace(config, num_query_groups=config.num_attention_heads)
+    notice = attention_backend_notice(config)
+    if notice is not None:
+        notices.append(notice)
+    return config, notices
+
+
+def attention_backend_notice(config: ModelConfig) -> str | None:
+    """The line for a fused backend asked for by name that megalith runs as torch SDPA (None otherwise)."""
+    if config.attention_backend in ("flash", "fused"):
+        return f"attention backend {config.attention_backend}: using torch SDPA (fused kernels are not in megalith yet)"
+    return None

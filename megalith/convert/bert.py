@@ -86,6 +86,8 @@ def misfits(config: ModelConfig) -> list[str]:
         ("grouped-query attention", config.num_query_groups != config.num_attention_heads),
         ("kv_channels x heads != hidden size", config.kv_channels * config.num_attention_heads != config.hidden_size),
         ("no token types (--num-tokentypes 0)", config.num_tokentypes == 0),
+        ("no position table (--no-position-embedding)", not config.position_embedding),
+        ("--qk-layernorm", config.qk_layernorm),
     ) if bad]
 
 
@@ -114,7 +116,8 @@ def parameter_names(config: ModelConfig) -> list[str]:
     linear = ["weight"] + (["bias"] if config.add_bias_linear else [])
     qkv = ["weight"] + (["bias"] if config.add_bias_linear or config.add_qkv_bias else [])
     post = config.post_layer_norm
-    names = ["embedding.word_embeddings.weight", "embedding.position_embeddings.weight"]
+    names = ["embedding.word_embeddings.weight"] + (["embedding.position_embeddings.weight"]
+                                                    if config.has_position_table else [])
     names += ["embedding.tokentype_embeddings.weight"] if config.num_tokentypes else []
     names += [f"embedding.layernorm.{p}" for p in norm] if post else []
     for i in range(config.num_layers):
@@ -122,6 +125,7 @@ def parameter_names(config: ModelConfig) -> list[str]:
         names += [] if post else [f"{prefix}input_layernorm.{p}" for p in norm]
         names += [f"{prefix}self_attention.linear_qkv.{p}" for p in qkv]
         names += [f"{prefix}self_attention.linear_proj.{p}" for p in linear]
+        names += [f"{prefix}self_attention.{qk}_layernorm.{p}" for qk in "qk" for p in norm] if config.qk_layernorm else []
         names += [f"{prefix}{'post_self_attn' if post else 'pre_mlp'}_layernorm.{p}" for p in norm]
         names += [f"{prefix}mlp.linear_fc1.{p}" for p in linear]
         names += [f"{prefix}mlp.linear_fc2.{p}" for p in linear]

@@ -31,7 +31,7 @@ from megalith.convert.families import FAMILIES, family_for_hf, family_for_model
 from megalith.convert.files import (
     HF_CONFIG, HF_WEIGHTS, atomic_directory, hf_weight_names, load_hf_weights, read_hf_config,
 )
-from megalith.convert.mapping import ConvertError, HFFamily, relative_difference
+from megalith.convert.mapping import ConvertError, HFFamily, plain_norm_weights, relative_difference
 
 CHECK_TOLERANCE = 1e-5  # fp32: largest |a - b| over largest |b|
 
@@ -155,7 +155,7 @@ def megalith_to_hf(ckpt_dir: str, out_dir: str) -> ModelConfig:
 
     reader, config = open_checkpoint(ckpt_dir)
     family = checkpoint_family(reader, config)
-    tensors = family.global_to_hf(read_global_tensors(reader), config)
+    tensors = family.global_to_hf(plain_norm_weights(read_global_tensors(reader), config), config)
     hf = family.hf_config(config, next(iter(tensors.values())).dtype)
     with atomic_directory(out_dir) as temporary:
         save_file(tensors, os.path.join(temporary, HF_WEIGHTS), metadata={"format": "pt"})

@@ -76,10 +76,11 @@ def llama_config(hf: dict, names: Collection[str] = ()) -> ModelConfig:
         if hf.get(flag, False):
             refuse("llama", flag)
     hidden, heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
-    positions = hf.get("max_position_embeddings", 2048)
+    positions, groups = hf.get("max_position_embeddings", 2048), hf.get("num_key_value_heads") or heads
     return ModelConfig(
         num_layers=hf.get("num_hidden_layers", 32), hidden_size=hidden, num_attention_heads=heads,
-        ffn_hidden_size=hf.get("intermediate_size", 11008), num_query_groups=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf.get("intermediate_size", 11008), num_query_groups=groups,
+        group_query_attention=groups != heads,  # the flags a Megatron user gives for this model
         kv_channels=hf.get("head_dim") or hidden // heads, seq_length=positions,
         max_position_embeddings=positions, vocab_size=hf.get("vocab_size", 32000),
         norm_epsilon=hf.get("rms_norm_eps", 1e-6), normalization="RMSNorm", position_embedding_type="rope",
@@ -96,6 +97,8 @@ def gpt2_misfits(config: ModelConfig) -> list[str]:
         ("a relu MLP", config.activation != "gelu"), ("no linear biases", config.disable_bias_linear),
         ("grouped-query attention", config.num_query_groups != config.num_attention_heads),
         ("kv_channels x heads != hidden size", config.kv_channels * config.num_attention_heads != config.hidden_size),
+        ("no position table (--no-position-embedding)", not config.position_embedding),
+        ("--qk-layernorm", config.qk_layernorm),
     ) if bad]
 
 
@@ -104,6 +107,8 @@ def llama_misfits(config: ModelConfig) -> list[str]:
         ("learned positions", config.position_embedding_type != "rope"),
         ("LayerNorm", config.normalization != "RMSNorm"), ("a GELU MLP", not config.swiglu),
         ("linear biases", config.add_bias_linear or config.add_qkv_bias),
+        ("--qk-layernorm", config.qk_layernorm),
+        (f"--rotary-percent {config.rotary_percent:g} (Llama rotates whole heads)", config.rotary_percent < 1.0),
     ) if bad]
 
 
@@ -153,13 +158,15 @@ def gpt_parameter_names(config: ModelConfig) -> list[str]:
     linear = ["weight"] + (["bias"] if config.add_bias_linear else [])
     qkv = ["weight"] + (["bias"] if config.add_bias_linear or config.add_qkv_bias else [])
     names = ["embedding.word_embeddings.weight"]
-    if config.position_embedding_type == "learned_absolute":
+    if config.has_position_table:
         names.append("embedding.position_embeddings.weight")
     for i in range(config.num_layers):
         prefix = f"decoder.layers.{i}."
         names += [f"{prefix}input_layernorm.{p}" for p in norm]
         names += [f"{prefix}self_attention.linear_qkv.{p}" for p in qkv]
         names += [f"{prefix}self_attention.linear_proj.{p}" for p in linear]
+        if config.qk_layernorm:
+            names += [f"{prefix}self_attention.{qk}_layernorm.{p}" for qk in "qk" for p in norm]
         names += [f"{prefix}pre_mlp_layernorm.{p}" for p in norm]
         names += [f"{prefix}mlp.linear_fc1.{p}" for p in linear]
         names += [f"{prefix}mlp.linear_fc2.{p}" for p in linear]

@@ -101,6 +101,20 @@ def stage_of(name: str, config: ModelConfig, layer_stages: dict[int, int], last_
     return layer_stages[int(match.group(1))] if match else last_stage
 
 
+# --- norms ------------------------------------------------------------------------------------
+
+
+def plain_norm_weights(tensors: Tensors, config: ModelConfig) -> Tensors:
+    """Global tensors with every norm's gamma as Hugging Face stores it: megalith keeps
+    (gamma - 1) under --apply-layernorm-1p, so 1 is added back (exact); unchanged otherwise."""
+    if not config.apply_layernorm_1p:
+        return tensors
+    return {name: tensor + 1 if NORM_WEIGHT.search(name) else tensor for name, tensor in tensors.items()}
+
+
+NORM_WEIGHT = re.compile(r"layernorm\.weight$")  # every megalith norm is named *layernorm
+
+
 # --- fused attention --------------------------------------------------------------------------
 
 

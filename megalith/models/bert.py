@@ -19,8 +19,8 @@ from torch.nn.utils import skip_init
 from megalith.config import Layout, ModelConfig
 from megalith.errors import ConfigError
 from megalith.models.gpt import (
-    EMBEDDING_STREAM, FIRST_LAYER_STREAM, OUTPUT_STREAM, init_generator, mark_tied_embedding, sum_tied_embedding_grads,
-    word_embeddings,
+    EMBEDDING_STREAM, OUTPUT_STREAM, init_generator, layer_inits, mark_tied_embedding, sum_tied_embedding_grads,
+    weight_init, word_embeddings,
 )
 from megalith.models.parallel_context import ParallelContext, StageSpec
 from megalith.models.transformer import TransformerBlock, TransformerLayer, build_norm, dropout
@@ -29,10 +29,8 @@ from megalith.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalith.parallel.layers import (
     InitMethod,
     mark_sequence_parallel,
-    normal_init,
     padded_vocab_size,
     parallel_lm_logits,
-    scaled_normal_init,
     sequence_parallel_parameters,
 )
 from megalith.parallel.rng import model_parallel_rng_tracker
@@ -66,23 +64,26 @@ def _sequence_slice(ids: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 
 
 class BertEmbedding(nn.Module):
-    """Word (vocab-parallel) + learned position + token-type embeddings, then (post-norm models)
-    a norm; output `[s, b, h]` (SP: `[s/tp, b, h]`). Draws: words, positions, token types."""
+    """Word (vocab-parallel) + learned position (none with --no-position-embedding) + token-type
+    embeddings, then (post-norm models) a norm; output `[s, b, h]` (SP: `[s/tp, b, h]`). Draws:
+    words, positions, token types."""
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, generator: torch.Generator) -> None:
         super().__init__()
         self.config, self.ctx = config, ctx
-        init = normal_init(config.init_method_std, generator)
+        init = weight_init(config, generator)
         self.word_embeddings = word_embeddings(config, ctx, generator)
-        self.position_embeddings = _embedding_table(config.max_position_embeddings, config, ctx, init)
+        self.position_embeddings = (_embedding_table(config.max_position_embeddings, config, ctx, init)
+                                    if config.has_position_table else None)
         self.tokentype_embeddings = (_embedding_table(config.num_tokentypes, config, ctx, init)
                                      if config.num_tokentypes else None)
         self.layernorm = build_norm(config, ctx) if config.post_layer_norm else None
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         h = self.word_embeddings(input_ids.t())  # ids [b, s] -> [s, b, h]
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[:, None]
-        h = h + self.position_embeddings(_sequence_slice(positions, self.ctx))
+        if self.position_embeddings is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[:, None]
+            h = h + self.position_embeddings(_sequence_slice(positions, self.ctx))
         if self.tokentype_embeddings is not None:
             types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
             h = h + self.tokentype_embeddings(_sequence_slice(types.t(), self.ctx))
@@ -153,17 +154,12 @@ class BertModel(nn.Module):
         self.embedding = None
         if stage.is_first:
             self.embedding = BertEmbedding(config, ctx, init_generator(init_seed, EMBEDDING_STREAM))
-        layers = {}
-        for index in stage.layers:
-            generator = init_generator(init_seed, FIRST_LAYER_STREAM + index)
-            layers[index] = TransformerLayer(
-                config, ctx, normal_init(config.init_method_std, generator),
-                scaled_normal_init(config.init_method_std, config.num_layers, generator), causal=False,
-            )
+        layers = {index: TransformerLayer(config, ctx, *layer_inits(config, init_seed, index), causal=False)
+                  for index in stage.layers}
         self.encoder = TransformerBlock(config, ctx, layers, final_norm=stage.is_last and not config.post_layer_norm)
         self.lm_head = self.pooler = self.binary_head = self.word_embeddings_for_head = None
         if stage.is_last:
-            init = normal_init(config.init_method_std, init_generator(init_seed, OUTPUT_STREAM))
+            init = weight_init(config, init_generator(init_seed, OUTPUT_STREAM))
             self.lm_head = BertLMHead(config, ctx, init)
             if not config.bert_no_binary_head:
                 self.pooler = replicated_linear(config.hidden_size, config.hidden_size, init, config, ctx)
@@ -190,7 +186,7 @@ class BertModel(nn.Module):
                 padding_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 is_random: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
         config = self.config
-        if input_ids.shape[1] > config.max_position_embeddings:
+        if config.has_position_table and input_ids.shape[1] > config.max_position_embeddings:
             raise ValueError(f"input of {input_ids.shape[1]} tokens exceeds max_position_embeddings "
                              f"{config.max_position_embeddings}")
         attention_mask = None if padding_mask is None else ~padding_mask.bool()[:, None, None, :]

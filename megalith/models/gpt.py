@@ -20,6 +20,7 @@ from megalith.parallel import comm
 from megalith.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalith.parallel.layers import (
     ColumnParallelLinear,
+    InitMethod,
     VocabParallelEmbedding,
     mark_sequence_parallel,
     normal_init,
@@ -27,6 +28,7 @@ from megalith.parallel.layers import (
     parallel_lm_logits,
     scaled_normal_init,
     sequence_parallel_parameters,
+    xavier_uniform_init,
 )
 from megalith.parallel.rng import model_parallel_rng_tracker
 
@@ -41,12 +43,34 @@ def init_generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + stream)
 
 
+def weight_init(config: ModelConfig, generator: torch.Generator) -> InitMethod:
+    """How every weight matrix and table is drawn: N(0, --init-method-std), or Xavier-uniform with
+    --init-method-xavier-uniform (Megatron then uses it for every init, embeddings included)."""
+    if config.init_method_xavier_uniform:
+        return xavier_uniform_init(generator)
+    return normal_init(config.init_method_std, generator)
+
+
+def output_weight_init(config: ModelConfig, generator: torch.Generator) -> InitMethod:
+    """The layers that write into the residual (attention's and the MLP's output projections):
+    N(0, std / sqrt(2 * num_layers)), or Xavier-uniform like every other weight (Megatron)."""
+    if config.init_method_xavier_uniform:
+        return xavier_uniform_init(generator)
+    return scaled_normal_init(config.init_method_std, config.num_layers, generator)
+
+
+def layer_inits(config: ModelConfig, seed: int, index: int) -> tuple[InitMethod, InitMethod]:
+    """Layer `index`'s (weight, output-projection) inits, from the layer's own generator."""
+    generator = init_generator(seed, FIRST_LAYER_STREAM + index)
+    return weight_init(config, generator), output_weight_init(config, generator)
+
+
 def word_embeddings(config: ModelConfig, ctx: ParallelContext, generator: torch.Generator) -> VocabParallelEmbedding:
     """The vocab-parallel word embedding: the first draw from the embedding's generator."""
     return VocabParallelEmbedding(
         config.vocab_size, config.hidden_size, tp_group=ctx.tp_group,
         make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
-        sequence_parallel=ctx.sequence_parallel, init_method=normal_init(config.init_method_std, generator),
+        sequence_parallel=ctx.sequence_parallel, init_method=weight_init(config, generator),
         params_dtype=config.torch_dtype, device=ctx.device,
     )
 
@@ -72,15 +96,16 @@ def sum_tied_embedding_grads(model: nn.Module, embedding_group) -> None:
 
 
 class GPTEmbedding(nn.Module):
-    """Word embeddings (vocab-parallel) plus learned positions; output `[s, b, h]` (SP: `[s/tp, b, h]`)."""
+    """Word embeddings (vocab-parallel) plus learned positions (none with rope, or with
+    --no-position-embedding); output `[s, b, h]` (SP: `[s/tp, b, h]`)."""
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, generator: torch.Generator) -> None:
         super().__init__()
         self.config, self.ctx = config, ctx
-        init = normal_init(config.init_method_std, generator)
+        init = weight_init(config, generator)
         self.word_embeddings = word_embeddings(config, ctx, generator)
         self.position_embeddings = None
-        if config.position_embedding_type == "learned_absolute":
+        if config.has_position_table:
             self.position_embeddings = nn.Embedding(
                 config.max_position_embeddings, config.hidden_size, dtype=config.torch_dtype, device=ctx.device
             )
@@ -132,20 +157,14 @@ class GPTModel(nn.Module):
             ctx.rng_tracker = model_parallel_rng_tracker(init_seed, ctx.tp_rank, ctx.device or "cpu")
         self.config, self.ctx, self.stage = config, ctx, stage
         self.embedding = GPTEmbedding(config, ctx, init_generator(init_seed, EMBEDDING_STREAM)) if stage.is_first else None
-        layers = {}
-        for index in stage.layers:
-            generator = init_generator(init_seed, FIRST_LAYER_STREAM + index)
-            layers[index] = TransformerLayer(
-                config, ctx, normal_init(config.init_method_std, generator),
-                scaled_normal_init(config.init_method_std, config.num_layers, generator),
-            )
+        layers = {index: TransformerLayer(config, ctx, *layer_inits(config, init_seed, index)) for index in stage.layers}
         self.decoder = TransformerBlock(config, ctx, layers, final_norm=stage.is_last)
         self.output_layer = self.word_embeddings_for_head = None
         if stage.is_last and config.untie_embeddings_and_output_weights:
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size, padded_vocab_size(config.vocab_size, ctx.tp_size, config.make_vocab_size_divisible_by),
                 tp_group=ctx.tp_group, bias=False, sequence_parallel=ctx.sequence_parallel,
-                init_method=normal_init(config.init_method_std, init_generator(init_seed, OUTPUT_STREAM)),
+                init_method=weight_init(config, init_generator(init_seed, OUTPUT_STREAM)),
                 params_dtype=config.torch_dtype, device=ctx.device,
             )
         elif stage.is_last and not stage.is_first:  # drawn from the embedding's generator: equal at start
@@ -164,12 +183,12 @@ class GPTModel(nn.Module):
                 attention_mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         config = self.config
-        if input_ids.shape[1] > config.seq_length and config.position_embedding_type == "learned_absolute":
+        if input_ids.shape[1] > config.seq_length and config.has_position_table:
             raise ValueError(f"input of {input_ids.shape[1]} tokens exceeds seq_length {config.seq_length}")
         h = self.embedding(input_ids, position_ids) if self.stage.is_first else hidden
         rotary = None
         if config.position_embedding_type == "rope":
-            rotary = rotary_cos_sin(input_ids.shape[1], config.kv_channels, config.rotary_base, input_ids.device,
+            rotary = rotary_cos_sin(input_ids.shape[1], config.rotary_dim, config.rotary_base, input_ids.device,
                                     position_ids)
         h = self.decoder(h, rotary, attention_mask)
         if not self.stage.is_last:

@@ -4,6 +4,10 @@ It exists as an independent reference: it shares no code with megalith's paralle
 match in loss and gradients after `load_megalith_state_dict` checks megalith's model (and its
 weight layout) against ordinary torch, and timing both measures what megalith's machinery costs.
 Layout is batch-first `[b, s, h]`, separate q/k/v projections, and an unpadded vocabulary.
+Megatron's model options are written out plainly: --apply-layernorm-1p as an ordinary norm
+loaded with (1 + weight), --qk-layernorm as a norm on each head's queries and keys before
+rotary, --rotary-percent as rotating the first channels of each head, --no-position-embedding
+as no position table.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from torch import nn
 from megalith.config import ModelConfig
 
 
-def _norm(config: ModelConfig) -> nn.Module:
+def _norm(config: ModelConfig, size: int | None = None) -> nn.Module:
     if config.normalization == "RMSNorm":
-        return nn.RMSNorm(config.hidden_size, eps=config.norm_epsilon)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+        return nn.RMSNorm(size or config.hidden_size, eps=config.norm_epsilon)
+    return nn.LayerNorm(size or config.hidden_size, eps=config.norm_epsilon)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +51,9 @@ class Attention(nn.Module):
         self.head_dim = d
         self.dropout_p = config.attention_dropout
         self.rope = config.position_embedding_type == "rope"
-        self.rotary_base = config.rotary_base
+        self.rotary_base, self.rotary_dim = config.rotary_base, config.rotary_dim
+        self.q_norm = _norm(config, d) if config.qk_layernorm else None
+        self.k_norm = _norm(config, d) if config.qk_layernorm else None
         qkv_bias = config.add_bias_linear or config.add_qkv_bias
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=qkv_bias)
         self.k_proj = nn.Linear(h, self.num_groups * d, bias=qkv_bias)
@@ -59,11 +65,14 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_groups, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_groups, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
-            cos, sin = rotary_tables(s, self.head_dim, self.rotary_base, device=x.device)
+            r = self.rotary_dim
+            cos, sin = rotary_tables(s, r, self.rotary_base, device=x.device)
             cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = torch.cat([q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
+            k = torch.cat([k[..., :r] * cos + _rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
         repeat = self.num_heads // self.num_groups
         if repeat > 1:
             k = k.repeat_interleave(repeat, dim=1)
@@ -123,7 +132,7 @@ class PlainGPT(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, h)
         self.position_embeddings = (
             nn.Embedding(config.max_position_embeddings, h)
-            if config.position_embedding_type == "learned_absolute" else None
+            if config.has_position_table else None
         )
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
@@ -179,8 +188,13 @@ def _copy_key(target: torch.Tensor, state_dict: dict[str, torch.Tensor], key: st
     used.add(key)
 
 
-def _copy_norm(norm: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, used: set[str]) -> None:
+def _copy_norm(norm: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, used: set[str],
+               one_plus: bool = False) -> None:
+    """A norm's weight (as 1 + weight when megalith stores it zero-centred) and bias."""
     _copy_key(norm.weight, state_dict, prefix + ".weight", used)
+    if one_plus:
+        with torch.no_grad():
+            norm.weight.add_(1.0)
     if getattr(norm, "bias", None) is not None:
         _copy_key(norm.bias, state_dict, prefix + ".bias", used)
 
@@ -229,18 +243,22 @@ def load_megalith_state_dict(model: PlainGPT, state_dict: dict[str, torch.Tensor
     weight or bias is left over (a bias the config says is absent means the configs differ).
     """
     used: set[str] = set()
+    one_plus = model.config.apply_layernorm_1p
     _copy_vocab(model.word_embeddings.weight, state_dict, "embedding.word_embeddings.weight", used)
     if model.position_embeddings is not None:
         _copy_key(model.position_embeddings.weight, state_dict, "embedding.position_embeddings.weight", used)
     for i, layer in enumerate(model.layers):
         prefix = f"decoder.layers.{i}"
-        _copy_norm(layer.norm1, state_dict, f"{prefix}.input_layernorm", used)
+        _copy_norm(layer.norm1, state_dict, f"{prefix}.input_layernorm", used, one_plus)
         _copy_qkv(layer.attn, state_dict, f"{prefix}.self_attention.linear_qkv", used)
+        if layer.attn.q_norm is not None:
+            _copy_norm(layer.attn.q_norm, state_dict, f"{prefix}.self_attention.q_layernorm", used, one_plus)
+            _copy_norm(layer.attn.k_norm, state_dict, f"{prefix}.self_attention.k_layernorm", used, one_plus)
         _copy_linear(layer.attn.o_proj, state_dict, f"{prefix}.self_attention.linear_proj", used)
-        _copy_norm(layer.norm2, state_dict, f"{prefix}.pre_mlp_layernorm", used)
+        _copy_norm(layer.norm2, state_dict, f"{prefix}.pre_mlp_layernorm", used, one_plus)
         _copy_linear(layer.mlp.fc1, state_dict, f"{prefix}.mlp.linear_fc1", used)
         _copy_linear(layer.mlp.fc2, state_dict, f"{prefix}.mlp.linear_fc2", used)
-    _copy_norm(model.final_norm, state_dict, "decoder.final_layernorm", used)
+    _copy_norm(model.final_norm, state_dict, "decoder.final_layernorm", used, one_plus)
     if model.output_layer is not None:
         _copy_vocab(model.output_layer.weight, state_dict, "output_layer.weight", used)
     leftover = sorted(k for k in state_dict if k not in used and k.endswith((".weight", ".bias")))

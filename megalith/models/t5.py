@@ -32,7 +32,9 @@ from torch import nn
 
 from megalith.config import Layout, ModelConfig
 from megalith.errors import ConfigError
-from megalith.models.gpt import EMBEDDING_STREAM, FIRST_LAYER_STREAM, OUTPUT_STREAM, init_generator, word_embeddings
+from megalith.models.gpt import (
+    EMBEDDING_STREAM, FIRST_LAYER_STREAM, OUTPUT_STREAM, init_generator, layer_inits, weight_init, word_embeddings,
+)
 from megalith.models.parallel_context import ParallelContext, StageSpec
 from megalith.models.transformer import MLP, SelfAttention, TransformerBlock, TransformerLayer, attend, build_norm, dropout
 from megalith.parallel import comm
@@ -41,10 +43,8 @@ from megalith.parallel.layers import (
     ColumnParallelLinear,
     InitMethod,
     RowParallelLinear,
-    normal_init,
     padded_vocab_size,
     parallel_lm_logits,
-    scaled_normal_init,
     sequence_parallel_parameters,
     sharded_parameter,
 )
@@ -175,17 +175,15 @@ class T5Model(nn.Module):
         self.encoder = self.decoder = self.embedding = self.output_layer = None
         self.encoder_relative_position = self.decoder_relative_position = None
 
-        def layer_inits(index):
-            generator = init_generator(init_seed, FIRST_LAYER_STREAM + index)
-            return (normal_init(config.init_method_std, generator),
-                    scaled_normal_init(config.init_method_std, config.num_layers, generator))
+        def inits(index):
+            return layer_inits(config, init_seed, index)
 
         def bias_init(which: int):
-            return normal_init(config.init_method_std, init_generator(init_seed, FIRST_LAYER_STREAM + config.num_layers + which))
+            return weight_init(config, init_generator(init_seed, FIRST_LAYER_STREAM + config.num_layers + which))
 
-        encoder_layers = {i: TransformerLayer(config, ctx, *layer_inits(i), causal=False, softmax_scale=1.0)
+        encoder_layers = {i: TransformerLayer(config, ctx, *inits(i), causal=False, softmax_scale=1.0)
                           for i in stage.layers if i < encoders}
-        decoder_layers = {i - encoders: T5DecoderLayer(config, ctx, *layer_inits(i)) for i in stage.layers if i >= encoders}
+        decoder_layers = {i - encoders: T5DecoderLayer(config, ctx, *inits(i)) for i in stage.layers if i >= encoders}
         tied = not config.untie_embeddings_and_output_weights
         if stage.is_first or encoders in stage.layers or (stage.is_last and tied):
             self.embedding = nn.Module()
@@ -200,7 +198,7 @@ class T5Model(nn.Module):
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size, padded_vocab_size(config.vocab_size, ctx.tp_size, config.make_vocab_size_divisible_by),
                 tp_group=ctx.tp_group, bias=False, sequence_parallel=ctx.sequence_parallel,
-                init_method=normal_init(config.init_method_std, init_generator(init_seed, OUTPUT_STREAM)),
+                init_method=weight_init(config, init_generator(init_seed, OUTPUT_STREAM)),
                 params_dtype=config.torch_dtype, device=ctx.device)
         if stage.count > 1:
             self._mark_shared_tables()
@@ -336,6 +334,8 @@ def check_t5_config(config: ModelConfig) -> None:
         raise ConfigError("T5 uses plain multi-head attention; drop --num-query-groups")
     if config.post_layer_norm:
         raise ConfigError("T5 is pre-norm; drop --post-layer-norm")
+    if config.qk_layernorm:
+        raise ConfigError("T5 has no --qk-layernorm (Megatron's T5 layers have none); drop the flag")
 
 
 def resolve_t5_config(config: ModelConfig) -> ModelConfig:

@@ -15,21 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalith.config import ModelConfig
+from megalith.models.norms import build_norm
 from megalith.models.parallel_context import ParallelContext
-from megalith.parallel.layers import (
-    ColumnParallelLinear,
-    InitMethod,
-    RowParallelLinear,
-    mark_sequence_parallel,
-)
+from megalith.parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
 from megalith.parallel.rng import TP_LOCAL, checkpoint
 
-
-def build_norm(config: ModelConfig, ctx: ParallelContext) -> nn.Module:
-    """LayerNorm or RMSNorm over the hidden size; replicated over tp (summed gradients under SP)."""
-    kind = nn.LayerNorm if config.normalization == "LayerNorm" else nn.RMSNorm
-    norm = kind(config.hidden_size, eps=config.norm_epsilon, dtype=config.torch_dtype, device=ctx.device)
-    return mark_sequence_parallel(norm, ctx.sequence_parallel)
+__all__ = ["MLP", "SelfAttention", "TransformerBlock", "TransformerLayer", "apply_rotary", "attend", "build_norm",
+           "core_attention", "dropout", "rotary_cos_sin"]
 
 
 def dropout(x: torch.Tensor, p: float, training: bool, ctx: ParallelContext, stream: str) -> torch.Tensor:
@@ -54,11 +46,19 @@ def rotary_cos_sin(seq_length: int, dim: int, base: int, device=None,
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `[s, b, n, d]` by position (non-interleaved halves, as Megatron and GPT-NeoX), in fp32."""
+    """Rotate `[s, b, n, d]` by position (non-interleaved halves, as Megatron and GPT-NeoX), in fp32.
+
+    cos and sin of r < d channels (--rotary-percent) rotate the first r channels of each head and
+    pass the rest through unchanged, as Megatron does."""
+    rotary = cos.shape[-1]
+    passed = None
+    if rotary < x.shape[-1]:
+        x, passed = x[..., :rotary], x[..., rotary:]
     x32 = x.float()
     first, second = x32.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    out = (x32 * cos + rotated * sin).to(x.dtype)
+    return out if passed is None else torch.cat([out, passed], dim=-1)
 
 
 def core_attention(
@@ -133,7 +133,9 @@ class SelfAttention(nn.Module):
 
     QKV rows use Megatron's grouped layout: for each key/value group, its query heads, then its
     key head, then its value head — so a contiguous tp slice holds whole groups. `causal=False`
-    attends both ways (an encoder: BERT).
+    attends both ways (an encoder: BERT). With qk_layernorm, queries and keys go through the
+    model's norm per head (over kv_channels) after the projection and before rotary, as in
+    Megatron-Core; those norm weights are replicated and summed over tp (each rank has its heads).
     """
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod,
@@ -153,6 +155,10 @@ class SelfAttention(nn.Module):
             heads * d, config.hidden_size, bias=config.add_bias_linear, input_is_parallel=True,
             init_method=output_init, **common,
         )
+        self.q_layernorm = self.k_layernorm = None
+        if config.qk_layernorm:
+            self.q_layernorm = build_norm(config, ctx, d, partial_over_tp=True)
+            self.k_layernorm = build_norm(config, ctx, d, partial_over_tp=True)
 
     def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None,
                 attention_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,6 +168,8 @@ class SelfAttention(nn.Module):
         qkv = qkv.view(s, b, self.groups_per_rank, self.heads_per_group + 2, d)
         q = qkv[:, :, :, : self.heads_per_group].reshape(s, b, -1, d)
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         return self.linear_proj(attend(q, k, v, attention_mask, attention_bias, self))

@@ -33,6 +33,12 @@ def scaled_normal_init(std: float, num_layers: int, generator: torch.Generator |
     return normal_init(std / math.sqrt(2.0 * num_layers), generator)
 
 
+def xavier_uniform_init(generator: torch.Generator | None = None) -> InitMethod:
+    """Megatron's --init-method-xavier-uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)), on the
+    full weight (so the fans, and the draw, do not depend on the layout)."""
+    return lambda tensor: nn.init.xavier_uniform_(tensor, generator=generator)
+
+
 def padded_vocab_size(vocab_size: int, tp_size: int, make_vocab_size_divisible_by: int = 128) -> int:
     """Round the vocabulary up to a multiple of `make_vocab_size_divisible_by * tp` (as Megatron)."""
     if vocab_size < 1 or make_vocab_size_divisible_by < 1:
