@@ -72,8 +72,7 @@ def status_text(record: MegatronFlag) -> str:
         value = f" {record.note.value}" if record.note.value is not None else ""
         return f"(a) another spelling of {record.note.option}{value}"
     if isinstance(record.note, Owner):
-        where = f"issue {record.note.issue}" if record.note.issue else "not planned"
-        return f"(b) refused unless at its default ({where}): {record.note.clause}"
+        return f"(b) refused unless at its default: {record.note.clause}"
     return f"(c) accepted and ignored: {record.note}"
 
 
