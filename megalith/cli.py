@@ -17,11 +17,22 @@ def _model_config(args: argparse.Namespace):
     return config_from_arguments(args, ModelConfig)
 
 
+def _check_megatron_flags(args: argparse.Namespace) -> None:
+    """Refuse Megatron flags owned by other issues; name the accepted GPU tuning knobs once."""
+    from megalith.config.megatron import compat_notice, refuse_unsupported
+
+    refuse_unsupported(args)
+    notice = compat_notice(args)
+    if notice:
+        print(f"note: {notice}", flush=True)
+
+
 def _verify(args: argparse.Namespace) -> int:
     from megalith.config import config_from_arguments, explicit_flags, parse_layout
     from megalith.models.registry import get_model_spec
     from megalith.verify import VerifySettings, check_layouts, format_table, run_verify
 
+    _check_megatron_flags(args)
     layouts = [parse_layout(text) for text in args.layouts]
     given = explicit_flags(args)
     for name, value in get_model_spec(args.model).defaults.items():  # the model's own small defaults
@@ -47,6 +58,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _bench_overhead(args: argparse.Namespace) -> int:
     from megalith.overhead import format_overhead, measure_overhead
 
+    _check_megatron_flags(args)
     config = _model_config(args)
     result = measure_overhead(config, micro_batch_size=args.micro_batch_size, repeats=args.repeats,
                               warmup=args.warmup, seed=args.seed)
@@ -85,9 +97,12 @@ def _checkpoint_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, overrides: dict) -> None:
+    """The model flags, then the Megatron flags megalith does not implement (refused or ignored when run)."""
     from megalith.config import ModelConfig, add_config_arguments
+    from megalith.config.megatron import add_megatron_compat_arguments
 
     add_config_arguments(parser.add_argument_group("model (Megatron's flag names)"), ModelConfig, overrides)
+    add_megatron_compat_arguments(parser)
 
 
 def _schedule(args: argparse.Namespace) -> int:

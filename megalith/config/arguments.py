@@ -14,9 +14,10 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from megalith.config.flags import add_config_arguments, explicit_flags
+from megalith.config.megatron import add_megatron_compat_arguments, compat_notice, refuse_unsupported
 from megalith.config.model import ModelConfig
 from megalith.config.pretrain import SECTIONS, PretrainConfig
 from megalith.config.yaml_file import config_to_yaml, load_config_file
@@ -56,6 +57,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="FILE.yaml", default=None,
         help="YAML mapping of flag names (dashes or underscores; flat, or under model/distributed/precision/"
         "optimizer/training/data/checkpointing/logging); flags on the command line override it; default: %(default)s")
+    add_megatron_compat_arguments(parser)  # after megalith's own flags, so those are never shadowed
 
 
 def build_pretrain_parser(prog: str = "megalith pretrain") -> argparse.ArgumentParser:
@@ -80,6 +82,7 @@ def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit:
     `explicit`: the dest names the user gave on the command line; by default what the parser
     recorded. Those win over the file; the file wins over the defaults.
     """
+    refuse_unsupported(args)  # Megatron flags owned by other issues: one line, before anything else
     given = set(explicit) if explicit is not None else explicit_flags(args)
     values = {f.name: getattr(args, f.name, f.default) for cls in SECTIONS.values() for f in fields(cls)}
     path = getattr(args, "config", None)
@@ -110,7 +113,8 @@ def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit:
         from megalith.training.checkpoint import check_load_target
 
         check_load_target(config)
-    return config
+    notice = compat_notice(args)  # Megatron's GPU tuning knobs: accepted, named once
+    return replace(config, notices=config.notices + (notice,)) if notice else config
 
 
 def parse_pretrain_args(argv: list[str], world_size: int) -> PretrainConfig:

@@ -13,9 +13,9 @@ from dataclasses import field, fields
 _EXPLICIT = "_megalith_explicit_flags"
 
 
-def flag_field(default, help: str, choices: tuple | None = None):
-    """A dataclass field whose `--flag` gets this help text and choices."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def flag_field(default, help: str, choices: tuple | None = None, status: str | None = None):
+    """A dataclass field whose `--flag` gets this help text and choices (`status`: a note for docs/flags.md)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "status": status})
 
 
 def field_choices(spec) -> tuple | None:

@@ -22,13 +22,15 @@ class DistributedConfig:
     pipeline_model_parallel_size: int = flag_field(1, "pipeline-parallel size (pp)")
     num_layers_per_virtual_pipeline_stage: int | None = flag_field(
         None, "layers per virtual pipeline stage; vpp = num layers / (pp x this) (None: no interleaving)")
-    context_parallel_size: int = flag_field(1, "context-parallel size (cp; only 1 is supported yet)")
+    context_parallel_size: int = flag_field(1, "context-parallel size (cp; only 1 is supported yet)",
+                                            status="(a) for 1; larger sizes are issue 22")
     sequence_parallel: bool = flag_field(False, "split norms, dropout and residuals along the sequence over tp")
     decoder_first_pipeline_num_layers: int | None = flag_field(None, "layers of the first pipeline stage (None: even)")
     decoder_last_pipeline_num_layers: int | None = flag_field(None, "layers of the last pipeline stage (None: even)")
     pipeline_schedule: str | None = flag_field(
         None, "pipeline schedule (None: no-pipelining at pp 1, 1f1b, interleaved-1f1b with vpp)", SCHEDULES)
-    use_distributed_optimizer: bool = flag_field(False, "shard optimizer state over data parallelism (ZeRO-1)")
+    use_distributed_optimizer: bool = flag_field(False, "shard optimizer state over data parallelism (ZeRO-1)",
+                                                 status="(a) ZeRO-1; ZeRO-2/3 are issue 20")
     overlap_grad_reduce: bool = flag_field(False, "reduce gradient buckets during backward")
     ddp_bucket_size: int | None = flag_field(None, "elements per gradient bucket with --overlap-grad-reduce (None: max(40M, 1M x dp)); one bucket without it")
     overlap_param_gather: bool = flag_field(False, "with --use-distributed-optimizer: all-gather the updated "
