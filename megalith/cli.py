@@ -13,8 +13,12 @@ DEFAULT_VERIFY_LAYOUTS = ["tp2", "tp2.sp", "tp4", "tp4.sp", "tp2.sp.recompute-fu
 
 def _model_config(args: argparse.Namespace):
     from megalith.config import ModelConfig, config_from_arguments
+    from megalith.config.model import megatron_flag_rules
 
-    return config_from_arguments(args, ModelConfig)
+    config, notices = megatron_flag_rules(config_from_arguments(args, ModelConfig))
+    for line in notices:
+        print(f"notice: {line}")
+    return config
 
 
 def _check_megatron_flags(args: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ from dataclasses import fields, replace
 
 from megalith.config.flags import add_config_arguments, explicit_flags
 from megalith.config.megatron import add_megatron_compat_arguments, compat_notice, refuse_unsupported
+from megalith.config.data import read_data_args
 from megalith.config.model import ModelConfig
 from megalith.config.pretrain import SECTIONS, PretrainConfig
 from megalith.config.yaml_file import config_to_yaml, load_config_file
@@ -95,17 +96,24 @@ def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit:
             values[name] = _model_default(name, spec.defaults)
     if values["tokenizer_type"] is None and values["vocab_file"]:  # Megatron's pretrain_{gpt,bert,t5}.py default
         values["tokenizer_type"] = DEFAULT_TOKENIZER_TYPES.get(spec.dataset, "GPT2BPETokenizer")
+    if values["data_args_path"]:
+        if values["data_path"]:
+            raise ConfigError("--data-args-path and --data-path are both given; give one (the file holds the "
+                              "--data-path words)")
+        values["data_path"] = read_data_args(values["data_args_path"])
+    if values["use_checkpoint_args"]:
+        values.update(checkpoint_model_args(values["load"], given))
     sections = {name: _section(cls, values) for name, cls in SECTIONS.items() if name != "model"}
     data = sections["data"]
-    if data.data_path:  # the files exist and are sound; the tokenizer sets the model's vocabulary
+    if data.reads_datasets:  # the files exist and are sound; the tokenizer sets the model's vocabulary
         from megalith.training.data import check_datasets, model_vocab_size
 
-        check_datasets(data.data_path)
+        check_datasets(data)
         values["vocab_size"] = model_vocab_size(data, values["vocab_size"], "vocab_size" in given)
     if "params_dtype" not in given:  # it follows --bf16 / --fp16; PretrainConfig refuses a contradiction
         values["params_dtype"] = sections["precision"].params_dtype
     config = PretrainConfig.resolve(world_size, model=_section(ModelConfig, values), **sections)
-    if data.data_path:  # the tokenizer has the tokens the model's samples need (BERT: [MASK]; T5: sentinels)
+    if data.reads_datasets:  # the tokenizer has the tokens the model's samples need (BERT: [MASK]; T5: sentinels)
         from megalith.training.data import check_data_tokenizer
 
         check_data_tokenizer(config)
@@ -115,6 +123,31 @@ def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit:
         check_load_target(config)
     notice = compat_notice(args)  # Megatron's GPU tuning knobs: accepted, named once
     return replace(config, notices=config.notices + (notice,)) if notice else config
+
+
+def checkpoint_model_args(load: str | None, given: set[str]) -> dict:
+    """--use-checkpoint-args: the model-shape flags not given here, from the --load checkpoint's metadata
+    (Megatron's load_args_from_checkpoint); the flags given still win and must then agree with it."""
+    import json
+
+    from megalith.training.checkpoint_format import METADATA_FILE, iteration_dir_name, read_tracker
+
+    if not load:
+        raise ConfigError("--use-checkpoint-args takes the model's flags from the --load checkpoint; give --load DIR")
+    iteration = read_tracker(load)
+    if iteration is None:
+        raise ConfigError(f"--use-checkpoint-args: {load} holds no checkpoint yet (no latest_checkpointed_iteration.txt)"
+                          "; drop --use-checkpoint-args or point --load at a checkpoint")
+    path = os.path.join(load, iteration_dir_name(iteration), METADATA_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle).get("model_config") or {}
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"--use-checkpoint-args: cannot read {path} ({error}); the checkpoint is incomplete") from None
+    from megalith.training.checkpoint import RUNTIME_FIELDS
+
+    return {name: value for name, value in saved.items()
+            if name in ModelConfig.field_names() and name not in RUNTIME_FIELDS and name not in given}
 
 
 def parse_pretrain_args(argv: list[str], world_size: int) -> PretrainConfig:

@@ -10,6 +10,22 @@ from megalith.errors import ConfigError
 
 # megalith's own format first; the rest are Megatron's names, which write megalith's format.
 CKPT_FORMATS = ("megalith", "torch_dist", "torch", "zarr", "torch_dcp", "fsdp_dtensor")
+# What each Megatron format is, for the one notice a run that names one prints.
+MEGATRON_CKPT_FORMATS = {
+    "torch_dist": "PyTorch distributed checkpointing, reshardable",
+    "torch": "one torch.save file per model-parallel rank, fixed to its layout",
+    "zarr": "Zarr arrays (deprecated in Megatron)",
+    "torch_dcp": "torch.distributed.checkpoint's own layout",
+    "fsdp_dtensor": "DTensor shards of Megatron's FSDP",
+}
+
+
+def ckpt_format_notice(ckpt_format: str) -> str | None:
+    """The line a run that names one of Megatron's checkpoint formats prints (None for megalith's)."""
+    if ckpt_format == "megalith":
+        return None
+    return (f"--ckpt-format {ckpt_format} ({MEGATRON_CKPT_FORMATS[ckpt_format]}) is Megatron's; megalith writes "
+            "its own format (reshardable safetensors shards, any layout on load; docs/checkpoints.md)")
 
 
 @dataclass(frozen=True)

@@ -47,12 +47,36 @@ class DataConfig:
         check_int("vocab_extra_ids", self.vocab_extra_ids, 0)
         check_range("mask_prob", self.mask_prob, 0.0, 1.0, open_low=True)
         check_range("short_seq_prob", self.short_seq_prob, 0.0, 1.0, open_high=False)
-        if self.mock_data and self.data_path:
+        per_split = any((self.train_data_path, self.valid_data_path, self.test_data_path))
+        if self.data_path and per_split:
+            raise ConfigError("--data-path and --train/--valid/--test-data-path are both given; give one (--data-path "
+                              "is divided by --split, the per-split paths are each wholly their split's)")
+        if per_split and not self.train_data_path:
+            raise ConfigError("--valid-data-path / --test-data-path need --train-data-path (the training datasets)")
+        if self.mock_data and self.reads_datasets:
             raise ConfigError("--mock-data and --data-path are both given; drop one (mock data is synthetic, "
                               "--data-path reads datasets)")
-        if not self.mock_data and not self.data_path:
+        if not self.mock_data and not self.reads_datasets:
             raise ConfigError("no training data: give --data-path PREFIX (a .bin/.idx pair from megalith preprocess, "
                               "with --tokenizer-type) or --mock-data for synthetic batches")
-        if self.data_path and self.tokenizer_type is None:
+        if self.reads_datasets and self.tokenizer_type is None:
             raise ConfigError("--data-path needs --tokenizer-type (and its files, e.g. --tokenizer-model) to know the "
                               "vocabulary and the end-of-document token")
+
+    @property
+    def reads_datasets(self) -> bool:
+        """Whether the run reads .bin/.idx datasets (--data-path or --train-data-path), not mock data."""
+        return bool(self.data_path or self.train_data_path)
+
+
+def read_data_args(path: str) -> tuple[str, ...]:
+    """--data-args-path: the --data-path words kept in a file (whitespace-separated), as Megatron reads it."""
+    try:
+        with open(path, encoding="utf-8") as words:
+            found = tuple(words.read().split())
+    except OSError as error:
+        raise ConfigError(f"--data-args-path {path}: {error.strerror or error}; give a file holding the --data-path "
+                          "words") from None
+    if not found:
+        raise ConfigError(f"--data-args-path {path} is empty; it should hold the --data-path words ([W1] PREFIX1 ...)")
+    return found

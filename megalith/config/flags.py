@@ -50,6 +50,17 @@ class _SwitchFlag(argparse.BooleanOptionalAction):
         _remember_explicit(namespace, self.dest)
 
 
+class _NegativeSwitch(_StoreFlag):
+    """A field already named as a negation (`no_load_optim`): `--no-load-optim` sets it, and there is
+    no `--no-no-...` (argparse's BooleanOptionalAction would read the leading `--no-` as "off")."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        super().__call__(parser, namespace, True, option_string)
+
+
 def explicit_flags(namespace: argparse.Namespace) -> set[str]:
     """The fields (dest names) whose flags were given on the command line, not left at their default."""
     return set(getattr(namespace, _EXPLICIT, ()))
@@ -77,7 +88,8 @@ def add_config_arguments(parser, cls, overrides: dict | None = None) -> None:
         text = "; ".join(parts)
         kind = str(f.type)
         if kind.startswith("bool"):
-            action = parser.add_argument(name, action=_SwitchFlag, default=default, help=text)
+            switch = _NegativeSwitch if f.name.startswith("no_") else _SwitchFlag
+            action = parser.add_argument(name, action=switch, default=default, help=text)
             action.help = text  # some Pythons append the default themselves; keep one
             continue
         if kind.startswith("tuple"):  # a list of words, e.g. --data-path 0.3 A 0.7 B (or of ints)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from megalith.config.checkpoint import CheckpointConfig
+from megalith.config.checkpoint import CheckpointConfig, ckpt_format_notice
 from megalith.config.data import DataConfig
 from megalith.config.layout import Layout
 from megalith.config.logs import LoggingConfig, check_profile_output
-from megalith.config.model import ModelConfig
+from megalith.config.model import ModelConfig, megatron_flag_rules
 from megalith.config.optimizer import OptimizerConfig
 from megalith.config.parallel import DistributedConfig, gradient_precision
 from megalith.config.precision import PrecisionConfig
@@ -153,10 +153,14 @@ def _adjusted(sections: dict, notices: list[str]) -> dict:
     """Megatron's silent adjustments, made on new section values with a notice each."""
     dist, precision = sections["distributed"], sections["precision"]
     model = get_model_spec(sections["training"].model).resolved(sections["model"])
+    model, model_notices = megatron_flag_rules(model)
+    notices.extend(model_notices)
     if dist.sequence_parallel and dist.tensor_model_parallel_size == 1:
         dist = replace(dist, sequence_parallel=False)
         notices.append("--sequence-parallel does nothing with --tensor-model-parallel-size 1; turned off")
     dist = gradient_precision(dist, precision.bf16, notices)
+    checkpoint_notice = ckpt_format_notice(sections["checkpointing"].ckpt_format)
+    notices += [checkpoint_notice] if checkpoint_notice else []
     if precision.loss_scale is not None and not precision.fp16:
         notices.append(f"--loss-scale {precision.loss_scale} applies to --fp16 only; ignored")
         precision = replace(precision, loss_scale=None)

@@ -29,7 +29,9 @@ class TrainingConfig:
                                                 "count across micro-batches and dp ranks (not a mean per sequence)")
     dataloader_type: str = flag_field("single", "single: each sample once, in order of the shuffled dataset; cyclic: "
                                       "the epoch's order reshuffled every pass", DATALOADER_TYPES)
-    num_workers: int = flag_field(2, "processes that read samples ahead of each step (0: in the training process)")
+    num_workers: int = flag_field(2, "Megatron: DataLoader worker processes; megalith reads each micro-batch's "
+                                  "samples on demand in the training process (memory-mapped), so the count changes "
+                                  "nothing", status="(c) accepted: samples are read in the training process")
     manual_gc: bool = flag_field(False, "turn Python's automatic garbage collector off and collect at fixed steps")
     manual_gc_interval: int = flag_field(0, "with --manual-gc: collect every this many iterations (0: only at "
                                          "the start and around evaluation)")

@@ -151,7 +151,7 @@ of one prefix's split: what `build_blended_datasets` makes for each prefix (GPT,
 
 def build_blended_datasets(data_path: list[str] | str, split: str, train_valid_test_num_samples: tuple[int, int, int],
                            make_part: PartFactory, *, cache_dir: str | None = None, class_name: str = "GPTDataset",
-                           by_documents: bool = False) -> tuple:
+                           by_documents: bool = False, mmap: bool = True) -> tuple:
     """(train, valid, test): `make_part`'s dataset or a BlendedDataset of them per split, None where
     a split has weight 0 in --split or 0 samples requested. Megatron's BlendedMegatronDatasetBuilder,
     whatever the samples are.
@@ -162,6 +162,7 @@ def build_blended_datasets(data_path: list[str] | str, split: str, train_valid_t
     --split divides each prefix's sequences (GPT, Megatron's GPTDataset), or with `by_documents` its
     documents (BERT, T5: their samples are runs of a document's sentences, as Megatron's masked
     datasets). `cache_dir=None` caches beside each prefix (`default_cache_dir(prefix, class_name)`).
+    `mmap` False reads the .bin files with file reads (--no-mmap-bin-files).
     """
     # a prefix of weight 0 is left out (Megatron's greedy blend could still pick it on a tie)
     blend = [(w, prefix) for w, prefix in parse_data_path(data_path) if w is None or w > 0]
@@ -170,7 +171,7 @@ def build_blended_datasets(data_path: list[str] | str, split: str, train_valid_t
     if len(sizes) != len(SPLIT_NAMES) or any(n < 0 for n in sizes):
         raise DataError("train/valid/test sample counts must be three numbers >= 0, "
                         f"got {train_valid_test_num_samples}")
-    indexed = {prefix: IndexedDataset(prefix) for _, prefix in blend}
+    indexed = {prefix: IndexedDataset(prefix, mmap=mmap) for _, prefix in blend}
 
     def cache_for(prefix: str) -> str:
         return cache_dir if cache_dir is not None else default_cache_dir(prefix, class_name)

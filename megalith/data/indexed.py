@@ -167,10 +167,14 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> None:
 
 
 class IndexedDataset:
-    """A memory-mapped `.bin/.idx` pair; `ds[i]` is sequence i as a numpy array."""
+    """A `.bin/.idx` pair; `ds[i]` is sequence i as a numpy array.
 
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
+    The index is memory-mapped; the tokens are too unless `mmap` is False (Megatron's
+    --no-mmap-bin-files), when each read is a file read of just that sequence's bytes.
+    """
+
+    def __init__(self, prefix: str, mmap: bool = True) -> None:
+        self.prefix, self.mmap = prefix, mmap
         idx_path, bin_path = index_file(prefix), data_file(prefix)
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
@@ -209,7 +213,8 @@ class IndexedDataset:
         if bin_size != tokens * self.dtype.itemsize:
             raise DataError(f"{bin_path}: {bin_size} bytes, but {idx_path} describes {tokens} {self.dtype} tokens "
                             f"({tokens * self.dtype.itemsize} bytes); the pair does not match, rebuild both")
-        self._bin = np.memmap(bin_path, mode="r", order="C") if bin_size else np.zeros(0, np.uint8)
+        self._bin_path = bin_path
+        self._bin = np.memmap(bin_path, mode="r", order="C") if bin_size and mmap else np.zeros(0, np.uint8)
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
@@ -230,6 +235,8 @@ class IndexedDataset:
         if offset < 0 or length < 0 or offset + length > total:
             raise IndexError(f"tokens [{offset}, {offset + length}) are outside sequence {index} of {total} tokens")
         start = int(self.sequence_pointers[index]) + offset * self.dtype.itemsize
+        if not self.mmap:
+            return np.fromfile(self._bin_path, self.dtype, length, offset=start) if length else np.zeros(0, self.dtype)
         return np.frombuffer(self._bin, self.dtype, length, start)
 
     def __getitem__(self, index: int) -> np.ndarray:

@@ -34,6 +34,21 @@ def local_batch_indices(consumed_samples: int, global_batch_size: int, dp_size: 
     return range(start, start + local)
 
 
+def cyclic_sample(position: int, dataset_size: int, seed: int) -> int:
+    """The dataset index read at stream position `position` under --dataloader-type cyclic.
+
+    Megatron's cyclic loader reshuffles the dataset every pass: pass e = position // size reads a
+    permutation seeded by seed + e. Here the permutation is of the whole dataset, not of each dp
+    rank's bucket as in Megatron, so every layout reads the same samples at every step (and a
+    resumed run, which knows its consumed samples, reads the same ones as an uninterrupted run).
+    """
+    if dataset_size < 1:
+        raise DataError("the dataset holds no sample; --dataloader-type cyclic has nothing to cycle over")
+    epoch, within = divmod(position, dataset_size)
+    order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed + epoch))
+    return int(order[within])
+
+
 class GlobalBatchSampler:
     """Yields, per iteration, the list of dataset indices this dp rank reads.
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Callable
 
 import torch
@@ -42,7 +42,8 @@ from megalith.training.checkpoint_format import (
 # ModelConfig fields that may differ between the run that saved and the run that loads.
 RUNTIME_FIELDS = ("params_dtype", "hidden_dropout", "attention_dropout", "recompute_granularity", "recompute_method",
                   "recompute_num_layers", "attention_backend", "attention_softmax_in_fp32", "seq_length",
-                  "encoder_seq_length", "decoder_seq_length", "make_vocab_size_divisible_by")
+                  "encoder_seq_length", "decoder_seq_length", "make_vocab_size_divisible_by", "group_query_attention",
+                  "transformer_impl", "init_method_xavier_uniform", "init_method_std")
 
 
 def model_name(name: str) -> str:
@@ -67,8 +68,11 @@ def _any_rank_failed(failed: bool, state) -> bool:
 def check_model_matches(meta: dict, model_config, model: str, directory: str) -> None:
     """Refuse a checkpoint of another architecture, naming every flag that differs."""
     saved = meta.get("model_config") or {}
-    differs = [f"--{key.replace('_', '-')} {saved.get(key)!r} in the checkpoint, {value!r} now"
-               for key, value in asdict(model_config).items() if key not in RUNTIME_FIELDS and saved.get(key) != value]
+    # a key a checkpoint written before the option existed lacks holds the option's default
+    defaults = {f.name: f.default for f in fields(model_config)}
+    differs = [f"--{key.replace('_', '-')} {saved.get(key, defaults[key])!r} in the checkpoint, {value!r} now"
+               for key, value in asdict(model_config).items()
+               if key not in RUNTIME_FIELDS and saved.get(key, defaults[key]) != value]
     if meta.get("model") not in (None, model):
         differs.insert(0, f"--model {meta.get('model')!r} in the checkpoint, {model!r} now")
     if differs:
@@ -170,7 +174,7 @@ class Checkpointer:
             "format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
             "valid_batches": valid_batches, "model": c.training.model, "model_config": asdict(c.model),
             "layout": layout_record(c.layout),
-            "has_optimizer": True,
+            "has_optimizer": not c.checkpointing.no_save_optim,
             "optimizer": {"name": c.optimizer.optimizer, "step": self._optimizer_step()},
             "scheduler": scheduler.state_dict(), "loss_scaler": scaler.state_dict() if scaler is not None else None,
             "config": c.to_dict(), "source": "megalith pretrain",
@@ -194,11 +198,14 @@ class Checkpointer:
         if _any_rank_failed(failed is not None, state):
             raise CheckpointError(f"cannot create {temporary}: {failed or 'rank 0 failed'}; check --save") from None
         self.runner.finish_param_gather()  # --overlap-param-gather: the parameters are complete first
-        optimizer = self._optimizer_shards()  # collective over dp: every rank takes part
+        saving = self.config.checkpointing
+        # collective over dp: every rank takes part (or none: --no-save-optim is the same on every rank)
+        optimizer = {} if saving.no_save_optim else self._optimizer_shards()
         try:
             if state.dp_rank == 0:
                 self._write_shard(temporary, optimizer)
-            save_tensors(os.path.join(temporary, rng_file_name(state.rank)), self._rng_states())
+            if not saving.no_save_rng:
+                save_tensors(os.path.join(temporary, rng_file_name(state.rank)), self._rng_states())
             if state.rank == 0:
                 with open(os.path.join(temporary, METADATA_FILE), "w", encoding="utf-8") as out:
                     json.dump(self.metadata(iteration, consumed_samples, valid_batches, scheduler), out, indent=1)

@@ -27,7 +27,7 @@ from megalith.data.errors import DataError
 from megalith.data.gpt_dataset import GPTDataset
 from megalith.data.indexed import IndexedDataset
 from megalith.data.masking import word_start_from_tokenizer, word_start_table
-from megalith.data.sampler import collate, local_batch_indices
+from megalith.data.sampler import collate, cyclic_sample, local_batch_indices
 from megalith.data.t5_dataset import T5Dataset
 from megalith.data.tokenizers import Tokenizer, build_tokenizer
 from megalith.errors import ConfigError
@@ -51,11 +51,12 @@ def run_tokenizer(config) -> Tokenizer:
     return tokenizer_from_flags(config.data, config.model.vocab_size - 1 if null else None)
 
 
-def check_datasets(data_path: tuple[str, ...]) -> None:
-    """Open every dataset of --data-path once (header and sizes checked): a bad path or a corrupt
-    file is one line before any process group starts."""
-    for _, prefix in parse_data_path(list(data_path)):
-        IndexedDataset(prefix)
+def check_datasets(data) -> None:
+    """Open every dataset of --data-path (or the per-split paths) once, header and sizes checked: a
+    bad path or a corrupt file is one line before any process group starts."""
+    for paths in filter(None, split_paths(data)):
+        for _, prefix in parse_data_path(paths):
+            IndexedDataset(prefix, mmap=data.mmap_bin_files)
 
 
 def model_vocab_size(data, given_vocab_size: int, explicit: bool) -> int:
@@ -97,7 +98,7 @@ def check_data_tokenizer(config) -> None:
     """For a resolved run that reads --data-path: a DataError of one line, before any process
     group, when its tokenizer lacks a token the model's samples need (BERT: cls, sep, mask, pad;
     T5: bos, eos, pad and enough --vocab-extra-ids sentinels). The datasets check again when built."""
-    if not config.data.data_path:
+    if not config.data.reads_datasets:
         return
     kind, model, tokenizer = dataset_kind(config), config.model, run_tokenizer(config)
     if kind == "bert":
@@ -174,6 +175,33 @@ def samples_per_split(config) -> tuple[int, int, int]:
     return (train, evaluations * training.eval_iters * gbs, 0)
 
 
+def split_paths(data) -> list[list[str] | None]:
+    """Each split's --data-path words: --data-path for all three (divided by --split), or the
+    per-split --train/--valid/--test-data-path (each file wholly that split's, as in Megatron)."""
+    if data.data_path:
+        return [list(data.data_path)] * len(SPLIT_NAMES)
+    return [list(paths) if paths else None for paths in (data.train_data_path, data.valid_data_path,
+                                                         data.test_data_path)]
+
+
+def build_split_datasets(data, num_samples: tuple[int, int, int], samples: dict) -> tuple:
+    """(train, valid, test) datasets of `num_samples` samples from --data-path and --split, or from
+    the per-split paths (a split without paths, or asked for 0 samples, is None)."""
+    if data.data_path:
+        return build_blended_datasets(list(data.data_path), data.split, num_samples, cache_dir=data.data_cache_path,
+                                      mmap=data.mmap_bin_files, **samples)
+    out = []
+    for s, paths in enumerate(split_paths(data)):
+        if paths is None or num_samples[s] == 0:
+            out.append(None)
+            continue
+        only = ",".join("1" if i == s else "0" for i in range(len(SPLIT_NAMES)))  # the whole file is split s
+        wanted = tuple(num_samples[s] if i == s else 0 for i in range(len(SPLIT_NAMES)))
+        out.append(build_blended_datasets(paths, only, wanted, cache_dir=data.data_cache_path,
+                                          mmap=data.mmap_bin_files, **samples)[s])
+    return tuple(out)
+
+
 class DatasetBatches:
     """Global batches read from `--data-path` datasets; each dp rank reads only its rows."""
 
@@ -183,9 +211,10 @@ class DatasetBatches:
 
         samples = sample_factory(config, tokenizer)
 
+        self.cyclic, self.seed = config.training.dataloader_type == "cyclic", config.training.seed
+
         def build():
-            return build_blended_datasets(list(data.data_path), data.split, samples_per_split(config),
-                                          cache_dir=data.data_cache_path, **samples)
+            return build_split_datasets(data, samples_per_split(config), samples)
 
         if state is None or state.grid.world_size == 1:
             self.datasets = build()
@@ -215,7 +244,9 @@ class DatasetBatches:
         first = index * self.global_batch_size if first_sample is None else first_sample
         rows = local_batch_indices(first, plan.global_batch_size,  # this step's (a ramp-up's) batch
                                    plan.data_parallel_size, dp_rank)
-        if rows.stop > len(dataset):
+        if self.cyclic and split == TRAIN_SPLIT:  # each pass over the dataset in a new order
+            rows = [cyclic_sample(position, len(dataset), self.seed) for position in rows]
+        elif rows.stop > len(dataset):
             raise DataError(f"the {SPLIT_NAMES[split]} dataset has {len(dataset)} samples; batch {index} needs "
                             f"sample {rows.stop - 1}; it was sized for fewer iterations")
         size = plan.micro_batch_size

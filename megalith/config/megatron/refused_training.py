@@ -127,8 +127,6 @@ TRAINING_FLAGS = (
     flag("--deterministic-mode", "true", False, "deterministic GPU algorithms only", KERNELS),
     flag("--disable-bf16-reduced-precision-matmul", "true", False, "bf16 matmuls accumulate in full precision "
          "on CUDA", KERNELS),
-    flag("--lr-wsd-decay-samples", "int", None, "WSD anneal length in samples",
-         not_planned("a sample-counted WSD anneal (use --lr-wsd-decay-iters)")),
     flag(("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler", "--use-checkpoint-lr-"
           "scheduler"), "true", False, "take the LR schedule from the checkpoint, not the flags",
          not_planned("taking the schedule from the checkpoint (give its flags, or --override-opt-param-scheduler)")),
