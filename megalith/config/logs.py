@@ -15,6 +15,9 @@ class LoggingConfig:
     """Where metrics go besides the log line (group "logging")."""
 
     log_json: str | None = flag_field(None, "append one JSON record per log interval to this file")
+    log_comm_bytes: bool = flag_field(False, "count the calls and bytes of every collective and p2p per group kind "
+                                      "and operation; the last rank's counts of the interval's last iteration go "
+                                      "into the --log-json record as \"comm\" (docs/communication.md)")
     tensorboard_dir: str | None = flag_field(None, "write TensorBoard scalars here")
     tensorboard_log_interval: int = flag_field(1, "iterations between TensorBoard scalars")
     log_timers_to_tensorboard: bool = flag_field(False, "TensorBoard: the step's timers")
@@ -31,6 +34,8 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         check_int("tensorboard_log_interval", self.tensorboard_log_interval)
+        if self.log_comm_bytes and not self.log_json:
+            raise ConfigError("--log-comm-bytes writes its counts into the --log-json records; add --log-json PATH")
         if self.wandb_project and not self.wandb_exp_name:  # before any process starts, not at the first log
             raise ConfigError(f"--wandb-project {self.wandb_project} needs --wandb-exp-name; add --wandb-exp-name "
                               "NAME for the run")

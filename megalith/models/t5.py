@@ -308,7 +308,7 @@ class T5Model(nn.Module):
             parts.append(grad.reshape(-1).float() if grad is not None else torch.zeros(math.prod(shape),
                                                                                        device=self.ctx.device))
         flat = torch.cat(parts)
-        torch.distributed.all_reduce(flat, group=group)
+        comm.all_reduce(flat, group)
         for name, summed in zip(SHARED_TABLES, flat.split([math.prod(shape) for shape in shapes])):
             grad = comm.gradient_of(parameters[name]) if name in parameters else None
             if grad is not None:

@@ -1,6 +1,14 @@
-"""Autograd-aware collectives over the tensor-parallel group (Megatron's "mappings").
+"""The one seam through which megalith communicates: collectives, p2p and autograd mappings.
 
-Each is a pair (forward, backward) that are each other's adjoint, so autograd through a
+Every collective and point-to-point operation that moves training data goes through a
+function here, which counts it in the active `CommLedger` (megalith.parallel.comm_ledger:
+calls and bytes per group kind and operation) before handing it to torch.distributed. The
+rest of megalith calls torch.distributed only to build and tear down process groups
+(parallel/state.py, parallel/spawn.py) and for the timers' gather of names (a pickled
+object, not a tensor; training/timers.py).
+
+The autograd-aware collectives over the tensor-parallel group (Megatron's "mappings") are
+pairs (forward, backward) that are each other's adjoint, so autograd through a
 tensor-parallel layer computes the same gradient as one process would:
 
     copy_to_tp                     identity            | all-reduce
@@ -11,21 +19,37 @@ tensor-parallel layer computes the same gradient as one process would:
     gather_from_sequence_parallel  all-gather dim 0    | reduce-scatter dim 0 (or split)
     reduce_scatter_to_sequence_parallel  reduce-scatter dim 0 | all-gather dim 0
 
-Every function takes its process group explicitly; with a group of one rank, or None (one
-process, no torch.distributed needed), each is the identity. Activations are sequence-first `[s, b, h]`, so sequence parallelism works on dim 0.
+Each captures the active ledger in forward and counts its backward there, since backward may
+run on another thread. Every function takes its process group explicitly; with a group of one
+rank, or None (one process, no torch.distributed needed), each mapping is the identity.
+Activations are sequence-first `[s, b, h]`, so sequence parallelism works on dim 0.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megalith.errors import ConfigError
+from megalith.parallel.comm_ledger import CommLedger, active_ledger
 
 
 # torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class _Active:
+    """The `ledger` argument's default: whichever ledger is active when the operation is issued."""
+
+    def __repr__(self) -> str:
+        return "ACTIVE"
+
+
+ACTIVE = _Active()
 
 
 def group_size(group) -> int:
@@ -38,6 +62,74 @@ def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def global_rank(group, rank: int) -> int:
+    """The global rank of `group`'s rank `rank` (p2p peers are named by global rank)."""
+    return dist.get_global_rank(group, rank)
+
+
+# --- the counted operations: everything megalith sends goes through one of these ------------
+
+
+def _count(ledger, group, op: str, tensor: torch.Tensor) -> None:
+    if group is None:  # torch would read None as its world group: never what megalith means
+        raise ValueError(f"{op} over group None: None means one process, which communicates nothing")
+    ledger = active_ledger() if ledger is ACTIVE else ledger
+    if ledger is not None and dist.get_world_size(group) > 1:  # over one rank nothing moves
+        ledger.add(group, op, tensor.numel() * tensor.element_size())
+
+
+def all_reduce(tensor: torch.Tensor, group, *, op: str = "sum", async_op: bool = False,
+               ledger: CommLedger | None | _Active = ACTIVE):
+    """Reduce `tensor` in place over `group` (op "sum", "max" or "min"); counts the buffer."""
+    _count(ledger, group, "all_reduce", tensor)
+    return dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group, async_op=async_op)
+
+
+def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group, *, async_op: bool = False,
+                    ledger: CommLedger | None | _Active = ACTIVE):
+    """Every rank's `tensor` concatenated along dim 0 into `output`; counts the gathered output."""
+    _count(ledger, group, "all_gather", output)
+    return _all_gather_single(output, tensor, group=group, async_op=async_op)
+
+
+def reduce_scatter_into(output: torch.Tensor, tensor: torch.Tensor, group, *, async_op: bool = False,
+                        ledger: CommLedger | None | _Active = ACTIVE):
+    """The sum of every rank's `tensor`, this rank keeping its slice of dim 0 in `output`; counts the
+    unscattered input."""
+    _count(ledger, group, "reduce_scatter", tensor)
+    return _reduce_scatter_single(output, tensor, group=group, async_op=async_op)
+
+
+def broadcast(tensor: torch.Tensor, src: int, group, *, ledger: CommLedger | None | _Active = ACTIVE):
+    """`tensor` from global rank `src` to every rank of `group`, in place; counts the tensor."""
+    _count(ledger, group, "broadcast", tensor)
+    return dist.broadcast(tensor, src=src, group=group)
+
+
+@dataclass(frozen=True)
+class PointToPoint:
+    """One send (or, `recv`, one receive) of `tensor` to (from) global rank `peer` over `group`."""
+
+    tensor: torch.Tensor
+    peer: int
+    group: object
+    recv: bool = False
+
+
+def batch_isend_irecv(ops: list[PointToPoint], *, ledger: CommLedger | None | _Active = ACTIVE) -> list:
+    """Post every operation at once (non-blocking); the works, one per operation or one for all
+    (a coalesced NCCL batch). Counts each tensor as sent or received."""
+    if not ops:
+        return []
+    for op in ops:
+        _count(ledger, op.group, "recv" if op.recv else "send", op.tensor)
+    return dist.batch_isend_irecv([dist.P2POp(dist.irecv if op.recv else dist.isend, op.tensor, op.peer, op.group)
+                                   for op in ops])
+
+
+# --- the autograd mappings --------------------------------------------------------------------
+
+
 def _check_divisible(tensor: torch.Tensor, dim: int, size: int, what: str) -> int:
     length = tensor.shape[dim]
     if length % size != 0:
@@ -48,12 +140,12 @@ def _check_divisible(tensor: torch.Tensor, dim: int, size: int, what: str) -> in
     return length // size
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+def _all_reduce(x: torch.Tensor, group, ledger) -> torch.Tensor:
     """Sum over the group into a new tensor (the input may still be needed by autograd)."""
     if group_size(group) == 1:
         return x
     x = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(x, group=group)
+    all_reduce(x, group, ledger=ledger)
     return x
 
 
@@ -65,26 +157,26 @@ def _split(x: torch.Tensor, dim: int, group, what: str) -> torch.Tensor:
     return x.narrow(dim, group_rank(group) * chunk, chunk).contiguous()
 
 
-def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+def _all_gather(x: torch.Tensor, dim: int, group, ledger) -> torch.Tensor:
     size = group_size(group)
     if size == 1:
         return x
     x = x.contiguous()
     out = torch.empty((size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x, group=group)
+    all_gather_into(out, x, group, ledger=ledger)
     if dim == 0:
         return out
     return torch.cat(out.chunk(size, dim=0), dim=dim)
 
 
-def _reduce_scatter(x: torch.Tensor, group, what: str) -> torch.Tensor:
+def _reduce_scatter(x: torch.Tensor, group, what: str, ledger) -> torch.Tensor:
     """Sum over the group, each rank keeping its slice of dim 0."""
     size = group_size(group)
     if size == 1:
         return x
     chunk = _check_divisible(x, 0, size, what)
     out = torch.empty((chunk,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, x.contiguous(), group=group)
+    reduce_scatter_into(out, x.contiguous(), group, ledger=ledger)
     return out
 
 
@@ -95,21 +187,28 @@ def _apply(function, x: torch.Tensor, group, *extra) -> torch.Tensor:
     return function.apply(x, group, *extra)
 
 
+def _enter(ctx, group) -> CommLedger | None:
+    """Remember the group and the ledger active in forward: backward may run on autograd's own
+    thread, where no ledger is active, and must count into the forward's."""
+    ctx.group, ctx.ledger = group, active_ledger()
+    return ctx.ledger
+
+
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        ctx.group = group
+        _enter(ctx, group)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return _all_reduce(grad, ctx.group, ctx.ledger), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x, group)
+        return _all_reduce(x, group, _enter(ctx, group))
 
     @staticmethod
     def backward(ctx, grad):
@@ -119,19 +218,18 @@ class _ReduceFromTP(torch.autograd.Function):
 class _ScatterToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        ctx.group = group
+        _enter(ctx, group)
         return _split(x, -1, group, "scatter_to_tp")
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, -1, ctx.group), None
+        return _all_gather(grad, -1, ctx.group, ctx.ledger), None
 
 
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, -1, group)
+        return _all_gather(x, -1, group, _enter(ctx, group))
 
     @staticmethod
     def backward(ctx, grad):
@@ -141,37 +239,35 @@ class _GatherFromTP(torch.autograd.Function):
 class _ScatterToSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        ctx.group = group
+        _enter(ctx, group)
         return _split(x, 0, group, "sequence parallel scatter")
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, 0, ctx.group), None
+        return _all_gather(grad, 0, ctx.group, ctx.ledger), None
 
 
 class _GatherFromSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, tensor_parallel_output_grad):
-        ctx.group = group
         ctx.tensor_parallel_output_grad = tensor_parallel_output_grad
-        return _all_gather(x, 0, group)
+        return _all_gather(x, 0, group, _enter(ctx, group))
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.tensor_parallel_output_grad:
-            return _reduce_scatter(grad, ctx.group, "sequence parallel gather backward"), None, None
+            return _reduce_scatter(grad, ctx.group, "sequence parallel gather backward", ctx.ledger), None, None
         return _split(grad, 0, ctx.group, "sequence parallel gather backward"), None, None
 
 
 class _ReduceScatterToSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, group, "sequence parallel reduce-scatter")
+        return _reduce_scatter(x, group, "sequence parallel reduce-scatter", _enter(ctx, group))
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, 0, ctx.group), None
+        return _all_gather(grad, 0, ctx.group, ctx.ledger), None
 
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
@@ -233,7 +329,7 @@ def all_reduce_grads(params, group) -> None:
     if not grads or group_size(group) == 1:
         return
     flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
+    all_reduce(flat, group)
     for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         grad.copy_(synced)
 
@@ -245,5 +341,5 @@ def max_over_job(value: float, state) -> float:
     flag = torch.tensor([float(value)], device=state.device)
     for group in (state.mp_group, state.dp_group):
         if group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            all_reduce(flag, group, op="max")
     return float(flag)

@@ -12,7 +12,6 @@ loss does not depend on how much padding a layout needs.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megalith.errors import ConfigError
 from megalith.parallel import comm
@@ -30,7 +29,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if z_max is None:  # a rank holding only padding
             z_max = torch.full(logits.shape[:-1], float("-inf"), device=logits.device)
         if tp_size > 1:
-            dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
+            comm.all_reduce(z_max, group, op="max")
         z = logits.float() - z_max.unsqueeze(-1)  # a new fp32 tensor: the rest works in place on it
         if real_local < local_vocab:
             z[..., real_local:] = float("-inf")
@@ -46,7 +45,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sums[0] = exp.sum(dim=-1)
         sums = torch.stack(sums)
         if tp_size > 1:
-            dist.all_reduce(sums, group=group)
+            comm.all_reduce(sums, group)
         log_sum_exp = sums[0].log()
         loss = log_sum_exp - sums[1]
         if label_smoothing > 0:

@@ -26,6 +26,10 @@ Parameters used without their module being called (the output layer and tied hea
 weights the model reads directly) are found in the first forward, which has nothing pending:
 their buckets go first and the chunk's own pre-hook waits for them.
 
+Reductions are counted in the communication ledger that was active when the hooks were armed
+(`set_last_microbatch(True)`, on the thread that runs the schedule): the hooks themselves run
+on autograd's thread, where no ledger is active on a GPU.
+
 Parameters marked `shared_embedding` (a tied embedding split over pipeline stages) get a bucket
 of their own, so their slice boundaries are the same on the first and the last stage and the
 embedding-group sum after the reduce-scatter adds matching elements (Megatron bug #844).
@@ -37,11 +41,11 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megalith.errors import ConfigError
-from megalith.parallel.comm import _all_gather_single, _reduce_scatter_single, group_rank, group_size
+from megalith.parallel.comm import all_gather_into, all_reduce, group_rank, group_size, reduce_scatter_into
+from megalith.parallel.comm_ledger import active_ledger
 
 DEFAULT_BUCKET_ELEMENTS = 40_000_000  # Megatron: max(40M, 1M x dp)
 
@@ -140,7 +144,7 @@ class DataParallelGrads:
                     param.data = self.param_data[start:end].view(param.shape)
                 param.register_post_accumulate_grad_hook(self._accumulate)
         self._sync = True
-        self._hooks_fired = 0
+        self._ledger = None  # the communication ledger of the armed backward (see set_last_microbatch)
         self.launches: list[BucketLaunch] = []
         self.gather_events: list[GatherEvent] = []
         self._reset_buckets()
@@ -193,8 +197,11 @@ class DataParallelGrads:
     # --- backward -------------------------------------------------------------------------
 
     def set_last_microbatch(self, last: bool) -> None:
-        """Whether the next backward is this chunk's last of the step (the one that communicates)."""
+        """Whether the next backward is this chunk's last of the step (the one that communicates);
+        arming it captures the active communication ledger for the hooks' reductions."""
         self._sync = last
+        if last:
+            self._ledger = active_ledger()
 
     def _accumulate(self, param: nn.Parameter) -> None:
         if param.grad is not None:
@@ -219,13 +226,14 @@ class DataParallelGrads:
             bucket.work = _Done()
         elif self.shard:
             bucket.shard_out = torch.empty(bucket.size // self.dp_size, dtype=view.dtype, device=view.device)
-            bucket.work = _reduce_scatter_single(bucket.shard_out, view, group=self.dp_group, async_op=True)
+            bucket.work = reduce_scatter_into(bucket.shard_out, view, self.dp_group, async_op=True, ledger=self._ledger)
         else:
-            bucket.work = dist.all_reduce(view, group=self.dp_group, async_op=True)
+            bucket.work = all_reduce(view, self.dp_group, async_op=True, ledger=self._ledger)
 
     def finish(self) -> None:
         """Start every bucket not started yet, wait for all; then main_grad holds the dp sum
         (sharded: on this rank's slice of each bucket only)."""
+        self._ledger = active_ledger()  # what is left is launched here, on the caller's thread
         for bucket in self.buckets:
             self._launch(bucket)
         for bucket in self.buckets:
@@ -240,6 +248,7 @@ class DataParallelGrads:
             bucket.pending = {id(p) for p in bucket.params}
             bucket.work = bucket.shard_out = None
         self._hooks_fired = 0
+        self._ledger = None
 
     def zero_grad(self) -> None:
         self.grad_data.zero_()
@@ -263,7 +272,7 @@ class DataParallelGrads:
             for bucket in self.buckets:
                 start, end = self.shard_range(bucket)
                 mine = self.param_data[start:end].clone()
-                _all_gather_single(self.param_data[bucket.start:bucket.end], mine, group=self.dp_group)
+                all_gather_into(self.param_data[bucket.start:bucket.end], mine, self.dp_group)
             return
         self.gather_events = []  # this round's record only
         if self._unhooked is None:
@@ -273,8 +282,7 @@ class DataParallelGrads:
         for bucket in first + [b for b in forward_order if b not in first]:
             start, end = self.shard_range(bucket)
             mine = self.param_data[start:end].clone()  # the source must not alias the output
-            work = _all_gather_single(self.param_data[bucket.start:bucket.end], mine, group=self.dp_group,
-                                      async_op=True)
+            work = all_gather_into(self.param_data[bucket.start:bucket.end], mine, self.dp_group, async_op=True)
             bucket.gather = (work, mine)
             self.gather_events.append(GatherEvent("start", bucket.index))
 
@@ -315,7 +323,7 @@ class DataParallelGrads:
             grads = self.grad_data.clone()
             for bucket in self.buckets:
                 start, end = self.shard_range(bucket)
-                _all_gather_single(grads[bucket.start:bucket.end], grads[start:end].clone(), group=self.dp_group)
+                all_gather_into(grads[bucket.start:bucket.end], grads[start:end].clone(), self.dp_group)
         return {self.names[id(p)]: grads[slice(*self.ranges[id(p)])].view(p.shape) for p in self.params}
 
 

@@ -98,8 +98,9 @@ def gather_full_parameter(param: torch.Tensor, group, tensor: torch.Tensor | Non
     size = comm.group_size(group)
     if dim is None or size == 1:
         return tensor.clone()
-    shards = [torch.empty_like(tensor) for _ in range(size)]
-    torch.distributed.all_gather(shards, tensor.contiguous(), group=group)
+    stacked = torch.empty((size,) + tuple(tensor.shape), dtype=tensor.dtype, device=tensor.device)
+    comm.all_gather_into(stacked.view(-1), tensor.contiguous().view(-1), group)
+    shards = stacked.unbind(0)
     stride = getattr(param, "tensor_parallel_stride", 1)
     parts = [shard.unflatten(dim, (stride, -1)) for shard in shards]
     return torch.cat(parts, dim=dim + 1).flatten(dim, dim + 1)

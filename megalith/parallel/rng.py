@@ -21,6 +21,7 @@ import torch
 
 from megalith import device as device_helper
 from megalith.errors import ConfigError
+from megalith.parallel.comm_ledger import active_ledger, counting
 
 TP_SHARED = "tp-shared"
 TP_LOCAL = "tp-local"
@@ -106,6 +107,7 @@ class _Recompute(torch.autograd.Function):
     def forward(ctx, function, tracker, device, tensor_mask, *args):
         ctx.function, ctx.tracker, ctx.device, ctx.tensor_mask = function, tracker, device, tensor_mask
         ctx.rng_states = _capture(device, tracker)
+        ctx.ledger = active_ledger()  # the recompute's collectives count where the forward's did
         ctx.constants = [None if is_tensor else arg for arg, is_tensor in zip(args, tensor_mask)]
         ctx.save_for_backward(*(arg for arg, is_tensor in zip(args, tensor_mask) if is_tensor))
         with torch.no_grad():
@@ -124,7 +126,7 @@ class _Recompute(torch.autograd.Function):
         now = _capture(ctx.device, ctx.tracker)
         _restore(ctx.device, ctx.tracker, ctx.rng_states)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), counting(ctx.ledger):
                 outputs = ctx.function(*inputs)
         finally:
             _restore(ctx.device, ctx.tracker, now)

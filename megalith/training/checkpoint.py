@@ -27,11 +27,10 @@ from dataclasses import asdict, fields
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from megalith import device as device_policy
 from megalith.models.gpt import PADDED_VOCAB_PARAMETERS, TIED_COPY_ALIASES
-from megalith.parallel.comm import max_over_job
+from megalith.parallel.comm import all_reduce, max_over_job
 from megalith.training.checkpoint_format import (
     FORMAT_VERSION, METADATA_FILE, RANK_LAYOUT_KEYS, CheckpointError, CheckpointReader, Placement, global_shape,
     iteration_dir_name, layout_record,
@@ -133,7 +132,7 @@ class Checkpointer:
         if optimizer.sharded and self.state.dp_size > 1:
             for kind in kinds:
                 for name in sorted(self.params):
-                    dist.all_reduce(shards[kind][name], group=self.state.dp_group)
+                    all_reduce(shards[kind][name], self.state.dp_group)
         return {kind: {name: flat.view(self.params[name].shape) for name, flat in shard.items()}
                 for kind, shard in shards.items()}
 

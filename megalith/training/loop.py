@@ -22,6 +22,7 @@ from datetime import datetime
 
 import torch
 
+from megalith.parallel.comm_ledger import CommLedger, counting
 from megalith.parallel.layers import padded_vocab_size
 from megalith.config.arguments import resolved_config_directory, write_resolved_config
 from megalith.training.checkpoint import Checkpointer
@@ -84,6 +85,8 @@ class Trainer:
         self.data = (MockBatches(config, state.device) if config.data.mock_data else
                      DatasetBatches(config, run_tokenizer(config), state.device, state))
         self.timers = Timers(config.logging.timing_log_level, state.device)
+        # --log-comm-bytes: each training step's communication, counted afresh every iteration
+        self.comm_ledger = CommLedger.for_state(state) if config.logging.log_comm_bytes else None
         self.flops = model_flops_per_iteration(
             config.model, config.global_batch_size,
             padded_vocab_size(config.model.vocab_size, state.tp_size, config.model.make_vocab_size_divisible_by))
@@ -134,9 +137,12 @@ class Trainer:
         size = plan.global_batch_size
         micro = self.data.micro_batches(plan, self.state.dp_rank, TRAIN_SPLIT, self.iteration,
                                         first_sample=self.consumed_samples)
-        report = self.runner.train_step(micro, lambda per_token, batch: self.loss_fn(per_token, batch, size),
-                                        learning_rates(self.scheduler, self.config.optimizer), timers=self.timers,
-                                        num_micro_batches=plan.num_micro_batches)
+        if self.comm_ledger is not None:
+            self.comm_ledger.reset()
+        with counting(self.comm_ledger):
+            report = self.runner.train_step(micro, lambda per_token, batch: self.loss_fn(per_token, batch, size),
+                                            learning_rates(self.scheduler, self.config.optimizer), timers=self.timers,
+                                            num_micro_batches=plan.num_micro_batches)
         if not report.outcome.skipped:  # Megatron advances the schedule only on a real update
             self.scheduler.step(size)
         self.iteration += 1
@@ -193,6 +199,8 @@ class Trainer:
         record = as_json_record(entry)
         if self.iteration == c.training.log_interval:  # once: this rank's optimizer memory (ZeRO-1 shrinks it)
             record.update({f"memory_{k}_bytes": v for k, v in self.optimizer.memory_bytes().items()})
+        if self.comm_ledger is not None:  # this rank's, of the last iteration (as the grad norm is)
+            record["comm"] = self.comm_ledger.as_dict()
         writers.write(record, self.iteration)
 
     def train(self) -> list[float]:

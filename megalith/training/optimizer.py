@@ -33,11 +33,10 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 
 from megalith.backends import Choice, make_adam, make_sgd
 from megalith.errors import ConfigError
-from megalith.parallel.comm import group_rank, group_size
+from megalith.parallel.comm import all_reduce, group_rank, group_size
 from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.config.optimizer import OPTIMIZER_NAMES
 
@@ -169,7 +168,7 @@ class ParallelOptimizer:
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         for group in (self.dp_group, self.mp_group):
             if group_size(group) > 1:
-                dist.all_reduce(value, group=group)
+                all_reduce(value, group)
         return value
 
     def _squares(self, grads: list[torch.Tensor]) -> torch.Tensor:

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megalith.config import Layout, ModelConfig
 from megalith.config.pretrain import PretrainConfig
 from megalith.models.parallel_context import ParallelContext, StageSpec
 from megalith.models.registry import ModelSpec, get_model_spec
-from megalith.parallel.comm import group_size
+from megalith.parallel.comm import all_reduce, group_size
 from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.parallel.pipeline.actions import Action, Kind, stage_of
 from megalith.parallel.pipeline.engine import PipelineEngine, StepResult
@@ -198,10 +197,10 @@ class StepRunner:
     def _per_token_total(self, loss_sum: float, tokens: torch.Tensor) -> tuple[float, float]:
         """(the step's loss sum, its token count) over pp (count from the last stage) and dp."""
         if group_size(self.pp_group) > 1:
-            dist.all_reduce(tokens, group=self.pp_group)  # zero on every stage but the last
+            all_reduce(tokens, self.pp_group)  # zero on every stage but the last
         pair = torch.stack([torch.tensor(loss_sum, dtype=torch.float64, device=tokens.device), tokens])
         if group_size(self.dp_group) > 1:
-            dist.all_reduce(pair, group=self.dp_group)
+            all_reduce(pair, self.dp_group)
         total, count = pair.tolist()
         return total, max(count, 1.0)  # no loss token at all: zero loss and gradients, not 0 / 0
 
@@ -228,7 +227,7 @@ class StepRunner:
         if group_size(self.dp_group) == 1:
             return value
         total = torch.tensor([value], dtype=torch.float64, device=self.engine.device)  # NCCL needs the device
-        dist.all_reduce(total, group=self.dp_group)
+        all_reduce(total, self.dp_group)
         return float(total)
 
     def train_step(self, get_micro_batch: Callable[[int], dict], loss_fn, lr: float | LearningRates,

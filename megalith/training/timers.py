@@ -168,7 +168,9 @@ class Timers:
 
 
 def _union_of_names_over(group, names: list[str]) -> list[str]:
-    """Every rank's timer names, in rank order of first appearance (ranks may time different phases)."""
+    """Every rank's timer names, in rank order of first appearance (ranks may time different phases).
+    A gather of pickled objects, the one operation that bypasses megalith.parallel.comm: it moves
+    no tensor, so it has no byte count to add to the communication ledger."""
     import torch.distributed as dist
 
     gathered: list = [None] * dist.get_world_size(group)
@@ -181,9 +183,9 @@ def _union_of_names_over(group, names: list[str]) -> list[str]:
 
 def _all_gather_rows(values: torch.Tensor, group, device: torch.device) -> torch.Tensor:
     """[ranks, names]: every rank's row of the group."""
-    import torch.distributed as dist
+    from megalith.parallel import comm
 
     local = values.to(device)
-    rows = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(rows, local, group=group)
-    return torch.stack(rows).cpu()
+    rows = torch.empty((comm.group_size(group),) + tuple(local.shape), dtype=local.dtype, device=local.device)
+    comm.all_gather_into(rows.view(-1), local.contiguous().view(-1), group)
+    return rows.cpu()

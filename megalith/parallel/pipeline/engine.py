@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from megalith.parallel import comm
 from megalith.parallel.comm import group_size
 from megalith.parallel.pipeline.actions import Action, Kind, TimelineEvent, peer_of, stage_of
 
@@ -73,7 +73,7 @@ class PipelineEngine:
         self.num_stages = pp * len(chunks)
 
     def _global_rank(self, pipeline_rank: int) -> int:
-        return dist.get_global_rank(self.pp_group, pipeline_rank)
+        return comm.global_rank(self.pp_group, pipeline_rank)
 
     def _buffers(self, chunk: int, outputs: bool = False) -> list[torch.Tensor]:
         """Receive buffers for a chunk's inputs, or (`outputs`) for its outputs' gradients."""
@@ -120,7 +120,7 @@ class PipelineEngine:
         if self.pp == 1:
             return float(loss_sum)
         value = loss_sum.detach().reshape(1).to(torch.float64)
-        dist.broadcast(value, src=self._global_rank(self.pp - 1), group=self.pp_group)
+        comm.broadcast(value, self._global_rank(self.pp - 1), self.pp_group)
         return float(value)
 
 
@@ -172,13 +172,12 @@ class _StepRun:
             else:
                 raise ValueError(f"{action} is not a communication action")
             span = (len(ops), len(ops) + len(tensors))
-            op = dist.irecv if action.kind.is_recv else dist.isend
-            ops.extend(dist.P2POp(op, t, peer, engine.pp_group) for t in tensors)
+            ops.extend(comm.PointToPoint(t, peer, engine.pp_group, recv=action.kind.is_recv) for t in tensors)
             if action.kind.is_recv:
                 receives.append(((action.kind, *key), span))
             else:
                 sends.append((tensors, freeable, span))
-        works = dist.batch_isend_irecv(ops) if ops else []
+        works = comm.batch_isend_irecv(ops)
 
         def works_of(span):
             # one work per operation (gloo) lets a receive be waited for alone; a coalesced batch
