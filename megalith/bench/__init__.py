@@ -1,0 +1,1 @@
+"""Peer benchmarks: the same training step under megalith and under the frameworks users compare it with."""

@@ -1,0 +1,66 @@
+"""The work both sides of a peer benchmark train, identically (stand-in for i17-bench's module)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megalith.config import ModelConfig, parse_layout
+from megalith.models.gpt import GPTModel
+from megalith.verify import VerifySettings, build_runner, plan
+from megalith.training.step import sequence_mean_loss
+
+
+@dataclass(frozen=True)
+class Work:
+    """What both sides train, identically: model, batch shape, seed, optimizer settings."""
+
+    config: ModelConfig
+    micro_batch_size: int = 4
+    micro_batches: int = 1  # per data-parallel rank per step
+    dp: int = 1
+    seed: int = 0
+    lr: float = 1e-4
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.micro_batches * self.dp
+
+    def global_batch(self, step: int) -> dict[str, torch.Tensor]:
+        """{"input_ids", "labels"} `[B, s]`, seeded by (seed, step): a token stream shifted by one."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        stream = torch.randint(0, self.config.vocab_size, (self.global_batch_size, self.config.seq_length + 1),
+                               generator=generator)
+        return {"input_ids": stream[:, :-1], "labels": stream[:, 1:]}
+
+    def verify_settings(self) -> VerifySettings:
+        return VerifySettings("gpt", self.config, micro_batches=self.micro_batches * self.dp,
+                              micro_batch_size=self.micro_batch_size, lr=self.lr, min_lr=self.lr, lr_warmup_iters=0,
+                              lr_decay_style="constant", weight_decay=0.0, clip_grad=0.0, adam_eps=1e-8,
+                              ddp_bucket_size=40_000_000, seed=self.seed)
+
+    def megalith_side(self, layout: str, state) -> "MegalithSide":
+        return MegalithSide(self, layout, state)
+
+    def reference_state_dict(self) -> dict[str, torch.Tensor]:
+        return GPTModel(self.config, init_seed=self.seed).state_dict()
+
+
+class MegalithSide:
+    """megalith's step of a layout, built as `megalith verify` builds it."""
+
+    def __init__(self, work: Work, layout: str, state) -> None:
+        settings = work.verify_settings()
+        parsed = parse_layout(layout)
+        self.work, self.batch_plan = work, plan(settings, parsed).batch
+        self.runner = build_runner(settings, parsed, state)
+        self.dp_rank = state.dp_rank if state is not None else 0
+
+    def step(self, step: int) -> float:
+        data = self.work.global_batch(step)
+        data["loss_mask"] = torch.ones(data["labels"].shape)
+        micro = self.batch_plan.micro_batches(data, self.dp_rank)
+        size = self.work.global_batch_size
+        return self.runner.train_step(micro, lambda per_token, b: sequence_mean_loss(per_token, b, size),
+                                      self.work.lr).loss
