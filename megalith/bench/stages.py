@@ -94,5 +94,7 @@ def tied_parameters(stages: list[Stage], work) -> list[nn.Parameter]:
 
 
 def adamw(parameters, work) -> torch.optim.Optimizer:
-    """The optimizer both sides use: AdamW, lr from the work, betas (0.9, 0.999), eps 1e-8, no decay."""
-    return torch.optim.AdamW(list(parameters), lr=work.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    """The optimizer both sides use: AdamW, lr from the work, betas (0.9, 0.999), eps 1e-8, no decay,
+    in the foreach form megalith's CPU fallback takes (`megalith.backends`), so the step costs the same."""
+    return torch.optim.AdamW(list(parameters), lr=work.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                             foreach=True)
