@@ -1,5 +1,5 @@
 """Running a peer case: both sides built on the pool's ranks, losses checked, steps timed alternately
-(stand-in for i17-bench's module)."""
+(megalith, peer, megalith, ...) after barriers, medians of the slowest rank per step."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The work both sides of a peer benchmark train, identically (stand-in for i17-bench's module)."""
+"""The work both sides of a peer benchmark train, identically."""
 
 from __future__ import annotations
 
