@@ -6,7 +6,8 @@ Each row times one training step (forward, backward, AdamW) of the same GPT with
 and batches under megalith and under one peer, alternating repetitions (megalith, peer, megalith,
 ...) after warm-up steps whose losses must agree (fp32, relative 1e-5) before any time counts.
 Medians of the slowest rank per step; ratio = megalith / peer. Rows today: plain PyTorch on one
-process, torch.distributed.pipelining (pp2 and pp4 1F1B, pp2 interleaved with 2 chunks) and
+process, DistributedDataParallel (dp2), FSDP2 `fully_shard` (dp2 with the distributed
+optimizer), torch.distributed.pipelining (pp2 and pp4 1F1B, pp2 interleaved with 2 chunks) and
 DeepSpeed (pipeline engine pp2, ZeRO-1 dp2, skipped with one line when it is not installed).
 """
 
@@ -19,7 +20,7 @@ import sys
 
 import torch
 
-from megalith.bench import pipelining, plain_peer
+from megalith.bench import data_parallel_peers, pipelining, plain_peer
 from megalith.bench.harness import run_case
 from megalith.config import ModelConfig
 from megalith.parallel.spawn import RankPool
@@ -34,7 +35,7 @@ GOALS = {"plain": 1.05, "dtensor": 0.75, "ddp": 1.0, "fsdp2": 1.0, "pipelining":
 
 def all_cases(config, quick: bool, peers: set[str] | None):
     """Every row's case, in table order; a peer whose framework is missing is left out with one line."""
-    cases = plain_peer.cases(config, quick) + pipelining.cases(config, quick)
+    cases = plain_peer.cases(config, quick) + data_parallel_peers.cases(config, quick) + pipelining.cases(config, quick)
     if importlib.util.find_spec("deepspeed") is None:
         print("deepspeed rows skipped: DeepSpeed is not installed (pip install -e '.[bench]')", file=sys.stderr)
     else:

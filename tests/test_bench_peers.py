@@ -69,3 +69,19 @@ def test_the_driver_names_an_unknown_peer():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--peers", "plainn"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 2 and "unknown peer(s) ['plainn']" in done.stderr
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["ddp", "fsdp2"])
+def test_the_data_parallel_peers_train_as_megalith_does(rank_pools, index):
+    from dataclasses import replace
+
+    from megalith.bench import data_parallel_peers
+
+    case = data_parallel_peers.cases(TINY, quick=True, micro_batch_size=2, micro_batches=2)[index]
+    case = replace(case, work=replace(case.work, lr=1e-2))
+    per_rank = [r for r in rank_pools(2).run(losses_of_both, case, 2) if r is not None]
+    assert len(per_rank) == 2 and per_rank[0] == per_rank[1]  # both ranks report the same losses
+    ours, theirs = per_rank[0]
+    assert ours[0] != ours[1]
+    errors = [abs(a - b) / abs(a) for a, b in zip(ours, theirs)]
+    assert max(errors) < FP32_RELATIVE_TOLERANCE, (case.peer, errors)
