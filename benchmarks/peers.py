@@ -6,7 +6,8 @@ Each row times one training step (forward, backward, AdamW) of the same GPT with
 and batches under megalith and under one peer, alternating repetitions (megalith, peer, megalith,
 ...) after warm-up steps whose losses must agree (fp32, relative 1e-5) before any time counts.
 Medians of the slowest rank per step; ratio = megalith / peer. Rows today: plain PyTorch on one
-process, DistributedDataParallel (dp2), FSDP2 `fully_shard` (dp2 with the distributed
+process, DTensor tensor parallelism with sequence parallelism and loss_parallel (tp2+SP),
+DistributedDataParallel (dp2), FSDP2 `fully_shard` (dp2 with the distributed
 optimizer), torch.distributed.pipelining (pp2 and pp4 1F1B, pp2 interleaved with 2 chunks) and
 DeepSpeed (pipeline engine pp2, ZeRO-1 dp2, skipped with one line when it is not installed).
 """
@@ -20,7 +21,7 @@ import sys
 
 import torch
 
-from megalith.bench import data_parallel_peers, pipelining, plain_peer
+from megalith.bench import data_parallel_peers, pipelining, plain_peer, tensor_parallel_peer
 from megalith.bench.harness import run_case
 from megalith.config import ModelConfig
 from megalith.parallel.spawn import RankPool
@@ -30,12 +31,15 @@ REAL = ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=8, seq_len
                    hidden_dropout=0.0, attention_dropout=0.0)
 TINY = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=256,
                    hidden_dropout=0.0, attention_dropout=0.0)
+SCALING_GOAL = 0.65  # megalith tp2+SP step / megalith's own one-process step (77% efficiency on 2 cores)
 GOALS = {"plain": 1.05, "dtensor": 0.75, "ddp": 1.0, "fsdp2": 1.0, "pipelining": 0.95, "deepspeed": 0.8}
 
 
 def all_cases(config, quick: bool, peers: set[str] | None):
     """Every row's case, in table order; a peer whose framework is missing is left out with one line."""
-    cases = plain_peer.cases(config, quick) + data_parallel_peers.cases(config, quick) + pipelining.cases(config, quick)
+    cases = []
+    for module in (plain_peer, tensor_parallel_peer, data_parallel_peers, pipelining):
+        cases += module.cases(config, quick)
     if importlib.util.find_spec("deepspeed") is None:
         print("deepspeed rows skipped: DeepSpeed is not installed (pip install -e '.[bench]')", file=sys.stderr)
     else:
@@ -52,6 +56,16 @@ def table(rows) -> str:
         lines.append(f"{r.work:34} {r.peer:11} {r.megalith_ms:12.1f} {r.peer_ms:10.1f} {r.ratio:7.3f} "
                      f"{goal:6.2f}  {'yes' if r.ratio <= goal else 'no'}")
     return "\n".join(lines)
+
+
+def scaling_line(rows) -> str | None:
+    """megalith's tp2+SP step against its own one-process step, when both rows ran."""
+    by_work = {r.work: r for r in rows}
+    if "one process" not in by_work or "tp2+SP" not in by_work:
+        return None
+    ratio = by_work["tp2+SP"].megalith_ms / by_work["one process"].megalith_ms
+    return (f"scaling: megalith tp2+SP / one process = {ratio:.3f} (goal <= {SCALING_GOAL}: "
+            f"{'met' if ratio <= SCALING_GOAL else 'not met'})")
 
 
 def main(argv=None) -> None:
@@ -80,6 +94,9 @@ def main(argv=None) -> None:
         for pool in pools.values():
             pool.close()
     print(table(rows))
+    scaling = scaling_line(rows)
+    if scaling:
+        print(scaling)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump([r.to_json() for r in rows], handle, indent=1)

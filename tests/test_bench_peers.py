@@ -85,3 +85,19 @@ def test_the_data_parallel_peers_train_as_megalith_does(rank_pools, index):
     assert ours[0] != ours[1]
     errors = [abs(a - b) / abs(a) for a, b in zip(ours, theirs)]
     assert max(errors) < FP32_RELATIVE_TOLERANCE, (case.peer, errors)
+
+
+def test_the_dtensor_peer_trains_as_megalith_tp2_sp_does(rank_pools):
+    from dataclasses import replace
+
+    from megalith.bench import tensor_parallel_peer
+
+    case = tensor_parallel_peer.cases(TINY, quick=True, micro_batch_size=2)[0]
+    assert (case.work_name, case.peer, case.ranks) == ("tp2+SP", "dtensor", 2)
+    case = replace(case, work=replace(case.work, lr=1e-2))
+    per_rank = rank_pools(2).run(losses_of_both, case, 2)
+    assert per_rank[0] == per_rank[1]  # both ranks report the same losses
+    ours, theirs = per_rank[0]
+    assert ours[0] != ours[1]
+    errors = [abs(a - b) / abs(a) for a, b in zip(ours, theirs)]
+    assert max(errors) < FP32_RELATIVE_TOLERANCE, errors
