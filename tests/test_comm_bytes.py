@@ -217,11 +217,14 @@ def test_tp_training_step_without_and_with_sequence_parallelism(pool):
     for _, counts, _, _ in results:
         assert counts == {"tp": {"all_reduce": _entry(m * (4 * L + 2 + 2), without_sp + m * CE)},
                           "mp": {"all_reduce": _entry(1, STEP_SCALARS["norm"])}}
-    # SP: every activation all-reduce is an all-gather plus a reduce-scatter of the same bytes; after
-    # backward the replicated parameters' gradients (norms, row-parallel biases, positions) are summed once
+    # SP: every activation all-reduce is an all-gather plus a reduce-scatter of the same bytes; the
+    # column-parallel layers (qkv, fc1, the output layer) keep their input's shard for backward and
+    # gather it again there: 2L + 1 more all-gathers of A per micro-batch. After backward the
+    # replicated parameters' gradients (norms, row-parallel biases, positions) are summed once
     sp_grads = F32 * (L * (2 * 2 * H + 2 * H) + 2 * H + S * H)
+    regathered = m * (2 * L + 1)
     for _, counts, history, _ in filter(None, pool.run(_train_step_counts, "tp2.sp", SETTINGS)):
-        assert counts == {"tp": {"all_gather": _entry(m * (4 * L + 2), without_sp),
+        assert counts == {"tp": {"all_gather": _entry(m * (4 * L + 2) + regathered, without_sp + regathered * ACT),
                                  "reduce_scatter": _entry(m * (4 * L + 2), without_sp),
                                  "all_reduce": _entry(2 * m + 1, m * CE + sp_grads)},
                           "mp": {"all_reduce": _entry(1, STEP_SCALARS["norm"])}}

@@ -19,6 +19,7 @@ from torch import nn
 
 from megalith.errors import ConfigError
 from megalith.parallel import comm
+from megalith.parallel.gathered_linear import linear_over_gathered_sequence
 
 InitMethod = Callable[[torch.Tensor], object]
 
@@ -157,11 +158,11 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _bias(self.output_size_per_partition, params_dtype, device, 0, stride) if bias else None
 
     def forward(self, x: torch.Tensor):
-        if self.sequence_parallel:
-            x = comm.gather_from_sequence_parallel(x, self.tp_group, tensor_parallel_output_grad=True)
+        bias = None if self.skip_bias_add else self.bias
+        if self.sequence_parallel:  # gathered here; backward keeps the shard and gathers again
+            y = linear_over_gathered_sequence(x, self.weight, bias, self.tp_group)
         else:
-            x = comm.copy_to_tp(x, self.tp_group)
-        y = F.linear(x, self.weight, None if self.skip_bias_add else self.bias)
+            y = F.linear(comm.copy_to_tp(x, self.tp_group), self.weight, bias)
         if not self.gather_output:
             return (y, self.bias) if self.skip_bias_add else y
         y = comm.gather_from_tp(y, self.tp_group)
@@ -307,10 +308,8 @@ def parallel_lm_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group, *, 
     result is `[s, b, V/tp]`, ready for vocab_parallel_cross_entropy without a gather.
     """
     if sequence_parallel:
-        hidden = comm.gather_from_sequence_parallel(hidden, tp_group, tensor_parallel_output_grad=True)
-    else:
-        hidden = comm.copy_to_tp(hidden, tp_group)
-    return F.linear(hidden, weight)
+        return linear_over_gathered_sequence(hidden, weight, None, tp_group)
+    return F.linear(comm.copy_to_tp(hidden, tp_group), weight)
 
 
 def mark_sequence_parallel(module: nn.Module, enabled: bool = True) -> nn.Module:
