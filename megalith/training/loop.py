@@ -33,6 +33,7 @@ from megalith.training.exit_policy import ExitPolicy, block_sigterm_in_new_threa
 from megalith.training.flops import model_flops_per_iteration, tflops_per_device
 from megalith.training.housekeeping import RunHousekeeping
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line
+from megalith.training import memory_report
 from megalith.training.lr_schedule import LRScheduler
 from megalith.training.optimizer import learning_rates
 from megalith.training.progress import NullProgressBar, progress_bar
@@ -100,6 +101,12 @@ class Trainer:
         self.loaded = None
         if config.checkpointing.load:
             self.loaded = self._load(config.checkpointing)
+
+    def _report(self, lines: list[str], emit=None) -> None:
+        """Print lines every rank computed (a collective came first) from the last rank only."""
+        if self.is_last_rank:
+            for line in lines:
+                (emit or self.print)(line)
 
     def _notice(self, line: str) -> None:
         if self.is_last_rank:
@@ -214,6 +221,9 @@ class Trainer:
             directory = resolved_config_directory(c)
             if directory:
                 self.print(f"resolved config: {write_resolved_config(c, directory)}")
+        self._report(memory_report.startup_lines(self.state, memory_report.startup_memory(
+            self.runner, c, self.state.tp_size)))
+        first_iteration = self.iteration + 1
         writers = (open_writers(log_json=c.logging.log_json, tensorboard_dir=c.logging.tensorboard_dir,
                                 wandb_project=c.logging.wandb_project, wandb_exp_name=c.logging.wandb_exp_name,
                                 wandb_save_dir=c.logging.wandb_save_dir, run_config=c.to_dict(),
@@ -244,6 +254,8 @@ class Trainer:
                         self.log(stats, writers, emit)
                         logged.append(stats.mean_loss)
                     stats = IntervalStats()
+                if self.iteration == first_iteration:  # what the first step really took (Megatron's report_memory)
+                    self._report(memory_report.measured_lines(self.state, self.iteration), emit)
                 at_end = self.iteration == c.training.train_iters
                 if c.training.eval_iters and (self.iteration % c.training.eval_interval == 0 or at_end):
                     eval_started = time.perf_counter()

@@ -1,0 +1,130 @@
+"""`megalith pretrain`'s memory report: once at startup, what each model-parallel rank will hold,
+and once after the first iteration, what it held.
+
+At startup (as Megatron's theoretical memory report): the parameters, gradient buffers and
+optimizer state counted from what this rank built (the optimizer's fp32 main weights and its
+moments, sharded under the distributed optimizer), and the peak activations from Korthikanti et
+al. 2022 (megalith.plan.memory) for the transformer layers on this rank times the most layers'
+activations the pipeline schedule keeps at once. After the first iteration: CUDA's allocator
+counters (Megatron's report_memory line), or the process's peak resident set on CPU, where
+PyTorch keeps no counters.
+
+Every rank of a model-parallel group (tp x pp) sends its row to the others over that group; the
+last rank, which prints the log, prints its group's rows. Other data-parallel replicas hold the
+same, so one group tells the whole job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megalith.config.pretrain import PretrainConfig
+from megalith.models.transformer import TransformerLayer
+from megalith.parallel import comm
+from megalith.parallel.pipeline.actions import Kind
+from megalith.plan.memory import activation_bytes_per_layer
+from megalith.training.housekeeping import max_rss_bytes
+
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class StartupMemory:
+    """One rank's expected bytes."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    peak_layers: float  # layers' worth of activations the schedule keeps at once (micro-batches x layers)
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations
+
+    def as_row(self) -> list[float]:
+        return [self.parameters, self.gradients, self.optimizer, self.activations, self.peak_layers]
+
+
+def _layers_per_chunk(chunks: list[nn.Module]) -> list[int]:
+    return [sum(isinstance(m, TransformerLayer) for m in chunk.modules()) for chunk in chunks]
+
+
+def peak_layers_in_flight(actions, layers_per_chunk: list[int]) -> int:
+    """The most layers' activations held at once: each forward of a chunk adds its layers, each
+    backward (or input-gradient half of one) of it releases them, in the schedule's order."""
+    held = peak = 0
+    for action in actions:
+        if action.kind is Kind.FORWARD:
+            held += layers_per_chunk[action.chunk]
+            peak = max(peak, held)
+        elif action.kind in (Kind.BACKWARD, Kind.BACKWARD_INPUT):
+            held -= layers_per_chunk[action.chunk]
+    return peak
+
+
+def startup_memory(runner, config: PretrainConfig, tp_size: int) -> StartupMemory:
+    """This rank's parameters, gradients and optimizer state as built, and its peak activations."""
+    optimizer = runner.optimizer
+    built = optimizer.memory_bytes()  # the moments do not exist before the first step: counted here
+    moments = {"adam": 2, "sgd": 1 if config.optimizer.sgd_momentum else 0}[config.optimizer.optimizer]
+    state = moments * sum(f.main.numel() * f.main.element_size() for f in optimizer.fragments)
+    m = config.model
+    per_layer = activation_bytes_per_layer(
+        m.seq_length, config.training.micro_batch_size, m.hidden_size, m.num_attention_heads, tp=tp_size,
+        sequence_parallel=config.distributed.sequence_parallel, recompute=m.recompute_granularity,
+        attention_scores=m.attention_path == "unfused", value_bytes=torch.finfo(m.torch_dtype).bits // 8,
+        hidden_dropout=m.hidden_dropout > 0, attention_dropout=m.attention_dropout > 0)
+    layers = peak_layers_in_flight(runner.actions, _layers_per_chunk(runner.chunks))
+    return StartupMemory(built["params"], built["grads"], built["main_params"] + state, per_layer * layers, layers)
+
+
+def measured_memory(device: torch.device) -> list[float]:
+    """[allocated, max allocated, reserved, max reserved] on CUDA; [max resident set] elsewhere."""
+    if device.type == "cuda":
+        return [float(torch.cuda.memory_allocated(device)), float(torch.cuda.max_memory_allocated(device)),
+                float(torch.cuda.memory_reserved(device)), float(torch.cuda.max_memory_reserved(device))]
+    return [float(max_rss_bytes() or 0)]
+
+
+def _rows_over(group, row: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's row of `group` (one all-gather), in group-rank order."""
+    local = torch.tensor(row, dtype=torch.float64, device=device)
+    if comm.group_size(group) == 1:
+        return [local.tolist()]
+    rows = torch.empty((comm.group_size(group), local.numel()), dtype=torch.float64, device=device)
+    comm.all_gather_into(rows.view(-1), local, group)
+    return rows.cpu().tolist()
+
+
+def _label(state, rank: int) -> str:
+    coords = state.grid.coords(rank)
+    return f"[Rank {rank}] (tp {coords.tp}, pp {coords.pp})"
+
+
+def startup_lines(state, memory: StartupMemory) -> list[str]:
+    """Collective over the model-parallel group; the lines, on every rank."""
+    ranks = state.grid.group_of("mp", state.rank) or [state.rank]
+    lines = ["memory per rank at startup (MB): parameters, gradients and optimizer state as built; "
+             "activations by Korthikanti et al. 2022 for the layers the schedule holds at its peak"]
+    for rank, row in zip(ranks, _rows_over(state.mp_group, memory.as_row(), state.device)):
+        mem = StartupMemory(*row)
+        lines.append(f"{_label(state, rank)} parameters {mem.parameters / MB:.2f} | gradients {mem.gradients / MB:.2f}"
+                     f" | optimizer {mem.optimizer / MB:.2f} | activations {mem.activations / MB:.2f} "
+                     f"(peak: {mem.peak_layers:.0f} layers' worth) | total {mem.total / MB:.2f}")
+    return lines
+
+
+def measured_lines(state, iteration: int) -> list[str]:
+    """Collective over the model-parallel group: Megatron's report_memory line per rank."""
+    ranks = state.grid.group_of("mp", state.rank) or [state.rank]
+    names = (["allocated", "max allocated", "reserved", "max reserved"] if state.device.type == "cuda"
+             else ["max rss"])
+    lines = []
+    for rank, row in zip(ranks, _rows_over(state.mp_group, measured_memory(state.device), state.device)):
+        numbers = " | ".join(f"{name}: {value / MB:.2f}" for name, value in zip(names, row))
+        lines.append(f"[Rank {rank}] (after {iteration} iterations) memory (MB) | {numbers}")
+    return lines
