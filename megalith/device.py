@@ -106,3 +106,12 @@ def memory_stats(device: torch.device) -> dict[str, int]:
             "reserved_bytes": stats.get("reserved_bytes.all.current", 0),
             "max_allocated_bytes": stats.get("allocated_bytes.all.peak", 0),
             "allocation_count": stats.get("allocation.all.current", 0)}
+
+
+def report_memory_counters(device: torch.device) -> dict[str, int]:
+    """Megatron's report_memory numbers (bytes allocated, max allocated, reserved, max reserved);
+    {} off CUDA."""
+    if device.type != "cuda":
+        return {}
+    return {"allocated": torch.cuda.memory_allocated(device), "max allocated": torch.cuda.max_memory_allocated(device),
+            "reserved": torch.cuda.memory_reserved(device), "max reserved": torch.cuda.max_memory_reserved(device)}

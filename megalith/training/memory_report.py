@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from megalith.config.pretrain import PretrainConfig
+from megalith.device import report_memory_counters
 from megalith.models.transformer import TransformerLayer
 from megalith.parallel import comm
 from megalith.parallel.pipeline.actions import Kind
@@ -82,12 +83,11 @@ def startup_memory(runner, config: PretrainConfig, tp_size: int) -> StartupMemor
     return StartupMemory(built["params"], built["grads"], built["main_params"] + state, per_layer * layers, layers)
 
 
-def measured_memory(device: torch.device) -> list[float]:
-    """[allocated, max allocated, reserved, max reserved] on CUDA; [max resident set] elsewhere."""
-    if device.type == "cuda":
-        return [float(torch.cuda.memory_allocated(device)), float(torch.cuda.max_memory_allocated(device)),
-                float(torch.cuda.memory_reserved(device)), float(torch.cuda.max_memory_reserved(device))]
-    return [float(max_rss_bytes() or 0)]
+def measured_memory(device: torch.device) -> dict[str, float]:
+    """Megatron's report_memory counters on CUDA; the peak resident set elsewhere."""
+    counters = report_memory_counters(device)
+    return ({name: float(value) for name, value in counters.items()} if counters
+            else {"max rss": float(max_rss_bytes() or 0)})
 
 
 def _rows_over(group, row: list[float], device: torch.device) -> list[list[float]]:
@@ -121,10 +121,10 @@ def startup_lines(state, memory: StartupMemory) -> list[str]:
 def measured_lines(state, iteration: int) -> list[str]:
     """Collective over the model-parallel group: Megatron's report_memory line per rank."""
     ranks = state.grid.group_of("mp", state.rank) or [state.rank]
-    names = (["allocated", "max allocated", "reserved", "max reserved"] if state.device.type == "cuda"
-             else ["max rss"])
+    measured = measured_memory(state.device)
+    names = list(measured)  # the same names on every rank: one device type per job
     lines = []
-    for rank, row in zip(ranks, _rows_over(state.mp_group, measured_memory(state.device), state.device)):
+    for rank, row in zip(ranks, _rows_over(state.mp_group, list(measured.values()), state.device)):
         numbers = " | ".join(f"{name}: {value / MB:.2f}" for name, value in zip(names, row))
         lines.append(f"[Rank {rank}] (after {iteration} iterations) memory (MB) | {numbers}")
     return lines
