@@ -151,6 +151,11 @@ def batch_isend_irecv(ops: list[PointToPoint], *, ledger: CommLedger | None | _A
         return []
     for op in ops:
         _count(ledger, op.group, "recv" if op.recv else "send", op.tensor)
+    if all(dist.get_backend(op.group) == "gloo" for op in ops):
+        # gloo has no coalesced batch: torch's batch_isend_irecv posts one isend/irecv per operation
+        # inside a coalescing context whose Python costs about 0.15 ms per batch; posting them
+        # directly is the same operations in the same order
+        return [(dist.irecv if op.recv else dist.isend)(op.tensor, op.peer, group=op.group) for op in ops]
     return dist.batch_isend_irecv([dist.P2POp(dist.irecv if op.recv else dist.isend, op.tensor, op.peer, op.group)
                                    for op in ops])
 
