@@ -29,7 +29,7 @@ def record_on_rank(ctx, settings, layout_text):
     layout = parse_layout(layout_text)
     state = ctx.parallel_state(tp=layout.tp, pp=layout.pp)
     steps = {}
-    train(settings, layout, state, step_hook=lambda step, result: steps.__setitem__(step, result.events))
+    train(settings, layout, state, step_hook=lambda step, result: steps.__setitem__(step, result.pipeline.events))
     return steps[settings.steps - 1] if state.tp_rank == 0 and state.dp_rank == 0 else []
 
 
