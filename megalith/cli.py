@@ -110,14 +110,15 @@ def _add_model_arguments(parser: argparse.ArgumentParser, overrides: dict) -> No
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from megalith.parallel.pipeline.schedules import default_schedule, validate_schedule_args
+    from megalith.parallel.pipeline.schedules import SIMULATED_SCHEDULES, default_schedule, validate_schedule_args
     from megalith.parallel.pipeline.timeline import describe_schedule
 
-    schedule = args.schedule or default_schedule(args.pp, args.vpp)
-    validate_schedule_args(schedule, args.pp, args.vpp, args.micro_batches)
-    print(describe_schedule(schedule, args.pp, args.vpp, args.micro_batches, forward_cost=args.forward_cost,
+    vpp = args.vpp if args.vpp is not None else (2 if args.schedule == "zb-v" else 1)
+    schedule = args.schedule or default_schedule(args.pp, vpp)
+    validate_schedule_args(schedule, args.pp, vpp, args.micro_batches, SIMULATED_SCHEDULES)
+    print(describe_schedule(schedule, args.pp, vpp, args.micro_batches, forward_cost=args.forward_cost,
                             backward_cost=args.backward_cost, p2p_cost=args.p2p_cost,
-                            trace_path=args.trace, png_path=args.png))
+                            trace_path=args.trace, png_path=args.png, wgrad_cost=args.wgrad_cost))
     return 0
 
 
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megalith.config import add_config_arguments
     from megalith.models.registry import BUILTIN_MODELS
     from megalith.overhead import DEFAULT_BENCH_CONFIG
-    from megalith.parallel.pipeline.schedules import SCHEDULES
+    from megalith.parallel.pipeline.schedules import SIMULATED_SCHEDULES
     from megalith.verify import VerifySettings
 
     parser = argparse.ArgumentParser(prog="megalith", description="Megatron-style 3D-parallel transformer training.")
@@ -181,13 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build every rank's action list of a pipeline schedule, check it (matched sends and receives, "
         "no deadlock), simulate it with a cost model and print the predicted bubble beside the formula.",
     )
-    schedule.add_argument("--schedule", choices=SCHEDULES, default=None,
-                          help="default: 1f1b, interleaved-1f1b with --vpp above 1, no-pipelining at --pp 1 (as pretrain)")
+    schedule.add_argument("--schedule", choices=SIMULATED_SCHEDULES, default=None,
+                          help="default: 1f1b, interleaved-1f1b with --vpp above 1, no-pipelining at --pp 1 (as pretrain); "
+                          "zb-h1 and zb-v (zero bubble, Qi et al. 2023) split backward into input and weight gradients "
+                          "and are simulated only: pretrain runs them once the engine splits backward")
     schedule.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=4)
-    schedule.add_argument("--virtual-pipeline-model-parallel-size", "--vpp", dest="vpp", type=int, default=1)
+    schedule.add_argument("--virtual-pipeline-model-parallel-size", "--vpp", dest="vpp", type=int, default=None,
+                          help="model chunks per rank (default: 2 for zb-v, else 1)")
     schedule.add_argument("--micro-batches", type=int, default=8)
     schedule.add_argument("--forward-cost", type=float, default=1.0, help="time of one stage's forward")
-    schedule.add_argument("--backward-cost", type=float, default=2.0, help="time of one stage's backward")
+    schedule.add_argument("--backward-cost", type=float, default=2.0,
+                          help="time of one stage's backward; its input-gradient part when --wgrad-cost is given")
+    schedule.add_argument("--wgrad-cost", type=float, default=None,
+                          help="time of one stage's weight gradient (needed by zb-h1, zb-v); a fused backward then "
+                          "costs --backward-cost plus this")
     schedule.add_argument("--p2p-cost", type=float, default=0.0, help="time for a message to arrive")
     schedule.add_argument("--trace", metavar="PATH", help="write a Chrome-trace JSON (opens in Perfetto)")
     schedule.add_argument("--png", metavar="PATH", help="write a Gantt chart, one row per rank")

@@ -1,12 +1,16 @@
 """The vocabulary of pipeline schedules: what one rank does, in order, during one step.
 
-Rank r of a pipeline of `pp` ranks holds `v` model chunks; chunk c of rank r is global stage
-`c * pp + r` (Megatron's interleaved assignment; with v = 1, stage = rank). Activations flow
-from stage s to s + 1 and gradients back from s + 1 to s.
+Rank r of a pipeline of `pp` ranks holds `v` model chunks. In the "interleaved" placement
+chunk c of rank r is global stage `c * pp + r` (Megatron's assignment; with v = 1, stage =
+rank). In the "v" placement (zero-bubble ZB-V, two chunks) rank r holds stages r and
+2 pp - 1 - r, so the first and the last stage both sit on rank 0 and the turn of the V (stage
+pp - 1 to pp) stays on rank pp - 1. Activations flow from stage s to s + 1 and gradients back
+from s + 1 to s.
 
 Compute actions: FORWARD and BACKWARD of (chunk, micro-batch). BACKWARD_INPUT and
-BACKWARD_WEIGHT split a backward into its input-gradient and weight-gradient parts, for
-zero-bubble schedules; no generator emits them yet.
+BACKWARD_WEIGHT split a backward into its input-gradient part (sent upstream at once) and its
+weight-gradient part (which sends nothing, so a schedule may defer it), for zero-bubble
+schedules; the engine cannot run them yet, only the simulator.
 
 Communication actions name the tensor they move, never a peer: RECV_FORWARD(c, i) receives
 the input of this rank's chunk c for micro-batch i (from stage s - 1), SEND_FORWARD sends its
@@ -40,6 +44,11 @@ class Kind(str, Enum):
         return self in (Kind.FORWARD, Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT)
 
     @property
+    def is_backward(self) -> bool:
+        """A backward that consumes the output gradient and sends the input gradient (fused or BI)."""
+        return self in (Kind.BACKWARD, Kind.BACKWARD_INPUT)
+
+    @property
     def is_send(self) -> bool:
         return self in (Kind.SEND_FORWARD, Kind.SEND_BACKWARD)
 
@@ -58,29 +67,46 @@ class Action:
         return f"{self.kind.value}{self.chunk}.{self.microbatch}"
 
 
-def stage_of(rank: int, chunk: int, pp: int) -> int:
+PLACEMENTS = ("interleaved", "v")
+
+
+def _check_placement(placement: str, chunk: int | None = None) -> None:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown stage placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
+    if placement == "v" and chunk is not None and chunk not in (0, 1):
+        raise ValueError(f"the v placement holds chunks 0 and 1, got chunk {chunk}")
+
+
+def stage_of(rank: int, chunk: int, pp: int, placement: str = "interleaved") -> int:
     """Global stage held by (rank, chunk)."""
+    _check_placement(placement, chunk)
+    if placement == "v":
+        return rank if chunk == 0 else 2 * pp - 1 - rank
     return chunk * pp + rank
 
 
-def holder_of(stage: int, pp: int) -> tuple[int, int]:
+def holder_of(stage: int, pp: int, placement: str = "interleaved") -> tuple[int, int]:
     """(rank, chunk) holding a global stage."""
+    _check_placement(placement)
+    if placement == "v":
+        return (stage, 0) if stage < pp else (2 * pp - 1 - stage, 1)
     return stage % pp, stage // pp
 
 
-def peer_of(action: Action, rank: int, pp: int) -> tuple[int, int]:
-    """(peer rank, peer chunk) that a communication action talks to."""
-    stage = stage_of(rank, action.chunk, pp)
+def peer_of(action: Action, rank: int, pp: int, placement: str = "interleaved") -> tuple[int, int]:
+    """(peer rank, peer chunk) that a communication action talks to (in the v placement the
+    turn's peer is the rank itself)."""
+    stage = stage_of(rank, action.chunk, pp, placement)
     if action.kind in (Kind.SEND_FORWARD, Kind.RECV_BACKWARD):
-        return holder_of(stage + 1, pp)
+        return holder_of(stage + 1, pp, placement)
     if action.kind in (Kind.RECV_FORWARD, Kind.SEND_BACKWARD):
-        return holder_of(stage - 1, pp)
+        return holder_of(stage - 1, pp, placement)
     raise ValueError(f"{action} is not a communication action")
 
 
 @dataclass(frozen=True)
 class TimelineEvent:
-    """One forward or backward: which rank, what, and when (seconds, or the simulator's units)."""
+    """One compute action (F, B, BI or BW): which rank, what, and when (seconds, or the simulator's units)."""
 
     rank: int
     kind: str

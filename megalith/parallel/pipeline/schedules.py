@@ -1,18 +1,32 @@
 """Pipeline schedules as data: (schedule, pp, vpp, micro-batches, rank) -> that rank's actions.
 
 Each generator only decides the order of forwards and backwards; `_with_comm` surrounds
-them with the receives and sends their stage needs, so a new schedule (zero-bubble, say) is
-just another ordering function.
+them with the receives and sends their stage needs, so a new schedule is just another ordering
+function. The zero-bubble ones (zero_bubble.py) split backward into B and W, which the engine
+cannot run yet: pretrain and verify accept SCHEDULES, `megalith schedule` SIMULATED_SCHEDULES.
 """
 
 from __future__ import annotations
 
 from megalith.errors import ConfigError
-from megalith.parallel.pipeline.actions import Action, Kind, stage_of
+from megalith.parallel.pipeline.actions import Action, Kind, peer_of, stage_of
+from megalith.parallel.pipeline.zero_bubble import zb_h1, zb_v
 
 SCHEDULES = ("no-pipelining", "gpipe", "1f1b", "interleaved-1f1b")
+ZERO_BUBBLE_SCHEDULES = ("zb-h1", "zb-v")
+SIMULATED_SCHEDULES = SCHEDULES + ZERO_BUBBLE_SCHEDULES
 
-Step = tuple[Kind, int, int]  # (FORWARD or BACKWARD, chunk, micro-batch), before communication is added
+Step = tuple[Kind, int, int]  # (compute kind, chunk, micro-batch), before communication is added
+
+
+def placement_of(name: str) -> str:
+    """How a schedule maps (rank, chunk) to stages: zb-v's V, else Megatron's interleaving."""
+    return "v" if name == "zb-v" else "interleaved"
+
+
+def splits_backward(name: str) -> bool:
+    """Whether a schedule emits BACKWARD_INPUT and BACKWARD_WEIGHT instead of BACKWARD."""
+    return name in ZERO_BUBBLE_SCHEDULES
 
 
 def default_schedule(pp: int, vpp: int) -> str:
@@ -22,10 +36,15 @@ def default_schedule(pp: int, vpp: int) -> str:
     return "1f1b" if vpp == 1 else "interleaved-1f1b"
 
 
-def validate_schedule_args(name: str, pp: int, vpp: int, microbatches: int) -> None:
-    """One line for every combination a schedule cannot run, before any process starts."""
-    if name not in SCHEDULES:
-        raise ConfigError(f"unknown pipeline schedule {name!r}; use one of {', '.join(SCHEDULES)}")
+def validate_schedule_args(name: str, pp: int, vpp: int, microbatches: int, known: tuple[str, ...] = SCHEDULES) -> None:
+    """One line for every combination a schedule cannot run, before any process starts.
+
+    `known` is what the caller can run: SCHEDULES for the engine, SIMULATED_SCHEDULES to simulate."""
+    if name in ZERO_BUBBLE_SCHEDULES and name not in known:
+        raise ConfigError(f"{name} splits backward into input and weight gradients, which the engine cannot run "
+                          f"yet; simulate it with `megalith schedule --schedule {name}`")
+    if name not in known:
+        raise ConfigError(f"unknown pipeline schedule {name!r}; use one of {', '.join(known)}")
     for flag, value in (("pipeline size", pp), ("virtual pipeline size", vpp), ("number of micro-batches", microbatches)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
@@ -33,6 +52,12 @@ def validate_schedule_args(name: str, pp: int, vpp: int, microbatches: int) -> N
         raise ConfigError(f"no-pipelining runs one stage, not pp {pp} x vpp {vpp}; use 1f1b or interleaved-1f1b")
     if name in ("gpipe", "1f1b") and vpp > 1:
         raise ConfigError(f"{name} runs one model chunk per rank, got vpp {vpp}; use interleaved-1f1b or drop vpp")
+    if name in ZERO_BUBBLE_SCHEDULES and pp < 2:
+        raise ConfigError(f"{name} needs pp >= 2, got pp {pp}; use no-pipelining")
+    if name == "zb-h1" and vpp > 1:
+        raise ConfigError(f"zb-h1 runs one model chunk per rank, got vpp {vpp}; use zb-v (vpp 2) or drop vpp")
+    if name == "zb-v" and vpp != 2:
+        raise ConfigError(f"zb-v runs two model chunks per rank in a V, got vpp {vpp}; use vpp 2")
     if name == "interleaved-1f1b":
         if pp < 2 or vpp < 2:
             raise ConfigError(f"interleaved-1f1b needs pp >= 2 and vpp >= 2, got pp {pp} and vpp {vpp}; use 1f1b")
@@ -46,9 +71,12 @@ def validate_schedule_args(name: str, pp: int, vpp: int, microbatches: int) -> N
 
 def build_schedule(name: str, pp: int, vpp: int, microbatches: int, rank: int) -> list[Action]:
     """Rank `rank`'s ordered actions for one step."""
-    validate_schedule_args(name, pp, vpp, microbatches)
+    validate_schedule_args(name, pp, vpp, microbatches, SIMULATED_SCHEDULES)
     if not 0 <= rank < pp:
         raise ConfigError(f"pipeline rank {rank} is outside 0..{pp - 1}")
+    if name == "zb-v":
+        every = [_with_comm(order, pp, vpp, r, "v") for r, order in enumerate(zb_v(pp, microbatches))]
+        return _receives_in_send_order(every, rank, pp, "v")
     match name:
         case "no-pipelining":
             order = _no_pipelining(microbatches)
@@ -56,6 +84,8 @@ def build_schedule(name: str, pp: int, vpp: int, microbatches: int, rank: int) -
             order = _gpipe(microbatches)
         case "1f1b":
             order = _one_f_one_b(pp, microbatches, rank)
+        case "zb-h1":
+            order = zb_h1(pp, microbatches, rank)
         case _:
             order = _interleaved(pp, vpp, microbatches, rank)
     return _with_comm(order, pp, vpp, rank)
@@ -98,18 +128,20 @@ def _interleaved(pp: int, vpp: int, m: int, rank: int) -> list[Step]:
     return order + [(Kind.BACKWARD, *_virtual(k, pp, vpp, False)) for k in range(total - warmup, total)]
 
 
-def _with_comm(order: list[Step], pp: int, vpp: int, rank: int) -> list[Action]:
+def _with_comm(order: list[Step], pp: int, vpp: int, rank: int, placement: str = "interleaved") -> list[Action]:
     """Receive just before the compute that consumes it, send right after the one that produces it.
 
     A send and the next receive are adjacent, so they form one batch (Megatron's
-    send_forward_recv_backward): the receive is posted as soon as the previous compute ends."""
+    send_forward_recv_backward): the receive is posted as soon as the previous compute ends.
+    A W (BACKWARD_WEIGHT) neither receives nor sends."""
     last = pp * vpp - 1
     actions: list[Action] = []
     for kind, chunk, microbatch in order:
-        stage = stage_of(rank, chunk, pp)
+        stage = stage_of(rank, chunk, pp, placement)
+        before = after = None
         if kind is Kind.FORWARD:
             before, after = (Kind.RECV_FORWARD if stage > 0 else None), (Kind.SEND_FORWARD if stage < last else None)
-        else:
+        elif kind.is_backward:
             before, after = (Kind.RECV_BACKWARD if stage < last else None), (Kind.SEND_BACKWARD if stage > 0 else None)
         if before:
             actions.append(Action(before, chunk, microbatch))
@@ -117,3 +149,44 @@ def _with_comm(order: list[Step], pp: int, vpp: int, rank: int) -> list[Action]:
         if after:
             actions.append(Action(after, chunk, microbatch))
     return actions
+
+
+def _receives_in_send_order(every: list[list[Action]], rank: int, pp: int, placement: str) -> list[Action]:
+    """`rank`'s actions with receives moved earlier where needed, so that every channel into it
+    receives in the order its sender sends (NCCL matches messages by order).
+
+    In the V a channel carries forwards of one chunk and gradients of the other, which the two
+    ranks may interleave differently. A receive never blocks (only the compute that consumes it
+    waits), so posting one earlier changes no timing: each receive goes just before the first
+    compute that consumes it or any later message of its channel."""
+    slot: dict[Action, int] = {}  # receive -> index of the compute it is posted before
+    computes: list[Action] = []
+    sends_after: list[list[Action]] = [[]]  # sends_after[k + 1]: the sends right after compute k
+    for action in every[rank]:
+        if action.kind.is_recv:
+            slot[action] = len(computes)
+        elif action.kind.is_compute:
+            computes.append(action)
+            sends_after.append([])
+        else:
+            sends_after[-1].append(action)
+    sequence: dict[Action, tuple[int, int]] = {}  # receive -> (sender, position on its channel)
+    for peer in range(pp):
+        sent = [a for a in every[peer] if a.kind.is_send and peer_of(a, peer, pp, placement)[0] == rank]
+        earliest = len(computes)
+        for position in reversed(range(len(sent))):
+            receive = _receive_of(sent[position], peer, pp, placement)
+            earliest = slot[receive] = min(earliest, slot[receive])
+            sequence[receive] = (peer, position)
+    actions = list(sends_after[0])
+    for index, compute in enumerate(computes):
+        actions += sorted((r for r in slot if slot[r] == index), key=sequence.__getitem__)
+        actions += [compute] + sends_after[index + 1]
+    return actions
+
+
+def _receive_of(send: Action, rank: int, pp: int, placement: str) -> Action:
+    """The receive on the peer that matches a send."""
+    peer_chunk = peer_of(send, rank, pp, placement)[1]
+    kind = Kind.RECV_FORWARD if send.kind is Kind.SEND_FORWARD else Kind.RECV_BACKWARD
+    return Action(kind, peer_chunk, send.microbatch)

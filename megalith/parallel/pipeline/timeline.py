@@ -8,12 +8,17 @@ from fractions import Fraction
 from megalith.errors import ConfigError
 from megalith.parallel.pipeline.actions import TimelineEvent
 from megalith.parallel.pipeline.checks import check_schedule, peak_in_flight
-from megalith.parallel.pipeline.schedules import build_schedule
+from megalith.parallel.pipeline.schedules import build_schedule, placement_of, splits_backward
 from megalith.parallel.pipeline.simulate import predicted_bubble, simulate
+
+KIND_NAMES = (("F", "forward"), ("B", "backward"), ("BI", "input grad (B)"), ("BW", "weight grad (W)"))
 
 
 def to_chrome_trace(events: list[TimelineEvent], time_unit_us: float = 1.0) -> dict:
-    """Chrome trace-event format (opens in Perfetto): one row (thread) per rank."""
+    """Chrome trace-event format (opens in Perfetto): one row (thread) per rank.
+
+    Perfetto colours a slice by its name with the digits dropped, so "F c mb", "B c mb",
+    "BI c mb" and "BW c mb" (forward, fused backward, input and weight gradient) each get one colour."""
     trace = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": rank, "args": {"name": f"rank {rank}"}}
              for rank in sorted({e.rank for e in events})]
     for e in events:
@@ -41,8 +46,8 @@ def measured_bubble(events: list[TimelineEvent]) -> float:
 
 
 def draw_gantt(events: list[TimelineEvent], path, title: str, time_unit: str = "time") -> None:
-    """A PNG Gantt chart: one row per rank (rank 0 on top), forwards blue, backwards orange,
-    later chunks darker, micro-batch numbers in the boxes."""
+    """A PNG Gantt chart: one row per rank (rank 0 on top), forwards blue, backwards (fused or
+    input gradient) orange, weight gradients green, later chunks darker, micro-batch numbers in the boxes."""
     if not events:
         raise ConfigError("drawing a Gantt chart needs at least one timeline event, got none")
     try:
@@ -59,7 +64,8 @@ def draw_gantt(events: list[TimelineEvent], path, title: str, time_unit: str = "
     width_in, height_in, legend_in = 12.0, 0.6 * len(ranks) + 1.6, 0.35
     inches_per_unit = (width_in - 1.5) / span  # the axes take the figure's width less the rank labels
     figure, axes = pyplot.subplots(figsize=(width_in, height_in))
-    palette = {"F": pyplot.get_cmap("Blues"), "B": pyplot.get_cmap("Oranges")}
+    palette = {"F": pyplot.get_cmap("Blues"), "B": pyplot.get_cmap("Oranges"), "BI": pyplot.get_cmap("Oranges"),
+               "BW": pyplot.get_cmap("Greens")}
 
     def shade(chunk: int) -> float:
         return 0.45 + 0.4 * (chunk / max(chunks - 1, 1))
@@ -74,8 +80,9 @@ def draw_gantt(events: list[TimelineEvent], path, title: str, time_unit: str = "
             axes.text(float(e.start) + width / 2, row, label, ha="center", va="center", fontsize=7)
     from matplotlib.patches import Patch
 
+    present = {e.kind for e in events}
     legend = [Patch(facecolor=palette[kind](shade(c)), edgecolor="black", linewidth=0.4, label=f"{name} chunk {c}" if chunks > 1 else name)
-              for kind, name in (("F", "forward"), ("B", "backward")) for c in range(chunks)]
+              for kind, name in KIND_NAMES if kind in present for c in range(chunks)]
     figure.legend(handles=legend, loc="lower center", ncol=min(len(legend), 8), fontsize=8, frameon=False)
     axes.set_xlim(begin, begin + span * 1.01)
     axes.set_ylim(-0.6, len(ranks) - 0.4)
@@ -88,18 +95,30 @@ def draw_gantt(events: list[TimelineEvent], path, title: str, time_unit: str = "
 
 
 def describe_schedule(name: str, pp: int, vpp: int, microbatches: int, forward_cost: float = 1.0,
-                      backward_cost: float = 2.0, p2p_cost: float = 0.0, trace_path=None, png_path=None) -> str:
-    """Build, check and simulate a schedule on every rank; write its timeline; summarise in a few lines."""
+                      backward_cost: float = 2.0, p2p_cost: float = 0.0, trace_path=None, png_path=None,
+                      wgrad_cost: float | None = None) -> str:
+    """Build, check and simulate a schedule on every rank; write its timeline; summarise in a few lines.
+
+    wgrad_cost None: backward is one action of backward_cost. Given, backward_cost is the input
+    gradient's part and wgrad_cost the weight gradient's (a fused backward costs both); the
+    zero-bubble schedules need it."""
+    if wgrad_cost is None and splits_backward(name):
+        raise ConfigError(f"{name} splits each backward into input and weight gradients: give the weight "
+                          "gradient's cost (--wgrad-cost); the backward cost is then the input gradient's")
+    placement = placement_of(name)
     schedules = [build_schedule(name, pp, vpp, microbatches, rank) for rank in range(pp)]
-    check_schedule(schedules, pp, vpp, microbatches)
+    check_schedule(schedules, pp, vpp, microbatches, placement)
     # exact per-chunk costs (a float converts to Fraction exactly), so formula and simulation agree to the digit
+    wgrad = None if wgrad_cost is None else Fraction(wgrad_cost) / vpp
     result = simulate(schedules, pp, vpp, microbatches, Fraction(forward_cost) / vpp,
-                      Fraction(backward_cost) / vpp, Fraction(p2p_cost))
+                      Fraction(backward_cost) / vpp, Fraction(p2p_cost), wgrad, placement)
+    formula = predicted_bubble(name, pp, vpp, microbatches, forward_cost, backward_cost, wgrad_cost)
+    wgrad_text = "" if wgrad_cost is None else f", weight gradient {wgrad_cost:g}"
     lines = [
         f"{name}: pp {pp}, vpp {vpp}, {microbatches} micro-batches; forward {forward_cost:g}, backward "
-        f"{backward_cost:g} per stage of the whole model, p2p {p2p_cost:g}",
+        f"{backward_cost:g}{wgrad_text} per stage of the whole model, p2p {p2p_cost:g}",
         "checked: every forward before its backward, sends in receive order on every channel, no deadlock",
-        f"bubble: formula {float(predicted_bubble(name, pp, vpp, microbatches)):.4f}, "
+        f"bubble: formula {'n/a' if formula is None else f'{float(formula):.4f}'}, "
         f"simulated {float(result.bubble_fraction):.4f}; step time {float(result.makespan):g}",
         "peak in-flight micro-batches per rank: " + ", ".join(str(peak_in_flight(s)) for s in schedules),
     ]
