@@ -9,7 +9,8 @@ Stages sleep for their cost around a tiny real computation (megalith.bench.synth
 so the ranks sharing this machine's cores do not compete and the measured time is the
 schedule's and the engine's. A RankPool of max(pp) ranks runs every (schedule, m) row with real
 processes and real p2p, alternating megalith and torch after a warm-up step whose losses are
-checked equal. Columns: measured/analytic (goal <= 1.05) and megalith/torch (goal <= 0.95).
+checked equal. Columns: measured/analytic (goal <= 1.05) and megalith/torch (goal <= 0.95). The
+analytic time of zb-h1 is the simulator's for the same costs.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import json
 from megalith.bench.synthetic_pipeline import SyntheticRun, measure
 from megalith.parallel.spawn import RankPool
 
-SCHEDULES = (("1f1b", 1), ("interleaved-1f1b", 2), ("gpipe", 1))
+SCHEDULES = (("1f1b", 1), ("interleaved-1f1b", 2), ("gpipe", 1), ("zb-h1", 1))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forward-ms", type=float, default=20.0, help="one rank's forward of one micro-batch")
     parser.add_argument("--backward-ms", type=float, default=40.0, help="one rank's backward of one micro-batch")
+    parser.add_argument("--wgrad-ms", type=float, default=0.0,
+                        help="the weight gradient's part, apart from --backward-ms (zb-h1 defers it)")
     parser.add_argument("--pp", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--quick", action="store_true", help="2 timed repetitions per row instead of 5")
@@ -34,12 +37,13 @@ def main(argv=None) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
-    runs = [SyntheticRun(name, args.pp, vpp, m, args.forward_ms, args.backward_ms)
+    runs = [SyntheticRun(name, args.pp, vpp, m, args.forward_ms, args.backward_ms, args.wgrad_ms)
             for m in args.micro_batches for name, vpp in SCHEDULES
             if name != "interleaved-1f1b" or m % args.pp == 0]
     with RankPool(args.pp) as pool:
         rows = next(r for r in pool.run(measure, runs, repeats) if r is not None)
-    print(f"tf={args.forward_ms:g} ms, tb={args.backward_ms:g} ms per rank, p={args.pp}; medians of {repeats}")
+    print(f"tf={args.forward_ms:g} ms, tb={args.backward_ms:g} ms, tw={args.wgrad_ms:g} ms per rank, p={args.pp}; "
+          f"medians of {repeats}; torch has no single-chunk zero-bubble schedule (zb-h1: '-')")
     print(f"{'schedule':<18} {'vpp':>3} {'m':>3} {'measured':>9} {'analytic':>9} {'ratio':>6} {'torch':>9} "
           f"{'mine/torch':>10}")
     for row in rows:

@@ -8,8 +8,12 @@ each other down and the step time measures the schedule and the engine, not the 
 costs are per pipeline rank: with v chunks per rank each chunk sleeps a v-th of them, so every
 schedule does the same work and only the bubble differs.
 
-Analytic step times, for p stages, m micro-batches, v chunks and per-rank costs tf and tb:
-1F1B and GPipe (m + p − 1)·(tf + tb); interleaved 1F1B (m + (p − 1)/v)·(tf + tb).
+With `wgrad_ms` (tw) the weight gradient sleeps apart: right after the input gradient in a fused
+backward, or in the W action of a split one (zb-h1), deferred as megalith's linears defer theirs.
+
+Analytic step times, for p stages, m micro-batches, v chunks and per-rank costs tf, tb and tw:
+1F1B and GPipe (m + p − 1)·(tf + tb + tw); interleaved 1F1B (m + (p − 1)/v)·(tf + tb + tw);
+zero-bubble: the simulator's makespan for the same costs.
 """
 
 from __future__ import annotations
@@ -24,17 +28,21 @@ from torch import nn
 
 from megalith.parallel.pipeline.engine import PipelineEngine
 from megalith.parallel.pipeline.schedules import build_schedule
+from megalith.parallel.pipeline.simulate import simulate
+from megalith.parallel.weight_grad import accumulate_into, active_queue
 
 WIDTH = 8  # features of the tiny tensor each stage passes on
 
 
 class _Sleep(torch.autograd.Function):
-    """y = x * w, forward sleeping `forward_s` and backward `backward_s`."""
+    """y = x * w, forward sleeping `forward_s`, backward `backward_s` for the input gradient and
+    `wgrad_s` for the weight gradient: at once (fused), or later through the split backward's
+    queue, as megalith's linears do (megalith.parallel.weight_grad)."""
 
     @staticmethod
-    def forward(ctx, x, weight, forward_s, backward_s):
+    def forward(ctx, x, weight, forward_s, backward_s, wgrad_s):
         ctx.save_for_backward(x, weight)
-        ctx.backward_s = backward_s
+        ctx.backward_s, ctx.wgrad_s, ctx.queue = backward_s, wgrad_s, active_queue()
         time.sleep(forward_s)
         return x * weight
 
@@ -42,21 +50,28 @@ class _Sleep(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         time.sleep(ctx.backward_s)
-        return grad * weight, (grad * x).sum(0), None, None
+
+        def weight_grad():
+            time.sleep(ctx.wgrad_s)
+            return (grad * x).sum(0)
+        if ctx.queue is None:
+            return grad * weight, weight_grad(), None, None, None
+        ctx.queue.append(lambda: accumulate_into(weight, weight_grad()))
+        return grad * weight, None, None, None, None
 
 
 class SleepStage(nn.Module):
     """One global stage: megalith's chunk protocol (`pipeline_forward`, `pipeline_shapes`) and a plain
     `forward` for torch.distributed.pipelining, both sleeping the same."""
 
-    def __init__(self, index: int, forward_ms: float, backward_ms: float) -> None:
+    def __init__(self, index: int, forward_ms: float, backward_ms: float, wgrad_ms: float = 0.0) -> None:
         super().__init__()
         self.index = index
         self.weight = nn.Parameter(torch.full((WIDTH,), 1.0 + 0.01 * index))
-        self.forward_s, self.backward_s = forward_ms / 1000.0, backward_ms / 1000.0
+        self.forward_s, self.backward_s, self.wgrad_s = forward_ms / 1000.0, backward_ms / 1000.0, wgrad_ms / 1000.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Sleep.apply(x, self.weight, self.forward_s, self.backward_s)
+        return _Sleep.apply(x, self.weight, self.forward_s, self.backward_s, self.wgrad_s)
 
     def pipeline_forward(self, inputs, batch):
         return (self(batch["x"] if inputs is None else inputs[0]),)
@@ -76,19 +91,25 @@ class SyntheticRun:
     microbatches: int
     forward_ms: float
     backward_ms: float
+    wgrad_ms: float = 0.0  # the weight gradient's part; a fused backward costs backward_ms + wgrad_ms
     micro_batch_size: int = 2
 
     @property
     def analytic_ms(self) -> float:
-        per_microbatch = self.forward_ms + self.backward_ms
+        per_microbatch = self.forward_ms + self.backward_ms + self.wgrad_ms
         if self.schedule == "interleaved-1f1b":
             return (self.microbatches + (self.pp - 1) / self.vpp) * per_microbatch
-        return (self.microbatches + self.pp - 1) * per_microbatch
+        if self.schedule in ("1f1b", "gpipe"):
+            return (self.microbatches + self.pp - 1) * per_microbatch
+        actions = [build_schedule(self.schedule, self.pp, self.vpp, self.microbatches, r) for r in range(self.pp)]
+        return float(simulate(actions, self.pp, self.vpp, self.microbatches, self.forward_ms / self.vpp,
+                              self.backward_ms / self.vpp, wgrad_cost=self.wgrad_ms / self.vpp).makespan)
 
     def stages(self, rank: int) -> list[SleepStage]:
         """This rank's chunks: chunk c is global stage c * pp + rank (megalith's and torch's placement)."""
-        return [SleepStage(c * self.pp + rank, self.forward_ms / self.vpp, self.backward_ms / self.vpp)
-                for c in range(self.vpp)]
+        v = self.vpp
+        return [SleepStage(c * self.pp + rank, self.forward_ms / v, self.backward_ms / v, self.wgrad_ms / v)
+                for c in range(v)]
 
     def batch(self, microbatch: int) -> dict:
         return {"x": torch.full((self.micro_batch_size, WIDTH), 1.0 + microbatch)}

@@ -28,7 +28,8 @@ class DistributedConfig:
     decoder_first_pipeline_num_layers: int | None = flag_field(None, "layers of the first pipeline stage (None: even)")
     decoder_last_pipeline_num_layers: int | None = flag_field(None, "layers of the last pipeline stage (None: even)")
     pipeline_schedule: str | None = flag_field(
-        None, "pipeline schedule (None: no-pipelining at pp 1, 1f1b, interleaved-1f1b with vpp)", SCHEDULES)
+        None, "pipeline schedule (None: no-pipelining at pp 1, 1f1b, interleaved-1f1b with vpp; zb-h1: "
+        "zero bubble, backward split into input and weight gradients)", SCHEDULES)
     use_distributed_optimizer: bool = flag_field(False, "shard optimizer state over data parallelism (ZeRO-1)",
                                                  status="(a) ZeRO-1; ZeRO-2/3 are issue 20")
     overlap_grad_reduce: bool = flag_field(False, "reduce gradient buckets during backward")

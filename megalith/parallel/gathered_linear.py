@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from megalith.parallel import comm
 from megalith.parallel.comm_ledger import active_ledger
+from megalith.parallel.weight_grad import accumulate_into, active_queue, linear, weight_grad_of
 
 
 def _gather_sequence(x: torch.Tensor, group, ledger, async_op: bool = False):
@@ -35,6 +36,7 @@ class _LinearOverGatheredSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, group):
         ctx.group, ctx.ledger, ctx.has_bias = group, active_ledger(), bias is not None
+        ctx.queue = active_queue() if torch.is_grad_enabled() else None  # split backward: W deferred
         total, _ = _gather_sequence(x, group, ctx.ledger)
         ctx.save_for_backward(x, weight)
         return F.linear(total, weight, bias)
@@ -58,7 +60,11 @@ class _LinearOverGatheredSequence(torch.autograd.Function):
         grad_weight = grad_bias = None
         if needs_weight:
             gathering.wait()
-            grad_weight = grad_flat.t().mm(total.view(-1, total.shape[-1]))
+            total_flat = total.view(-1, total.shape[-1])
+            if ctx.queue is not None:  # the W of a split backward: later, from the re-gathered input
+                ctx.queue.append(lambda: accumulate_into(weight, weight_grad_of(grad_flat, total_flat)))
+            else:
+                grad_weight = weight_grad_of(grad_flat, total_flat)
         if needs_bias and ctx.has_bias:
             grad_bias = grad_flat.sum(0)
         if scattering is not None:
@@ -71,5 +77,5 @@ def linear_over_gathered_sequence(x: torch.Tensor, weight: torch.Tensor, bias: t
     """`F.linear(all_gather(x), weight, bias)` for `x [s/tp, b, in]`, saving `x` rather than the gather;
     the input gradient is reduce-scattered back to the shard. The identity mapping over one rank."""
     if comm.group_size(group) == 1:
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
     return _LinearOverGatheredSequence.apply(x, weight, bias, group)

@@ -20,6 +20,7 @@ from torch import nn
 from megalith.errors import ConfigError
 from megalith.parallel import comm
 from megalith.parallel.gathered_linear import linear_over_gathered_sequence
+from megalith.parallel.weight_grad import linear
 
 InitMethod = Callable[[torch.Tensor], object]
 
@@ -162,7 +163,7 @@ class ColumnParallelLinear(nn.Module):
         if self.sequence_parallel:  # gathered here; backward keeps the shard and gathers again
             y = linear_over_gathered_sequence(x, self.weight, bias, self.tp_group)
         else:
-            y = F.linear(comm.copy_to_tp(x, self.tp_group), self.weight, bias)
+            y = linear(comm.copy_to_tp(x, self.tp_group), self.weight, bias)
         if not self.gather_output:
             return (y, self.bias) if self.skip_bias_add else y
         y = comm.gather_from_tp(y, self.tp_group)
@@ -222,9 +223,9 @@ class RowParallelLinear(nn.Module):
             x = comm.scatter_to_tp(x, self.tp_group)
         add_bias = self.bias is not None and not self.skip_bias_add
         if comm.group_size(self.tp_group) == 1:  # nothing to reduce: let the matmul add the bias
-            y = F.linear(x, self.weight, self.bias if add_bias else None)
+            y = linear(x, self.weight, self.bias if add_bias else None)
             return (y, self.bias) if self.skip_bias_add else y
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.sequence_parallel:
             y = comm.reduce_scatter_to_sequence_parallel(y, self.tp_group)
         else:
@@ -309,7 +310,7 @@ def parallel_lm_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group, *, 
     """
     if sequence_parallel:
         return linear_over_gathered_sequence(hidden, weight, None, tp_group)
-    return F.linear(comm.copy_to_tp(hidden, tp_group), weight)
+    return linear(comm.copy_to_tp(hidden, tp_group), weight)
 
 
 def mark_sequence_parallel(module: nn.Module, enabled: bool = True) -> nn.Module:

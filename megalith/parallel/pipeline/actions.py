@@ -10,7 +10,7 @@ from s + 1 to s.
 Compute actions: FORWARD and BACKWARD of (chunk, micro-batch). BACKWARD_INPUT and
 BACKWARD_WEIGHT split a backward into its input-gradient part (sent upstream at once) and its
 weight-gradient part (which sends nothing, so a schedule may defer it), for zero-bubble
-schedules; the engine cannot run them yet, only the simulator.
+schedules. The engine runs them (megalith.parallel.weight_grad defers the linears' W).
 
 Communication actions name the tensor they move, never a peer: RECV_FORWARD(c, i) receives
 the input of this rank's chunk c for micro-batch i (from stage s - 1), SEND_FORWARD sends its

@@ -8,6 +8,10 @@ chunks (`pipeline_shapes`), so no shape handshake precedes a message. Once a sen
 activation has left, its storage is released (only the gradient is needed for backward) if
 the chunk says its outputs are not saved by autograd (`outputs_freeable`).
 
+A schedule with BACKWARD_INPUT and BACKWARD_WEIGHT actions (zero bubble) splits backward: each
+forward runs inside a weight-gradient queue (megalith.parallel.weight_grad), B is the chunk's
+autograd backward with the linears' weight gradients deferred into it, and W runs the queue.
+
 A chunk is a module with `pipeline_forward(inputs, batch)` (inputs: the received tensors, None
 on the first stage; returns the tensors to send, or the per-token loss on the last stage) and
 `pipeline_shapes(micro_batch_size)` (the shapes of the tensors it receives); a chunk whose outputs
@@ -17,6 +21,7 @@ differ from its inputs (T5's stages around the end of the encoder) also has
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,6 +32,9 @@ from torch import nn
 from megalith.parallel import comm
 from megalith.parallel.comm import group_size
 from megalith.parallel.pipeline.actions import Action, Kind, TimelineEvent, peer_of, stage_of
+from megalith.parallel.weight_grad import deferring_weight_grads, run_deferred
+
+_ACCUMULATES = (Kind.BACKWARD, Kind.BACKWARD_WEIGHT)  # actions that add to the parameters' gradients
 
 
 @dataclass
@@ -96,12 +104,14 @@ class PipelineEngine:
         times `loss_scale` (fp16). `before_backward(chunk, last)` is told before every backward
         whether it is the chunk's last of the step: the one in which data-parallel gradient
         reduction may start."""
-        last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind is Kind.BACKWARD}
-        run = _StepRun(self, get_batch, loss_fn, loss_scale)
+        # the chunk's last action that accumulates weight gradients: its backward, or its last W
+        last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind in _ACCUMULATES}
+        split = any(a.kind is Kind.BACKWARD_INPUT for a in actions)
+        run = _StepRun(self, get_batch, loss_fn, loss_scale, split)
         index = 0
         while index < len(actions):
             if actions[index].kind.is_compute:
-                if before_backward is not None and actions[index].kind is Kind.BACKWARD:
+                if before_backward is not None and actions[index].kind is not Kind.FORWARD:
                     chunk = actions[index].chunk
                     before_backward(chunk, last_backward[chunk] == index)
                 run.compute(actions[index])
@@ -127,8 +137,10 @@ class PipelineEngine:
 class _StepRun:
     """The per-step state: activations, gradients and pending messages of every (chunk, mb)."""
 
-    def __init__(self, engine: PipelineEngine, get_batch, loss_fn, loss_scale: float = 1.0) -> None:
+    def __init__(self, engine: PipelineEngine, get_batch, loss_fn, loss_scale: float = 1.0, split: bool = False) -> None:
         self.engine, self.get_batch, self.loss_fn, self.loss_scale = engine, get_batch, loss_fn, loss_scale
+        self.split = split  # backward split into B and W: the forwards defer their linears' weight gradients
+        self.weight_grads: dict[tuple[int, int], list] = {}
         self.batches: dict[int, dict] = {}
         self.inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.outputs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
@@ -212,10 +224,11 @@ class _StepRun:
     def compute(self, action: Action) -> None:
         if action.kind is Kind.FORWARD:
             start = self._forward(action.chunk, action.microbatch)
-        elif action.kind is Kind.BACKWARD:
+        elif action.kind in (Kind.BACKWARD, Kind.BACKWARD_INPUT):  # B defers W through the forward's queue
             start = self._backward(action.chunk, action.microbatch)
         else:
-            raise NotImplementedError(f"{action.kind.name} actions need a zero-bubble capable engine")
+            start = time.perf_counter()
+            run_deferred(self.weight_grads.pop((action.chunk, action.microbatch)))
         if self.engine.record:  # from the end of the wait for input: the compute itself
             self.events.append(TimelineEvent(self.engine.rank, action.kind.value, action.chunk, action.microbatch,
                                              start, time.perf_counter()))
@@ -231,9 +244,12 @@ class _StepRun:
                 tensor.requires_grad_(True)
         start = time.perf_counter()
         batch = self._batch(microbatch)
-        out = self.engine.chunks[chunk].pipeline_forward(tuple(inputs) if inputs else None, batch)
-        if stage == self.engine.num_stages - 1:
-            loss = self.loss_fn(out, batch)
+        deferring = (deferring_weight_grads(self.weight_grads.setdefault(key, [])) if self.split
+                     else contextlib.nullcontext())
+        with deferring:
+            out = self.engine.chunks[chunk].pipeline_forward(tuple(inputs) if inputs else None, batch)
+            loss = self.loss_fn(out, batch) if stage == self.engine.num_stages - 1 else None
+        if loss is not None:
             self.losses[key] = loss
             self.loss_sum += loss.detach().double()
         else:
