@@ -36,6 +36,7 @@ LAYOUTS = {
                             "--use-distributed-optimizer"], 8),
     "pp2.vpp2": (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], 2),
     "pp4": (["--pipeline-model-parallel-size", "4"], 4),
+    "pp4.zb-h1": (["--pipeline-model-parallel-size", "4", "--pipeline-schedule", "zb-h1"], 4),
     "dp2.zero1": (["--use-distributed-optimizer"], 2),
     "dp4.zero1": (["--use-distributed-optimizer"], 4),
     "tp2.dp2.sp.zero1.bf16": (["--tensor-model-parallel-size", "2", "--sequence-parallel",
@@ -72,6 +73,7 @@ def test_resume_is_bitwise(rank_pools, tmp_path, layout):
 @pytest.mark.parametrize("source, target", [
     ("tp2.pp2.dp2", "tp1.pp4.dp2"), pytest.param("tp2.pp2.dp2.zero1", "tp4.pp1.dp2.zero1", marks=pytest.mark.slow),
     ("pp2.vpp2", "pp4"),
+    ("pp2.vpp2", "pp4.zb-h1"),  # saved under interleaved 1F1B, continued under zero bubble
     ("dp2.zero1", "dp4.zero1"),
 ])
 def test_a_checkpoint_reshards_to_another_layout(rank_pools, tmp_path, source, target):
