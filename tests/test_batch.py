@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megalith.errors import ConfigError
-from megalith.training.batch import BatchPlan, check_interleaved_micro_batches
+from megalith.training.batch import BatchPlan
 
 
 def test_sizes_and_slices_of_one_plan():
@@ -87,26 +87,3 @@ def test_out_of_range_ranks_and_micro_batches():
         plan.micro_slice(0, 2)
     with pytest.raises(ValueError, match="dp_rank -1"):
         plan.micro_slice(-1, 0)
-
-
-def test_interleaved_counts_that_are_multiples_of_pp_pass():
-    for micro, pp in [(4, 4), (8, 4), (6, 2), (3, 1), (6, 3)]:
-        check_interleaved_micro_batches(micro, pp)
-
-
-def test_interleaved_count_not_multiple_of_pp_names_the_global_batch_sizes():
-    with pytest.raises(ConfigError) as info:
-        check_interleaved_micro_batches(6, 4, micro_batch_size=2, data_parallel_size=2)
-    message = str(info.value)
-    assert "the interleaved pipeline schedule needs the number of micro-batches (6) to be a multiple of " \
-           "--pipeline-model-parallel-size 4" in message
-    # global batch 6 x 2 x 2 = 24; valid ones are multiples of 2 x 2 x 4 = 16
-    assert "multiple of --micro-batch-size 2 x data-parallel size 2 x 4 = 16 (e.g. 16 or 32)" in message
-    assert "\n" not in message
-
-
-def test_interleaved_error_without_batch_sizes_names_micro_batch_counts():
-    with pytest.raises(ConfigError) as info:
-        check_interleaved_micro_batches(2, 4)
-    assert "multiple of --micro-batch-size x data-parallel size x 4 (giving e.g. 4 micro-batches)" in str(info.value)
-    assert "\n" not in str(info.value)

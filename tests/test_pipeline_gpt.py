@@ -27,9 +27,10 @@ def test_issue_layouts_with_eight_micro_batches(rank_pools):
 
 
 def test_micro_batches_not_a_multiple_of_pp(rank_pools):
-    """1F1B takes any m (here 2 and 6 with pp 4, 3 with pp 2); the loss does not depend on m."""
+    """1F1B and interleaved 1F1B take any m (here 2 and 6 with pp 4, 3 with pp 2); the loss does not depend on m."""
     settings = VerifySettings("gpt", BASE, steps=2, micro_batches=4, micro_batch_size=3)
-    layouts = ["pp4.mb2", "pp4.mb6", "pp2.mb3.sp.tp2", "pp2.vpp2.mb12"]
+    layouts = ["pp4.mb2", "pp4.mb6", "pp2.mb3.sp.tp2", "pp2.vpp2.mb12", "pp2.vpp2.mb3", "pp4.vpp2.mb6",
+               "tp2.pp2.vpp2.sp.mb3"]
     results = run_verify(settings, [parse_layout(t) for t in layouts], pool=rank_pools(4))
     assert_all_pass(results, [str(parse_layout(t)) for t in layouts])
 
@@ -75,7 +76,6 @@ def test_negative_control_tied_embedding_gradients_must_be_summed(rank_pools):
     [
         (["verify", "--layouts", "pp4", "--num-layers", "6"], "6 layers do not split evenly over 4 pipeline stages"),
         (["verify", "--layouts", "tp2.vpp2"], "virtual pipeline stages (2) need a pipeline"),
-        (["verify", "--layouts", "pp4.vpp2", "--micro-batches", "6"], "multiple of pipeline size 4"),
         (["verify", "--layouts", "pp2.mb3"], "does not split into dp 1 x 3 micro-batches"),
         (["verify", "--layouts", "dp3"], "does not split over dp 3; use --micro-batches that is a multiple of 3"),
         (["verify", "--layouts", "pp2", "--decoder-first-pipeline-num-layers", "3",

@@ -27,7 +27,7 @@ from megalith.models.registry import get_model_spec
 from megalith.parallel.data_parallel import default_bucket_size
 from megalith.parallel.pipeline.schedules import validate_schedule_args
 from megalith.parallel.pipeline.split import split_layers
-from megalith.training.batch import BatchPlan, check_interleaved_micro_batches
+from megalith.training.batch import BatchPlan
 from megalith.training.lr_schedule import LRSchedule
 from megalith.training.rampup import BatchSchedule
 
@@ -228,9 +228,6 @@ def _schedule(given: str | None, pp: int, vpp: int, batches: BatchSchedule) -> s
 
 
 def _check_schedule(schedule: str, pp: int, vpp: int, batch: BatchPlan) -> None:
-    if schedule == "interleaved-1f1b" and pp > 1:
-        check_interleaved_micro_batches(batch.num_micro_batches, pp, micro_batch_size=batch.micro_batch_size,
-                                        data_parallel_size=batch.data_parallel_size)
     try:
         validate_schedule_args(schedule, pp, vpp, batch.num_micro_batches)
     except ConfigError as error:

@@ -93,34 +93,3 @@ class BatchPlan:
         return get
 
 
-def check_interleaved_micro_batches(
-    num_micro_batches: int,
-    pp: int,
-    *,
-    micro_batch_size: int | None = None,
-    data_parallel_size: int | None = None,
-) -> None:
-    """Interleaved 1F1B runs micro-batches in groups of pp, so their count must be a multiple of pp.
-
-    Pass `micro_batch_size` and `data_parallel_size` to have the error name concrete global batch sizes.
-    """
-    if pp < 1 or num_micro_batches < 1:
-        raise ValueError(f"pp {pp} and num_micro_batches {num_micro_batches} must both be positive")
-    if num_micro_batches % pp == 0:
-        return
-    if micro_batch_size is not None and data_parallel_size is not None:
-        base = micro_batch_size * data_parallel_size * pp
-        global_batch_size = num_micro_batches * micro_batch_size * data_parallel_size
-        hint = (
-            f"use a --global-batch-size that is a multiple of --micro-batch-size {micro_batch_size} x data-parallel "
-            f"size {data_parallel_size} x {pp} = {base} (e.g. {_either(_nearest_multiples(global_batch_size, base))})"
-        )
-    else:
-        hint = (
-            f"use a --global-batch-size that is a multiple of --micro-batch-size x data-parallel size x {pp} "
-            f"(giving e.g. {_either(_nearest_multiples(num_micro_batches, pp))} micro-batches)"
-        )
-    raise ConfigError(
-        f"the interleaved pipeline schedule needs the number of micro-batches ({num_micro_batches}) to be a multiple "
-        f"of --pipeline-model-parallel-size {pp}; {hint}"
-    )

@@ -101,7 +101,9 @@ PIPELINE_FLAGS = (
     flag("--num-virtual-stages-per-pipeline-rank", "int", None, "virtual pipeline stages per rank (vpp)",
          not_planned("this spelling of vpp (use --num-layers-per-virtual-pipeline-stage)")),
     flag("--microbatch-group-size-per-virtual-pipeline-stage", "int", None, "consecutive micro-batches per "
-         "virtual stage in the interleaved schedule (None: pp)", _PIPE),
+         "virtual stage in the interleaved schedule (None: pp)",
+         not_planned("a group size other than pp (megalith's interleaved schedule groups by pp and takes any "
+                     "number of micro-batches)")),
     flag("--use-tp-pp-dp-mapping", "true", False, "rank order tp-cp-ep-pp-dp instead of tp-cp-ep-dp-pp",
          not_planned("another rank order")),
 )

@@ -62,12 +62,6 @@ def validate_schedule_args(name: str, pp: int, vpp: int, microbatches: int, know
     if name == "interleaved-1f1b":
         if pp < 2 or vpp < 2:
             raise ConfigError(f"interleaved-1f1b needs pp >= 2 and vpp >= 2, got pp {pp} and vpp {vpp}; use 1f1b")
-        if microbatches % pp != 0:
-            options = ", ".join(str(pp * k) for k in range(1, 4))
-            raise ConfigError(
-                f"interleaved-1f1b needs the number of micro-batches to be a multiple of pipeline size {pp}, "
-                f"got {microbatches}; use {options}"
-            )
 
 
 def build_schedule(name: str, pp: int, vpp: int, microbatches: int, rank: int) -> list[Action]:
@@ -120,7 +114,15 @@ def _virtual(k: int, pp: int, vpp: int, forward: bool) -> tuple[int, int]:
 
 
 def _interleaved(pp: int, vpp: int, m: int, rank: int) -> list[Step]:
-    """Megatron's interleaved 1F1B: (pp - rank - 1) * 2 + (vpp - 1) * pp warm-up forwards."""
+    """Megatron's interleaved 1F1B: (pp - rank - 1) * 2 + (vpp - 1) * pp warm-up forwards.
+
+    When pp does not divide m, the order is that of the next multiple of pp with the missing
+    micro-batches left out: each group of pp micro-batches goes through every chunk, the last
+    group holding what is left (Megatron-Core's schedule table). Leaving actions out of a
+    deadlock-free order cannot create a wait cycle, and every channel keeps its order."""
+    if m % pp:
+        padded = -(-m // pp) * pp
+        return [step for step in _interleaved(pp, vpp, padded, rank) if step[2] < m]
     total = m * vpp
     warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
     order = [(Kind.FORWARD, *_virtual(k, pp, vpp, True)) for k in range(warmup)]
