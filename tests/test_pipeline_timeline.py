@@ -52,5 +52,5 @@ def test_describe_schedule_and_command(tmp_path, capsys):
     assert len(json.loads((tmp_path / "s.json").read_text())["traceEvents"]) == 4 + 4 * 2 * 8 * 2
     assert main(["schedule", "--pp", "4", "--micro-batches", "8", "--schedule", "1f1b"]) == 0
     assert "bubble: formula 0.3750, simulated 0.3750" in capsys.readouterr().out
-    assert main(["schedule", "--pp", "4", "--vpp", "2", "--micro-batches", "6", "--schedule", "interleaved-1f1b"]) == 2
-    assert "use 4, 8, 12" in capsys.readouterr().err
+    assert main(["schedule", "--pp", "4", "--vpp", "2", "--micro-batches", "6", "--schedule", "1f1b"]) == 2
+    assert "1f1b runs one model chunk per rank, got vpp 2" in capsys.readouterr().err
