@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--schedule", choices=SIMULATED_SCHEDULES, default=None,
                           help="default: 1f1b, interleaved-1f1b with --vpp above 1, no-pipelining at --pp 1 (as pretrain); "
                           "zb-h1 and zb-v (zero bubble, Qi et al. 2023) split backward into input and weight gradients; "
-                          "pretrain and verify run zb-h1, zb-v is simulated only until the engine places chunks in a V")
+                          "zb-v holds two chunks per rank in a V")
     schedule.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=4)
     schedule.add_argument("--virtual-pipeline-model-parallel-size", "--vpp", dest="vpp", type=int, default=None,
                           help="model chunks per rank (default: 2 for zb-v, else 1)")

@@ -109,3 +109,40 @@ def test_pretrain_with_zb_h1_logs_1f1bs_losses(rank_pools, tmp_path):
     records = {k: [json.loads(line) for line in open(v, encoding="utf-8")] for k, v in logs.items()}
     errors = log_record_errors(records["1f1b"], records["zb-h1"], keys=("lm_loss", "grad_norm"))
     assert all(error < 1e-6 for error in errors.values()), errors
+
+
+ZB_V_LAYOUTS = ["pp2.vpp2.zb-v", "pp4.vpp2.zb-v", "tp2.pp2.vpp2.sp.zb-v", "pp2.vpp2.dp2.zero1.zb-v"]
+
+
+def test_zb_v_equals_one_process(rank_pools):
+    """Two chunks per rank in a V: the turn handed over on rank pp - 1, the tied embedding's copies
+    (first and last stage, both on rank 0) summed there."""
+    settings = VerifySettings("gpt", BASE, steps=2, micro_batches=4, micro_batch_size=1)
+    results = run_verify(settings, [parse_layout(t) for t in ZB_V_LAYOUTS], pool=rank_pools(4))
+    assert all(r.passed for r in results), results
+
+
+def _train_without_the_local_tied_sum(ctx, settings, layout):
+    from megalith.training import step
+    from megalith.verify import _train_on_rank
+
+    original = step.local_tied_copies
+
+    def unsummed(chunks):
+        original(chunks)  # clears the shared marks
+        return []
+    step.local_tied_copies = unsummed
+    try:
+        return _train_on_rank(ctx, settings, parse_layout(layout))
+    finally:
+        step.local_tied_copies = original
+
+
+def test_negative_control_zb_v_must_sum_the_tied_copies(rank_pools):
+    from megalith.verify import _train_on_rank, compare, merge_ranks
+
+    pool, settings = rank_pools(4), VerifySettings("gpt", BASE, steps=2, micro_batches=4)
+    reference = pool.run(_train_on_rank, settings, None)[0]
+    broken = compare("pp2.vpp2.zb-v", reference,
+                     merge_ranks(pool.run(_train_without_the_local_tied_sum, settings, "pp2.vpp2.zb-v")))
+    assert not broken.passed and "word_embeddings" in broken.worst_grad

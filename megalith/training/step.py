@@ -21,11 +21,11 @@ from megalith.config import Layout, ModelConfig
 from megalith.config.pretrain import PretrainConfig
 from megalith.models.parallel_context import ParallelContext, StageSpec
 from megalith.models.registry import ModelSpec, get_model_spec
-from megalith.parallel.comm import all_reduce, group_size
+from megalith.parallel.comm import all_reduce, gradient_of, group_size
 from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.parallel.pipeline.actions import Action, Kind, stage_of
 from megalith.parallel.pipeline.engine import PipelineEngine, StepResult
-from megalith.parallel.pipeline.schedules import build_schedule
+from megalith.parallel.pipeline.schedules import build_schedule, placement_of
 from megalith.parallel.rng import model_parallel_rng_tracker
 from megalith.training.batch import BatchPlan
 from megalith.training.timers import Timers
@@ -95,10 +95,23 @@ def parallel_context(state, layout: Layout, seed: int) -> ParallelContext:
 
 
 def build_chunks(plan: StepPlan, ctx: ParallelContext, pp_rank: int) -> list[nn.Module]:
-    """This pipeline rank's model chunks: chunk c is global stage c * pp + pp_rank."""
+    """This pipeline rank's model chunks: chunk c is global stage c * pp + pp_rank (zb-v: stages
+    pp_rank and 2 pp - 1 - pp_rank)."""
     stages, pp = len(plan.stage_layers), plan.layout.pp
+    placement = placement_of(plan.layout.pipeline_schedule)
     return [plan.spec.build(plan.model, ctx, plan.seed, StageSpec(index, stages, tuple(plan.stage_layers[index])))
-            for index in (stage_of(pp_rank, chunk, pp) for chunk in range(plan.layout.vpp))]
+            for index in (stage_of(pp_rank, chunk, pp, placement) for chunk in range(plan.layout.vpp))]
+
+
+def local_tied_copies(chunks: list[nn.Module]) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """Under zb-v the first and the last stage are chunks of one rank: the tied embedding's two
+    copies are summed here, not over the embedding group, so they stop being marked shared."""
+    copies = [[p for p in chunk.parameters() if getattr(p, "shared_embedding", False)] for chunk in chunks]
+    if len(chunks) != 2 or not copies[0] or not copies[1]:
+        return []
+    for param in copies[0] + copies[1]:
+        param.shared_embedding = False
+    return list(zip(copies[0], copies[1]))
 
 
 def assemble_runner(plan: StepPlan, state, optimizer_config, loss_scaler, record: bool = False) -> "StepRunner":
@@ -116,15 +129,17 @@ def assemble_runner(plan: StepPlan, state, optimizer_config, loss_scaler, record
                for chunk in chunks]
     optimizer = ParallelOptimizer(buffers, optimizer_config, tp_group=group("tp_group"), mp_group=group("mp_group"),
                                   loss_scaler=loss_scaler)
+    placement = placement_of(layout.pipeline_schedule)
+    tied = local_tied_copies(chunks) if placement == "v" else []  # after the buffers: each copy keeps its bucket
     engine = PipelineEngine(chunks, rank=pp_rank, pp=layout.pp, pp_group=group("pp_group"),
                             micro_batch_size=plan.batch.micro_batch_size, dtype=plan.model.torch_dtype,
-                            device=ctx.device, record=record)
+                            device=ctx.device, record=record, placement=placement)
     def schedule(num_micro_batches: int) -> list[Action]:
         return build_schedule(layout.pipeline_schedule, layout.pp, layout.vpp, num_micro_batches, pp_rank)
 
     return StepRunner(chunks, buffers, engine, schedule(plan.batch.num_micro_batches), optimizer,
                       dp_group=group("dp_group"), schedule=schedule, pp_group=group("pp_group"),
-                      per_token_loss=plan.calculate_per_token_loss)
+                      per_token_loss=plan.calculate_per_token_loss, local_tied=tied)
 
 
 @dataclass(frozen=True)
@@ -145,12 +160,13 @@ class StepRunner:
     def __init__(self, chunks: list[nn.Module], buffers: list[DataParallelGrads], engine: PipelineEngine,
                  actions: list[Action], optimizer: ParallelOptimizer, dp_group=None,
                  schedule: Callable[[int], list[Action]] | None = None, pp_group=None,
-                 per_token_loss: bool = False) -> None:
+                 per_token_loss: bool = False, local_tied: list | None = None) -> None:
         """`actions`: the step of the full global batch; `schedule(n)`: this rank's actions for a step of
         n micro-batches (a batch-size ramp-up changes n), built once per count."""
         self.chunks, self.buffers, self.engine = chunks, buffers, engine
         self.actions, self.optimizer, self.dp_group = actions, optimizer, dp_group
         self.pp_group, self.per_token_loss = pp_group, per_token_loss
+        self.local_tied = local_tied or []  # zb-v: the tied embedding's copies, both on this rank
         self._schedule = schedule
         self._actions_by_count: dict[int, list[Action]] = {}
 
@@ -172,6 +188,10 @@ class StepRunner:
         """dp reduction, then SP norms over tp and the tied embedding over its group (Megatron's order)."""
         for buffer in self.buffers:
             buffer.finish()
+        for first, last in self.local_tied:  # what the embedding group's all-reduce sums elsewhere
+            total = gradient_of(first) + gradient_of(last)
+            gradient_of(first).copy_(total)
+            gradient_of(last).copy_(total)
         for chunk in self.chunks:
             chunk.finish_grad_sync()
 

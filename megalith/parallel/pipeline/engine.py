@@ -31,7 +31,7 @@ from torch import nn
 
 from megalith.parallel import comm
 from megalith.parallel.comm import group_size
-from megalith.parallel.pipeline.actions import Action, Kind, TimelineEvent, peer_of, stage_of
+from megalith.parallel.pipeline.actions import Action, Kind, TimelineEvent, holder_of, peer_of, stage_of
 from megalith.parallel.weight_grad import deferring_weight_grads, run_deferred
 
 _ACCUMULATES = (Kind.BACKWARD, Kind.BACKWARD_WEIGHT)  # actions that add to the parameters' gradients
@@ -57,6 +57,21 @@ def _backward(outputs: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...]
     )
 
 
+class _LocalReceive:
+    """A receive from this rank's own other chunk: waiting copies what the send left."""
+
+    def __init__(self, mailbox: dict, key, buffers: list[torch.Tensor]) -> None:
+        self.mailbox, self.key, self.buffers = mailbox, key, buffers
+
+    def wait(self) -> bool:
+        if self.key not in self.mailbox:
+            raise RuntimeError(f"pipeline schedule error: {self.key[0].name} of chunk {self.key[1]} micro-batch "
+                               f"{self.key[2]} waits for a hand-over its own rank has not sent yet")
+        for buffer, tensor in zip(self.buffers, self.mailbox.pop(self.key)):
+            buffer.copy_(tensor)
+        return True
+
+
 class PipelineEngine:
     """Runs schedules for pipeline rank `rank` of `pp` with `chunks[c]` as its chunk c."""
 
@@ -71,6 +86,7 @@ class PipelineEngine:
         dtype: torch.dtype,
         device: torch.device | None = None,
         record: bool = False,
+        placement: str = "interleaved",
     ) -> None:
         if pp > 1 and group_size(pp_group) != pp:
             raise ValueError(f"the pipeline group has {group_size(pp_group)} ranks, expected {pp}")
@@ -78,6 +94,7 @@ class PipelineEngine:
         self.micro_batch_size, self.dtype = micro_batch_size, dtype
         self.device = device or torch.device("cpu")
         self.record = record
+        self.placement = placement  # how (rank, chunk) maps to stages: "interleaved", or zb-v's "v"
         self.num_stages = pp * len(chunks)
 
     def _global_rank(self, pipeline_rank: int) -> int:
@@ -130,7 +147,8 @@ class PipelineEngine:
         if self.pp == 1:
             return float(loss_sum)
         value = loss_sum.detach().reshape(1).to(torch.float64)
-        comm.broadcast(value, self._global_rank(self.pp - 1), self.pp_group)
+        last_rank = holder_of(self.num_stages - 1, self.pp, self.placement)[0]
+        comm.broadcast(value, self._global_rank(last_rank), self.pp_group)
         return float(value)
 
 
@@ -141,6 +159,7 @@ class _StepRun:
         self.engine, self.get_batch, self.loss_fn, self.loss_scale = engine, get_batch, loss_fn, loss_scale
         self.split = split  # backward split into B and W: the forwards defer their linears' weight gradients
         self.weight_grads: dict[tuple[int, int], list] = {}
+        self.local: dict[tuple[Kind, int, int], list[torch.Tensor]] = {}  # messages between this rank's chunks
         self.batches: dict[int, dict] = {}
         self.inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.outputs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
@@ -152,7 +171,7 @@ class _StepRun:
         self.events: list[TimelineEvent] = []
 
     def _stage(self, chunk: int) -> int:
-        return stage_of(self.engine.rank, chunk, self.engine.pp)
+        return stage_of(self.engine.rank, chunk, self.engine.pp, self.engine.placement)
 
     def _batch(self, microbatch: int) -> dict:
         if microbatch not in self.batches:
@@ -170,7 +189,11 @@ class _StepRun:
         ops, receives, sends = [], [], []  # each with the index range of its operations in `ops`
         for action in actions:
             key = (action.chunk, action.microbatch)
-            peer = engine._global_rank(peer_of(action, engine.rank, engine.pp)[0])
+            peer_rank, peer_chunk = peer_of(action, engine.rank, engine.pp, engine.placement)
+            if peer_rank == engine.rank:  # the turn of a V: this rank's other chunk, handed over here
+                self._hand_over(action, key, peer_chunk)
+                continue
+            peer = engine._global_rank(peer_rank)
             freeable = False
             if action.kind is Kind.RECV_FORWARD:
                 tensors = self.inputs[key] = engine._buffers(action.chunk)
@@ -200,6 +223,20 @@ class _StepRun:
             self.receiving[key] = works_of(span)
         for tensors, freeable, span in sends:
             self.sending.append((works_of(span), tensors, freeable))
+
+    def _hand_over(self, action: Action, key: tuple[int, int], peer_chunk: int) -> None:
+        """A message between two chunks of this rank: a send leaves a copy, a receive takes it when
+        the compute that consumes it waits (a receive may be posted before its send)."""
+        chunk, microbatch = key
+        if action.kind is Kind.SEND_FORWARD:
+            self.local[(Kind.RECV_FORWARD, peer_chunk, microbatch)] = [t.detach().clone() for t in self.outputs[key]]
+        elif action.kind is Kind.SEND_BACKWARD:
+            self.local[(Kind.RECV_BACKWARD, peer_chunk, microbatch)] = [t.grad for t in self.inputs.pop(key)]
+        else:
+            target = self.inputs if action.kind is Kind.RECV_FORWARD else self.output_grads
+            target[key] = self.engine._buffers(chunk, outputs=action.kind is Kind.RECV_BACKWARD)
+            self.receiving[(action.kind, chunk, microbatch)] = [_LocalReceive(self.local, (action.kind, *key),
+                                                                              target[key])]
 
     def _collect_finished_sends(self, wait: bool = False) -> None:
         pending = []

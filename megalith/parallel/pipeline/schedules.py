@@ -2,9 +2,9 @@
 
 Each generator only decides the order of forwards and backwards; `_with_comm` surrounds
 them with the receives and sends their stage needs, so a new schedule is just another ordering
-function. The zero-bubble ones (zero_bubble.py) split backward into B and W. The engine runs
-zb-h1 (SCHEDULES: pretrain and verify); zb-v's V placement is simulated only for now
-(SIMULATED_SCHEDULES: `megalith schedule`).
+function. The zero-bubble ones (zero_bubble.py) split backward into B and W; zb-v also places
+its two chunks per rank in a V (`placement_of`). The engine runs them all (SCHEDULES);
+SIMULATED_SCHEDULES, what `megalith schedule` accepts, is the same list.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from megalith.errors import ConfigError
 from megalith.parallel.pipeline.actions import Action, Kind, peer_of, stage_of
 from megalith.parallel.pipeline.zero_bubble import zb_h1, zb_v
 
-SCHEDULES = ("no-pipelining", "gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
+SCHEDULES = ("no-pipelining", "gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v")
 ZERO_BUBBLE_SCHEDULES = ("zb-h1", "zb-v")
-SIMULATED_SCHEDULES = SCHEDULES + ("zb-v",)
+SIMULATED_SCHEDULES = SCHEDULES
 
 Step = tuple[Kind, int, int]  # (compute kind, chunk, micro-batch), before communication is added
 
@@ -41,9 +41,6 @@ def validate_schedule_args(name: str, pp: int, vpp: int, microbatches: int, know
     """One line for every combination a schedule cannot run, before any process starts.
 
     `known` is what the caller can run: SCHEDULES for the engine, SIMULATED_SCHEDULES to simulate."""
-    if name in ZERO_BUBBLE_SCHEDULES and name not in known:
-        raise ConfigError(f"{name} places two chunks per rank in a V, which the engine cannot run yet; "
-                          f"simulate it with `megalith schedule --schedule {name}`, or train with zb-h1")
     if name not in known:
         raise ConfigError(f"unknown pipeline schedule {name!r}; use one of {', '.join(known)}")
     for flag, value in (("pipeline size", pp), ("virtual pipeline size", vpp), ("number of micro-batches", microbatches)):
