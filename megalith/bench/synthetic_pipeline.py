@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from megalith.parallel.pipeline.engine import PipelineEngine
-from megalith.parallel.pipeline.schedules import build_schedule
+from megalith.parallel.pipeline.actions import stage_of
+from megalith.parallel.pipeline.schedules import build_schedule, placement_of
 from megalith.parallel.pipeline.simulate import simulate
 from megalith.parallel.weight_grad import accumulate_into, active_queue
 
@@ -103,13 +104,15 @@ class SyntheticRun:
             return (self.microbatches + self.pp - 1) * per_microbatch
         actions = [build_schedule(self.schedule, self.pp, self.vpp, self.microbatches, r) for r in range(self.pp)]
         return float(simulate(actions, self.pp, self.vpp, self.microbatches, self.forward_ms / self.vpp,
-                              self.backward_ms / self.vpp, wgrad_cost=self.wgrad_ms / self.vpp).makespan)
+                              self.backward_ms / self.vpp, wgrad_cost=self.wgrad_ms / self.vpp,
+                              placement=placement_of(self.schedule)).makespan)
 
     def stages(self, rank: int) -> list[SleepStage]:
-        """This rank's chunks: chunk c is global stage c * pp + rank (megalith's and torch's placement)."""
-        v = self.vpp
-        return [SleepStage(c * self.pp + rank, self.forward_ms / v, self.backward_ms / v, self.wgrad_ms / v)
-                for c in range(v)]
+        """This rank's chunks: chunk c is global stage c * pp + rank (megalith's and torch's placement;
+        zb-v: stages rank and 2 pp - 1 - rank)."""
+        v, placement = self.vpp, placement_of(self.schedule)
+        return [SleepStage(stage_of(rank, c, self.pp, placement), self.forward_ms / v, self.backward_ms / v,
+                           self.wgrad_ms / v) for c in range(v)]
 
     def batch(self, microbatch: int) -> dict:
         return {"x": torch.full((self.micro_batch_size, WIDTH), 1.0 + microbatch)}
@@ -136,14 +139,17 @@ def megalith_step(run: SyntheticRun, state):
     """A callable running one step of `run` through megalith's PipelineEngine on this rank."""
     chunks = run.stages(state.pp_rank)
     engine = PipelineEngine(chunks, rank=state.pp_rank, pp=run.pp, pp_group=state.pp_group,
-                            micro_batch_size=run.micro_batch_size, dtype=torch.float32, device=state.device)
+                            micro_batch_size=run.micro_batch_size, dtype=torch.float32, device=state.device,
+                            placement=placement_of(run.schedule))
     actions = build_schedule(run.schedule, run.pp, run.vpp, run.microbatches, state.pp_rank)
     return lambda: engine.step(actions, run.batch, _loss).loss
 
 
 def torch_step(run: SyntheticRun, rank: int, group, device):
     """A callable running one step of `run` through torch.distributed.pipelining (None when torch has
-    no such schedule); it returns the step's loss on the last stage, 0 elsewhere."""
+    no such schedule); it returns the step's loss on the last stage, 0 elsewhere. torch's zero-bubble
+    schedules split backward through the autograd graph, which cannot separate a custom Function's
+    weight gradient from its input gradient, so the sleeping stages have no fair torch zb row."""
     from torch.distributed import pipelining
 
     classes = {"1f1b": pipelining.Schedule1F1B, "gpipe": pipelining.ScheduleGPipe,
