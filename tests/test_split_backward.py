@@ -146,3 +146,29 @@ def test_negative_control_zb_v_must_sum_the_tied_copies(rank_pools):
     broken = compare("pp2.vpp2.zb-v", reference,
                      merge_ranks(pool.run(_train_without_the_local_tied_sum, settings, "pp2.vpp2.zb-v")))
     assert not broken.passed and "word_embeddings" in broken.worst_grad
+
+
+def _sequence_parallel_column(ctx, split: bool):
+    """ColumnParallelLinear under sp on a tp2 group: (deferred count, weight grad None before W, grads)."""
+    state = ctx.parallel_state(tp=2, dp=1)
+    if state is None:
+        return None
+    torch.manual_seed(0)
+    column = ColumnParallelLinear(16, 32, tp_group=state.tp_group, sequence_parallel=True)
+    x = torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(1 + state.tp_rank), requires_grad=True)
+    queue: list = []
+    with deferring_weight_grads(queue) if split else torch.enable_grad():
+        out = column(x)
+    out.square().sum().backward()
+    pending = column.weight.grad is None
+    deferred = len(queue)
+    run_deferred(queue)
+    return deferred, pending, [x.grad, column.weight.grad, column.bias.grad]
+
+
+def test_the_sequence_parallel_linear_defers_its_weight_gradient(rank_pools):
+    fused = [r for r in rank_pools(4).run(_sequence_parallel_column, False) if r is not None]
+    split = [r for r in rank_pools(4).run(_sequence_parallel_column, True) if r is not None]
+    for (_, _, want), (deferred, pending, got) in zip(fused, split):
+        assert deferred == 1 and pending
+        assert all(torch.equal(g, w) for g, w in zip(got, want))

@@ -34,9 +34,9 @@ def _gather_sequence(x: torch.Tensor, group, ledger, async_op: bool = False):
 
 class _LinearOverGatheredSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, group):
+    def forward(ctx, x, weight, bias, group, queue):
         ctx.group, ctx.ledger, ctx.has_bias = group, active_ledger(), bias is not None
-        ctx.queue = active_queue() if torch.is_grad_enabled() else None  # split backward: W deferred
+        ctx.queue = queue  # split backward: W deferred into it (None: computed in backward)
         total, _ = _gather_sequence(x, group, ctx.ledger)
         ctx.save_for_backward(x, weight)
         return F.linear(total, weight, bias)
@@ -69,7 +69,7 @@ class _LinearOverGatheredSequence(torch.autograd.Function):
             grad_bias = grad_flat.sum(0)
         if scattering is not None:
             scattering.wait()
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 def linear_over_gathered_sequence(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -78,4 +78,6 @@ def linear_over_gathered_sequence(x: torch.Tensor, weight: torch.Tensor, bias: t
     the input gradient is reduce-scattered back to the shard. The identity mapping over one rank."""
     if comm.group_size(group) == 1:
         return linear(x, weight, bias)
-    return _LinearOverGatheredSequence.apply(x, weight, bias, group)
+    # the queue is read here: inside Function.forward grad mode is always off
+    queue = active_queue() if torch.is_grad_enabled() else None
+    return _LinearOverGatheredSequence.apply(x, weight, bias, group, queue)
