@@ -123,16 +123,13 @@ def _loss(out, batch) -> torch.Tensor:
     return (out[0] if isinstance(out, tuple) else out).sum()
 
 
-def _timed(step, group, repeats: int) -> tuple[float, float]:
-    """(median ms, the last step's loss) of `repeats` steps, each between barriers of the pipeline."""
-    times, loss = [], 0.0
-    for _ in range(repeats):
-        dist.barrier(group=group)
-        began = time.perf_counter()
-        loss = step()
-        dist.barrier(group=group)
-        times.append((time.perf_counter() - began) * 1000.0)
-    return statistics.median(times), loss
+def _timed_ms(step, group) -> float:
+    """One step's milliseconds, between barriers of the pipeline (so the slowest rank's time)."""
+    dist.barrier(group=group)
+    began = time.perf_counter()
+    step()
+    dist.barrier(group=group)
+    return (time.perf_counter() - began) * 1000.0
 
 
 def megalith_step(run: SyntheticRun, state):
@@ -196,9 +193,9 @@ def measure(ctx, runs: list[SyntheticRun], repeats: int, warmup: int = 1) -> lis
                 _check_losses(run, state.pp_rank, loss, theirs())
         mine_ms, theirs_ms = [], []
         for _ in range(repeats):
-            mine_ms.append(_timed(mine, state.pp_group, 1)[0])
+            mine_ms.append(_timed_ms(mine, state.pp_group))
             if theirs is not None:
-                theirs_ms.append(_timed(theirs, group, 1)[0])
+                theirs_ms.append(_timed_ms(theirs, group))
         rows.append({"schedule": run.schedule, "pp": run.pp, "vpp": run.vpp, "m": run.microbatches,
                      "measured_ms": statistics.median(mine_ms), "analytic_ms": run.analytic_ms,
                      "torch_ms": statistics.median(theirs_ms) if theirs_ms else None})

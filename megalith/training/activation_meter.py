@@ -54,8 +54,8 @@ def layer_activation_bytes(config: ModelConfig, ctx: ParallelContext, micro_batc
     (causal self-attention) run forward in training mode on a `[s, b, h]` input (`[s/tp, b, h]`
     under sequence parallelism), divided by the layer count."""
     torch.manual_seed(seed)
-    if ctx.rng_tracker is None:
-        ctx.rng_tracker = model_parallel_rng_tracker(seed, ctx.tp_rank, device=ctx.device or "cpu")
+    if ctx.rng_tracker is None:  # a copy: the caller's context stays as it was
+        ctx = replace(ctx, rng_tracker=model_parallel_rng_tracker(seed, ctx.tp_rank, device=ctx.device or "cpu"))
     init = normal_init(config.init_method_std)
     layers = {i: TransformerLayer(config, ctx, init, init) for i in range(config.num_layers)}
     block = TransformerBlock(config, ctx, layers, final_norm=False).train()

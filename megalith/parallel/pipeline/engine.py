@@ -225,11 +225,11 @@ class _StepRun:
             self.sending.append((works_of(span), tensors, freeable))
 
     def _hand_over(self, action: Action, key: tuple[int, int], peer_chunk: int) -> None:
-        """A message between two chunks of this rank: a send leaves a copy, a receive takes it when
-        the compute that consumes it waits (a receive may be posted before its send)."""
+        """A message between two chunks of this rank: a send leaves its tensors, a receive copies them
+        into its own buffers when the compute that consumes it waits (it may be posted before the send)."""
         chunk, microbatch = key
         if action.kind is Kind.SEND_FORWARD:
-            self.local[(Kind.RECV_FORWARD, peer_chunk, microbatch)] = [t.detach().clone() for t in self.outputs[key]]
+            self.local[(Kind.RECV_FORWARD, peer_chunk, microbatch)] = [t.detach() for t in self.outputs[key]]
         elif action.kind is Kind.SEND_BACKWARD:
             self.local[(Kind.RECV_BACKWARD, peer_chunk, microbatch)] = [t.grad for t in self.inputs.pop(key)]
         else:
