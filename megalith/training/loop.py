@@ -323,9 +323,9 @@ def leave_process(status: int) -> NoReturn:
     collective waited on. But a gloo worker thread may still be releasing the last collective's
     work, which holds Python tensors; during finalization that thread cannot take the GIL, and
     the process aborts in C++ ("terminate called without an active exception", SIGABRT), turning
-    a finished run into a failure for the launcher. Seen about once in 25 runs on 2 ranks, after
-    the last checkpoint and after a SIGTERM exit alike (a core dump shows the gloo thread in
-    ~AsyncWork -> decref -> take_gil -> pthread_exit). Skipping finalization removes the window."""
+    a finished run into a failure for the launcher. Seen about once in 25 runs on 2 ranks after the
+    last checkpoint (a core dump shows the gloo thread in ~AsyncWork -> decref -> take_gil ->
+    pthread_exit); the SIGTERM exit had shown the same abort. Skipping finalization removes the window."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
