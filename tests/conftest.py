@@ -1,8 +1,17 @@
 """Shared fixtures: one pool of ranks per world size for the whole session (starting ranks is slow)."""
 
+import os
+
 import pytest
+import torch
 
 from megalith.parallel.spawn import RankPool
+
+
+# Triton kernels run on a CPU only under the interpreter; it must be chosen before triton is
+# imported. On a CUDA machine (scripts/gpu_check.sh) they compile for the GPU instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_addoption(parser):
