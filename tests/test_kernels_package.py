@@ -10,10 +10,12 @@ import megalith_kernels
 from megalith_kernels import KernelUnavailable, dispatch
 
 
-def test_imports_beside_transformers_and_hf_kernels():
+def test_imports_beside_transformers_and_hf_kernels(tmp_path):
+    # run outside the repository: from its root, `import kernels` would find the kernels/ folder
     code = ("import transformers, megalith_kernels, kernels; "
             "assert megalith_kernels.__file__ != kernels.__file__; print(megalith_kernels.__name__)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "megalith_kernels"
 
