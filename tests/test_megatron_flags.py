@@ -50,7 +50,7 @@ def _args(words: str) -> argparse.Namespace:
 
 @pytest.mark.parametrize("words", ["--num-experts 0", "--expert-model-parallel-size 1", "--moe-router-topk 2",
                                    "--moe-router-load-balancing-type aux_loss", "--cp-comm-type p2p",
-                                   "--rerun-mode disabled", "--moe-layer-freq 1", "--fp8-margin 0",
+                                   "--rerun-mode disabled", "--moe-layer-freq 1", "--fp8-recipe delayed",
                                    "--no-langrl-external-server", "--recompute-modules core_attn"])
 def test_a_refused_flag_at_megatrons_default_passes(words):
     args = _args(words)
@@ -67,11 +67,11 @@ def test_a_refused_flag_away_from_its_default_is_one_line_naming_it_and_its_owne
     with pytest.raises(ConfigError, match=r"^--retro-add-retriever is not supported: Retro .* not planned"):
         refuse_unsupported(_args("--retro-add-retriever"))
     with pytest.raises(ConfigError) as error:
-        refuse_unsupported(_args("--cp-comm-type a2a --fp8-format hybrid --inprocess-restart"))
+        refuse_unsupported(_args("--cp-comm-type a2a --fp8-recipe mxfp8 --inprocess-restart"))
     message = str(error.value)
     assert "\n" not in message and message.startswith("--cp-comm-type is not supported yet: context parallelism is "
                                                       "issue 22")
-    assert message.endswith("(also refused: --fp8-format, --inprocess-restart)")
+    assert message.endswith("(also refused: --fp8-recipe, --inprocess-restart)")
 
 
 def test_refusal_comes_first_in_resolve():
@@ -80,13 +80,12 @@ def test_refusal_comes_first_in_resolve():
 
 
 def test_accepted_flags_are_named_once_in_the_notices():
-    args = _args("--use-mcore-models --no-masked-softmax-fusion --tp-comm-overlap --use-mcore-models "
-                 "--cross-entropy-fusion-impl te")
-    assert accepted_given(args) == ["--use-mcore-models", "--no-masked-softmax-fusion", "--tp-comm-overlap",
-                                    "--cross-entropy-fusion-impl"]
+    args = _args("--use-mcore-models --no-gradient-accumulation-fusion --tp-comm-overlap --use-mcore-models "
+                 "--no-masked-softmax-fusion")  # the fusion switches are model flags now: not in this list
+    assert accepted_given(args) == ["--use-mcore-models", "--no-gradient-accumulation-fusion", "--tp-comm-overlap"]
     config = resolve_pretrain_config(args, world_size=1)
     assert compat_notice(args) in config.notices
-    assert compat_notice(args).startswith("accepted and ignored here: --use-mcore-models, --no-masked-softmax")
+    assert compat_notice(args).startswith("accepted and ignored here: --use-mcore-models, --no-gradient-accum")
     assert compat_notice(_args("")) is None
 
 
@@ -102,8 +101,8 @@ def test_aliases_set_megaliths_own_flag_as_given():
 def test_verify_and_bench_take_the_table_too(capsys):
     parser = build_parser()
     for command in ("verify", "bench-overhead"):
-        args = parser.parse_args([command, "--no-bias-dropout-fusion", "--moe-router-topk", "2"])
-        assert accepted_given(args) == ["--no-bias-dropout-fusion"]
+        args = parser.parse_args([command, "--tp-comm-overlap", "--moe-router-topk", "2"])
+        assert accepted_given(args) == ["--tp-comm-overlap"]
     assert main(["verify", "--num-experts", "4"]) == 2
     assert "--num-experts is not supported yet: mixture of experts is issue 21" in capsys.readouterr().err
 
@@ -165,13 +164,10 @@ T5_220M = """--encoder-num-layers 12 --decoder-num-layers 12 --hidden-size 768 -
 # (script, the refused flags, the accepted flags) as the table classifies them.
 EXAMPLES = {
     "gpt3_175b": (GPT3_175B, [], []),
-    "llama3_8b_fp8": (LLAMA3_8B_FP8, ["--fp8-format", "--fp8-amax-history-len", "--fp8-amax-compute-algo",
-                                      "--fp8-param-gather"],
-                      ["--use-mcore-models", "--cross-entropy-loss-fusion", "--tiktoken-pattern",
-                       "--no-create-attention-mask-in-dataloader"]),
+    "llama3_8b_fp8": (LLAMA3_8B_FP8, [], ["--use-mcore-models", "--tiktoken-pattern",
+                                          "--no-create-attention-mask-in-dataloader"]),
     "mixtral_8x7b": (MIXTRAL_8X7B, ["--num-experts", "--moe-aux-loss-coeff", "--moe-token-dispatcher-type",
-                                    "--expert-model-parallel-size"], ["--use-mcore-models",
-                                                                      "--no-masked-softmax-fusion"]),
+                                    "--expert-model-parallel-size"], ["--use-mcore-models"]),
     "bert_340m": (BERT_340M, [], []),
     "t5_220m": (T5_220M, [], []),
 }

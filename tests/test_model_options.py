@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megalith.config import ModelConfig, parse_layout
-from megalith.config.model import attention_backend_notice, megatron_flag_rules
+from megalith.config.model import megatron_flag_rules
 from megalith.convert.mapping import ConvertError, plain_norm_weights
 from megalith.errors import ConfigError
 from megalith.models.bert import BertModel
@@ -68,21 +68,22 @@ def test_group_query_attention_defaults_to_one_group_as_megatron():
 # --- --attention-backend, --transformer-impl ----------------------------------------------------
 
 
-def test_fused_backends_named_run_sdpa_with_one_notice():
-    for name in ("flash", "fused"):
-        config = small(attention_backend=name)
-        assert config.attention_path == "sdpa"
-        assert attention_backend_notice(config) == (f"attention backend {name}: using torch SDPA (fused kernels are "
-                                                    "not in megalith yet)")
-        assert megatron_flag_rules(config)[1] == [attention_backend_notice(config)]
+def test_fused_backend_named_runs_sdpa_with_one_notice_on_cpu():
+    config = small(attention_backend="fused")
+    assert config.attention_path == "sdpa"
+    notices = megatron_flag_rules(config)[1]
+    assert len(notices) == 1 and notices[0].startswith("--attention-backend fused: torch SDPA")
     for name in ("auto", "sdpa", "unfused", "local"):
-        assert attention_backend_notice(small(attention_backend=name)) is None
+        assert megatron_flag_rules(small(attention_backend=name, attention_dropout=0.0))[1] == []
 
 
 def test_transformer_engine_is_refused_in_one_line():
+    config = small(transformer_impl="transformer_engine")  # a valid config: the device decides, at the seam
     with pytest.raises(ConfigError) as error:
-        small(transformer_impl="transformer_engine")
+        megatron_flag_rules(config)
     assert "Transformer Engine on CUDA" in one_line(error) and "--transformer-impl local" in str(error.value)
+    with pytest.raises(ConfigError):
+        GPTModel(config)
     assert small(transformer_impl="local").transformer_impl == "local"
 
 

@@ -24,6 +24,16 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 # Megatron's --attention-backend names; "sdpa" is megalith's own name for torch's SDPA path.
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local", "sdpa")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
+# megalith's --kernel-backend: which implementation megalith_kernels runs (apex: apex's fused norms, the rest auto).
+KERNEL_BACKENDS = ("auto", "torch", "triton", "apex")
+CROSS_ENTROPY_FUSION_IMPLS = ("native", "te")
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_AMAX_COMPUTE_ALGOS = ("max", "most_recent")
+# Fields that pick implementations, not mathematics: a checkpoint saved under one loads under another.
+KERNEL_FIELDS = ("kernel_backend", "masked_softmax_fusion", "bias_gelu_fusion", "bias_swiglu_fusion",
+                 "bias_dropout_fusion", "rope_fusion", "no_persist_layer_norm", "cross_entropy_loss_fusion",
+                 "cross_entropy_fusion_impl", "fp8_format", "fp8_margin", "fp8_amax_history_len",
+                 "fp8_amax_compute_algo", "fp8_param_gather")
 RECOMPUTE_METHODS = ("uniform", "block")
 
 
@@ -75,12 +85,43 @@ class ModelConfig:
     init_method_xavier_uniform: bool = flag_field(False, "Xavier-uniform initialisation of the weights instead of "
                                                   "normal(0, --init-method-std)")
     attention_softmax_in_fp32: bool = flag_field(False, "attention softmax in fp32 for bf16/fp16 models")
-    attention_backend: str = flag_field("auto", "core attention (Megatron's names): auto, flash and fused run torch "
-                                        "SDPA until fused kernels land; unfused and local: explicit matmuls; sdpa: "
-                                        "torch SDPA", ATTENTION_BACKENDS)
-    transformer_impl: str = flag_field("local", "layer implementation: local (megalith's PyTorch layers); "
-                                       "transformer_engine needs Transformer Engine on CUDA (Megatron's default)",
+    attention_backend: str = flag_field("auto", "core attention (Megatron's names): auto = the Triton flash kernel on "
+                                        "CUDA with triton (TE's with --transformer-impl transformer_engine), else torch "
+                                        "SDPA; flash = megalith_kernels.flash_attention (no attention dropout); fused = "
+                                        "TE's fused attention with TE, else torch SDPA; unfused and local: explicit "
+                                        "matmuls; sdpa: torch SDPA", ATTENTION_BACKENDS)
+    transformer_impl: str = flag_field("local", "layer implementation: local (megalith's PyTorch layers, the default "
+                                       "here so that CPU runs need nothing) or transformer_engine (TE's Linear, norms "
+                                       "and DotProductAttention; needs TE on CUDA; Megatron's default)",
                                        TRANSFORMER_IMPLS)
+    kernel_backend: str = flag_field("auto", "megalith's own: which implementation megalith_kernels runs for the fused "
+                                     "ops; auto = Triton on CUDA with triton installed, else the PyTorch references; "
+                                     "triton on a CPU needs TRITON_INTERPRET=1; apex = apex's fused norms (CUDA)",
+                                     KERNEL_BACKENDS)
+    masked_softmax_fusion: bool = flag_field(True, "fused scale-mask-softmax (--no-masked-softmax-fusion: off); megalith "
+                                             "has no such kernel (its attention paths fuse the softmax or not by "
+                                             "--attention-backend), so neither value changes what runs")
+    bias_gelu_fusion: bool = flag_field(True, "fused bias + GeLU (megalith_kernels.bias_gelu, tanh GELU: with "
+                                        "--openai-gelu) when the kernel backend resolves to triton")
+    bias_swiglu_fusion: bool = flag_field(True, "fused SwiGLU (megalith_kernels.swiglu) when the kernel backend "
+                                          "resolves to triton")
+    bias_dropout_fusion: bool = flag_field(True, "fused bias + dropout + add; megalith has no such kernel, so neither "
+                                           "value changes what runs")
+    rope_fusion: bool = flag_field(True, "fused rotary embedding (megalith_kernels.rope) when the kernel backend "
+                                   "resolves to triton and positions are not per sequence")
+    no_persist_layer_norm: bool = flag_field(False, "no persistent fused LayerNorm; megalith has no persistent kernel, "
+                                             "so it changes nothing")
+    cross_entropy_loss_fusion: bool = flag_field(False, "fused cross-entropy (megalith_kernels.cross_entropy) when the "
+                                                 "kernel backend resolves to triton")
+    cross_entropy_fusion_impl: str = flag_field("native", "which fused cross-entropy: native (megalith_kernels) or te "
+                                                "(needs Transformer Engine)", CROSS_ENTROPY_FUSION_IMPLS)
+    fp8_format: str | None = flag_field(None, "fp8 training through Transformer Engine (needs --transformer-impl "
+                                        "transformer_engine on CUDA); None: off", FP8_FORMATS)
+    fp8_margin: int = flag_field(0, "fp8 scaling margin (TE's DelayedScaling)")
+    fp8_amax_history_len: int = flag_field(1, "steps of amax history per tensor (TE's DelayedScaling)")
+    fp8_amax_compute_algo: str = flag_field("most_recent", "amax from the history (TE's DelayedScaling)",
+                                            FP8_AMAX_COMPUTE_ALGOS)
+    fp8_param_gather: bool = flag_field(False, "TE layers keep their parameters in fp8 (te.fp8_model_init)")
     params_dtype: str = flag_field("fp32", "parameter dtype (pretrain: follows --bf16 / --fp16)", PRECISION_NAMES)
     recompute_granularity: str | None = flag_field(None, "activation recompute (None: off)", RECOMPUTE_GRANULARITIES)
     recompute_method: str | None = flag_field(None, "full recompute: uniform groups or the first N layers",
@@ -139,9 +180,8 @@ class ModelConfig:
         check_int("num_tokentypes", self.num_tokentypes, 0)
         if self.init_method_std <= 0 or self.norm_epsilon <= 0:
             raise ConfigError("--init-method-std and --norm-epsilon must be positive")
-        if self.transformer_impl == "transformer_engine":
-            raise ConfigError("--transformer-impl transformer_engine needs Transformer Engine on CUDA, which megalith "
-                              "does not use; megalith's own layers are --transformer-impl local")
+        check_int("fp8_margin", self.fp8_margin, 0)
+        check_int("fp8_amax_history_len", self.fp8_amax_history_len)
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ConfigError(f"--rotary-percent {self.rotary_percent} is not a share of the head; give one in (0, 1]")
         if self.openai_gelu and self.swiglu:
@@ -191,8 +231,8 @@ class ModelConfig:
 
     @property
     def attention_path(self) -> str:
-        """What computes core attention here: "sdpa" (torch's SDPA, for auto, flash, fused and sdpa
-        until fused kernels land) or "unfused" (explicit matmuls, for unfused and local)."""
+        """"unfused" (explicit matmuls, the score matrix kept: unfused and local) or "sdpa" (no score
+        matrix kept: the others); which of those paths runs is megalith.kernel_choice's decision."""
         return "unfused" if self.attention_backend in ("unfused", "local") else "sdpa"
 
     @property
@@ -214,26 +254,24 @@ class ModelConfig:
         return [f.name for f in fields(cls)]
 
 
-def megatron_flag_rules(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
+def megatron_flag_rules(config: ModelConfig, device: torch.device | str | None = None) -> tuple[ModelConfig, list[str]]:
     """Megatron's argument rules for a config built from flags, with a notice line for each.
 
     --num-query-groups takes effect only with --group-query-attention (Megatron passes no query
-    groups to the model otherwise), and --attention-backend flash / fused run torch's SDPA here.
+    groups to the model otherwise). The implementations are resolved for `device` (None: the
+    CPU) by megalith.kernel_choice, so a backend that cannot run is refused here, in one line,
+    and what runs differently from a flag's name is a notice.
     Programmatic configs skip this: ModelConfig(num_query_groups=2) is grouped-query attention.
     """
+    from megalith.kernel_choice import resolve_kernels
+
     notices = []
     if not config.group_query_attention and config.num_query_groups != config.num_attention_heads:
         notices.append(f"--num-query-groups {config.num_query_groups} takes effect only with --group-query-attention "
                        f"(as in Megatron); using {config.num_attention_heads} query groups, one per head")
         config = replace(config, num_query_groups=config.num_attention_heads)
-    notice = attention_backend_notice(config)
-    if notice is not None:
-        notices.append(notice)
+    kernels = resolve_kernels(config, device)
+    notices.extend(kernels.notices)
+    if not kernels.plain:
+        notices.append(kernels.describe())
     return config, notices
-
-
-def attention_backend_notice(config: ModelConfig) -> str | None:
-    """The line for a fused backend asked for by name that megalith runs as torch SDPA (None otherwise)."""
-    if config.attention_backend in ("flash", "fused"):
-        return f"attention backend {config.attention_backend}: using torch SDPA (fused kernels are not in megalith yet)"
-    return None

@@ -153,7 +153,8 @@ def _adjusted(sections: dict, notices: list[str]) -> dict:
     """Megatron's silent adjustments, made on new section values with a notice each."""
     dist, precision = sections["distributed"], sections["precision"]
     model = get_model_spec(sections["training"].model).resolved(sections["model"])
-    model, model_notices = megatron_flag_rules(model)
+    device = "cuda" if backend_for_run(dist.distributed_backend)[0] == "nccl" else "cpu"  # where the ranks run
+    model, model_notices = megatron_flag_rules(model, device)
     notices.extend(model_notices)
     if dist.sequence_parallel and dist.tensor_model_parallel_size == 1:
         dist = replace(dist, sequence_parallel=False)

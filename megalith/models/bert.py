@@ -22,10 +22,9 @@ from megalith.models.gpt import (
     EMBEDDING_STREAM, OUTPUT_STREAM, init_generator, layer_inits, mark_tied_embedding, sum_tied_embedding_grads,
     weight_init, word_embeddings,
 )
-from megalith.models.parallel_context import ParallelContext, StageSpec
-from megalith.models.transformer import TransformerBlock, TransformerLayer, build_norm, dropout
+from megalith.models.parallel_context import ParallelContext, StageSpec, with_kernels
+from megalith.models.transformer import TransformerBlock, TransformerLayer, build_norm, dropout, loss_per_token
 from megalith.parallel import comm
-from megalith.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalith.parallel.layers import (
     InitMethod,
     mark_sequence_parallel,
@@ -150,6 +149,7 @@ class BertModel(nn.Module):
             raise ConfigError("BERT uses learned absolute positions; drop --position-embedding-type")
         if ctx.rng_tracker is None:
             ctx.rng_tracker = model_parallel_rng_tracker(init_seed, ctx.tp_rank, ctx.device or "cpu")
+        ctx = with_kernels(config, ctx)  # the record of which implementation runs each piece, resolved once
         self.config, self.ctx, self.stage = config, ctx, stage
         self.embedding = None
         if stage.is_first:
@@ -198,8 +198,8 @@ class BertModel(nn.Module):
         binary = self.binary_logits(h) if self.binary_head is not None else None
         if labels is None:
             return logits, binary
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ctx.tp_group, vocab_size=config.vocab_size,
-                                            ignore_index=-1).t()
+        loss = loss_per_token(logits, labels.t(), self.ctx, self.ctx.kernels, vocab_size=config.vocab_size,
+                              ignore_index=-1).t()
         if binary is not None:
             if is_random is None:
                 raise ValueError("BERT's binary head needs is_random in the batch; "

@@ -14,10 +14,9 @@ from torch import nn
 
 from megalith.config import Layout, ModelConfig
 from megalith.errors import ConfigError
-from megalith.models.parallel_context import ParallelContext, StageSpec
-from megalith.models.transformer import TransformerBlock, TransformerLayer, dropout, rotary_cos_sin
+from megalith.models.parallel_context import ParallelContext, StageSpec, with_kernels
+from megalith.models.transformer import TransformerBlock, TransformerLayer, dropout, loss_per_token, rotary_cos_sin
 from megalith.parallel import comm
-from megalith.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalith.parallel.layers import (
     ColumnParallelLinear,
     InitMethod,
@@ -155,6 +154,7 @@ class GPTModel(nn.Module):
             raise ConfigError("--post-layer-norm is for BERT-style encoders; GPT is pre-norm (drop the flag)")
         if ctx.rng_tracker is None:
             ctx.rng_tracker = model_parallel_rng_tracker(init_seed, ctx.tp_rank, ctx.device or "cpu")
+        ctx = with_kernels(config, ctx)  # the record of which implementation runs each piece, resolved once
         self.config, self.ctx, self.stage = config, ctx, stage
         self.embedding = GPTEmbedding(config, ctx, init_generator(init_seed, EMBEDDING_STREAM)) if stage.is_first else None
         layers = {index: TransformerLayer(config, ctx, *layer_inits(config, init_seed, index)) for index in stage.layers}
@@ -196,7 +196,7 @@ class GPTModel(nn.Module):
         logits = parallel_lm_logits(h, self.output_weight(), self.ctx.tp_group, sequence_parallel=self.ctx.sequence_parallel)
         if labels is None:
             return logits
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ctx.tp_group, vocab_size=config.vocab_size)
+        loss = loss_per_token(logits, labels.t(), self.ctx, self.ctx.kernels, vocab_size=config.vocab_size)
         return loss.t()
 
     # --- the pipeline engine's interface ------------------------------------------------

@@ -12,7 +12,8 @@ from megalith.parallel.rng import TP_LOCAL, TP_SHARED, RNGStatesTracker
 
 @dataclass
 class ParallelContext:
-    """The tensor-parallel group (None: one process), sequence parallelism, RNG streams, device."""
+    """The tensor-parallel group (None: one process), sequence parallelism, RNG streams, device, and the
+    record of which implementation runs each piece (see with_kernels)."""
 
     tp_group: object = None
     sequence_parallel: bool = False
@@ -20,6 +21,7 @@ class ParallelContext:
     device: torch.device | None = None
     embedding_group: object = None  # first + last pipeline stage: sums the tied embedding's gradients
     pipeline_group: object = None  # every stage (T5 sums its tables shared between stages over it)
+    kernels: object = None  # megalith.kernel_choice.KernelChoice (None: resolved from the config for `device`)
 
     @property
     def tp_size(self) -> int:
@@ -51,3 +53,13 @@ class StageSpec:
     @property
     def is_last(self) -> bool:
         return self.index == self.count - 1
+
+
+def with_kernels(config, ctx: ParallelContext | None) -> ParallelContext:
+    """`ctx` (a new default one when None) carrying the kernel record for `config`, resolved once per model."""
+    from dataclasses import replace
+
+    from megalith.kernel_choice import kernels_of
+
+    ctx = ctx or ParallelContext()
+    return ctx if ctx.kernels is not None else replace(ctx, kernels=kernels_of(config, ctx))

@@ -32,13 +32,14 @@ from torch import nn
 
 from megalith.config import Layout, ModelConfig
 from megalith.errors import ConfigError
+from megalith.kernel_choice import kernels_of
 from megalith.models.gpt import (
     EMBEDDING_STREAM, FIRST_LAYER_STREAM, OUTPUT_STREAM, init_generator, layer_inits, weight_init, word_embeddings,
 )
-from megalith.models.parallel_context import ParallelContext, StageSpec
-from megalith.models.transformer import MLP, SelfAttention, TransformerBlock, TransformerLayer, attend, build_norm, dropout
+from megalith.models.parallel_context import ParallelContext, StageSpec, with_kernels
+from megalith.models.transformer import (MLP, SelfAttention, TransformerBlock, TransformerLayer, attend, build_norm,
+                                         dropout, local_or_te, loss_per_token)
 from megalith.parallel import comm
-from megalith.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalith.parallel.layers import (
     ColumnParallelLinear,
     InitMethod,
@@ -102,6 +103,7 @@ class CrossAttention(nn.Module):
                  softmax_scale: float | None = None) -> None:
         super().__init__()
         self.config, self.ctx, self.causal, self.softmax_scale = config, ctx, False, softmax_scale
+        self.kernels = kernels_of(config, ctx)
         width = config.num_attention_heads * config.kv_channels
         common = dict(tp_group=ctx.tp_group, sequence_parallel=ctx.sequence_parallel, bias=config.add_bias_linear,
                       params_dtype=config.torch_dtype, device=ctx.device)
@@ -109,12 +111,21 @@ class CrossAttention(nn.Module):
         self.linear_kv = ColumnParallelLinear(config.hidden_size, 2 * width, stride=2, init_method=init, **common)
         self.linear_proj = RowParallelLinear(width, config.hidden_size, input_is_parallel=True,
                                              init_method=output_init, **common)
+        self.linear_q, self.linear_kv, self.linear_proj = (local_or_te(layer, ctx, config) for layer in
+                                                           (self.linear_q, self.linear_kv, self.linear_proj))
+        self.te_attention = None
+        if self.kernels.attention == "te":
+            from megalith.models.te_layers import TEAttention
+
+            self.te_attention = TEAttention(config, ctx, False, softmax_scale)
 
     def forward(self, x: torch.Tensor, encoder_output: torch.Tensor, attention_mask: torch.Tensor | None):
         d = self.config.kv_channels
         q = self.linear_q(x)
         q = q.view(*q.shape[:2], -1, d)
         k, v = (part.reshape(*part.shape[:2], -1, d) for part in self.linear_kv(encoder_output).chunk(2, dim=-1))
+        if self.te_attention is not None:
+            return self.linear_proj(self.te_attention(q, k, v, attention_mask))
         return self.linear_proj(attend(q, k, v, attention_mask, None, self))
 
 
@@ -169,6 +180,7 @@ class T5Model(nn.Module):
             raise ConfigError("T5 does not support interleaved pipelines; drop --num-layers-per-virtual-pipeline-stage")
         if ctx.rng_tracker is None:
             ctx.rng_tracker = model_parallel_rng_tracker(init_seed, ctx.tp_rank, ctx.device or "cpu")
+        ctx = with_kernels(config, ctx)  # the record of which implementation runs each piece, resolved once
         self.config, self.ctx, self.stage = config, ctx, stage
         encoders = config.encoder_num_layers
         self.first_layer, self.end_layer = stage.layers[0], stage.layers[-1] + 1
@@ -264,8 +276,8 @@ class T5Model(nn.Module):
         logits = parallel_lm_logits(hidden, weight, self.ctx.tp_group, sequence_parallel=self.ctx.sequence_parallel)
         if labels is None:
             return logits
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.ctx.tp_group, vocab_size=config.vocab_size,
-                                            ignore_index=-1).t()
+        return loss_per_token(logits, labels.t(), self.ctx, self.ctx.kernels, vocab_size=config.vocab_size,
+                              ignore_index=-1).t()
 
     # --- the pipeline engine's interface ------------------------------------------------
 

@@ -15,13 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalith.config import ModelConfig
+from megalith.kernel_choice import KernelChoice, kernels_of
 from megalith.models.norms import build_norm
 from megalith.models.parallel_context import ParallelContext
+from megalith.models.te_layers import fp8_context
+from megalith.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalith.parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
 from megalith.parallel.rng import TP_LOCAL, checkpoint
 
 __all__ = ["MLP", "SelfAttention", "TransformerBlock", "TransformerLayer", "apply_rotary", "attend", "build_norm",
-           "core_attention", "dropout", "masked_dropout", "rotary_cos_sin"]
+           "core_attention", "dropout", "loss_per_token", "masked_dropout", "rotary_cos_sin", "rotate"]
 
 
 def dropout(x: torch.Tensor, p: float, training: bool, ctx: ParallelContext, stream: str) -> torch.Tensor:
@@ -68,6 +71,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out if passed is None else torch.cat([out, passed], dim=-1)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: KernelChoice) -> torch.Tensor:
+    """apply_rotary, or megalith_kernels.rope when the record says so and cos/sin are per position
+    (`[s, 1, 1, r]`; per-sequence positions `[s, b, 1, r]` have no fused kernel)."""
+    if kernels.rope != "kernels" or cos.shape[1] != 1:
+        return apply_rotary(x, cos, sin)
+    import megalith_kernels
+
+    out = megalith_kernels.rope(x.transpose(0, 1), cos[:, 0, 0], sin[:, 0, 0], backend=kernels.backend)
+    return out.transpose(0, 1)
+
+
+def loss_per_token(logits: torch.Tensor, target: torch.Tensor, ctx: ParallelContext, kernels: KernelChoice, *,
+                   vocab_size: int, ignore_index: int = -100) -> torch.Tensor:
+    """vocab_parallel_cross_entropy, with the fused kernel or TE's when the record's cross_entropy says so."""
+    if kernels.cross_entropy == "te":
+        from megalith.models.te_layers import te_cross_entropy
+
+        return te_cross_entropy(logits, target, ctx.tp_group, vocab_size=vocab_size, ignore_index=ignore_index)
+    fused = {"kernel": "triton"} if kernels.cross_entropy == "triton" else {}
+    return vocab_parallel_cross_entropy(logits, target, ctx.tp_group, vocab_size=vocab_size, ignore_index=ignore_index,
+                                        **fused)
+
+
+def _flash(q, k, v, attention_mask, causal: bool, scale: float, backend: str) -> torch.Tensor:
+    """megalith_kernels.flash_attention on `[s, b, n, d]` tensors -> `[s, b, nh, d]`."""
+    import megalith_kernels
+
+    out = megalith_kernels.flash_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal=causal,
+                                           scale=scale, attention_mask=attention_mask, backend=backend)
+    return out.transpose(0, 1)
+
+
 def core_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,6 +115,7 @@ def core_attention(
     causal: bool = True,
     attention_bias: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    kernels: KernelChoice | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias + mask) v for this rank's heads: q `[sq, b, nh, d]`, k and v
     `[sk, b, ng, d]` -> `[sq, b, nh * d]`. Causal unless `causal=False` (bidirectional: BERT,
@@ -88,18 +124,24 @@ def core_attention(
     broadcastable to `[b, nh, sq, sk]`) adds T5's relative position bias; `softmax_scale`
     defaults to 1/sqrt(d) (T5: 1).
 
-    Two paths compute the same thing: PyTorch's scaled_dot_product_attention ("sdpa") and an
-    explicit matmul-softmax-matmul ("unfused") that is easy to read and to check.
+    Three paths compute the same thing: PyTorch's scaled_dot_product_attention ("sdpa"), an
+    explicit matmul-softmax-matmul ("unfused") that is easy to read and to check, and
+    megalith_kernels.flash_attention ("flash", no dropout, no additive bias). `kernels` (the
+    model's record, see megalith.kernel_choice) says which; TE's attention is a module of its own.
     """
     s, b, heads, d = q.shape
     sk = k.shape[0]
     repeat = heads // k.shape[2]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
     dtype = q.dtype
+    kernels = kernels or kernels_of(config, ctx)
+    path = kernels.attention_for(attention_bias is not None)
     if config.attention_softmax_in_fp32:
         q, k, v = q.float(), k.float(), v.float()
+    if path == "flash":
+        return _flash(q, k, v, attention_mask, causal, scale, kernels.backend).reshape(s, b, heads * d).to(dtype)
     q, k, v = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, n, s, d]
-    if repeat > 1 and config.attention_path == "unfused":
+    if repeat > 1 and path == "unfused":
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     p = config.attention_dropout if training else 0.0
 
@@ -118,7 +160,7 @@ def core_attention(
     # heads are split over tp: each rank draws its own attention-dropout mask
     streams = ctx.rng_tracker.fork(TP_LOCAL) if p > 0 else contextlib.nullcontext()
     with streams:
-        if config.attention_path == "sdpa":
+        if path != "unfused":
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=additive, dropout_p=p, is_causal=causal and additive is None, enable_gqa=repeat > 1,
                 scale=scale,
@@ -149,6 +191,7 @@ class SelfAttention(nn.Module):
                  causal: bool = True, softmax_scale: float | None = None) -> None:
         super().__init__()
         self.config, self.ctx, self.causal, self.softmax_scale = config, ctx, causal, softmax_scale
+        self.kernels = kernels_of(config, ctx)
         d, heads, groups = config.kv_channels, config.num_attention_heads, config.num_query_groups
         self.heads_per_group = heads // groups
         self.groups_per_rank = groups // ctx.tp_size
@@ -162,6 +205,13 @@ class SelfAttention(nn.Module):
             heads * d, config.hidden_size, bias=config.add_bias_linear, input_is_parallel=True,
             init_method=output_init, **common,
         )
+        self.linear_qkv, self.linear_proj = local_or_te(self.linear_qkv, ctx, config), local_or_te(self.linear_proj, ctx,
+                                                                                                  config)
+        self.te_attention = None
+        if self.kernels.attention == "te":
+            from megalith.models.te_layers import TEAttention
+
+            self.te_attention = TEAttention(config, ctx, causal, softmax_scale)
         self.q_layernorm = self.k_layernorm = None
         if config.qk_layernorm:
             self.q_layernorm = build_norm(config, ctx, d, partial_over_tp=True)
@@ -178,14 +228,16 @@ class SelfAttention(nn.Module):
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            q, k = rotate(q, *rotary, self.kernels), rotate(k, *rotary, self.kernels)
+        if self.te_attention is not None and attention_bias is None:
+            return self.linear_proj(self.te_attention(q, k, v, attention_mask))
         return self.linear_proj(attend(q, k, v, attention_mask, attention_bias, self))
 
 
 def attend(q, k, v, attention_mask, attention_bias, attention: nn.Module) -> torch.Tensor:
     """core_attention with `attention`'s settings, recomputed in backward under selective recompute."""
     kwargs = dict(config=attention.config, ctx=attention.ctx, training=attention.training, causal=attention.causal,
-                  softmax_scale=attention.softmax_scale)
+                  softmax_scale=attention.softmax_scale, kernels=attention.kernels)
     if attention.config.recompute_granularity == "selective":
         return checkpoint(_core_attention_call, q, k, v, attention_mask, attention_bias, kwargs,
                           rng_tracker=attention.ctx.rng_tracker)
@@ -196,27 +248,53 @@ def _core_attention_call(q, k, v, attention_mask, attention_bias, kwargs):
     return core_attention(q, k, v, attention_mask, attention_bias=attention_bias, **kwargs)
 
 
+def local_or_te(layer: nn.Module, ctx: ParallelContext, config: ModelConfig) -> nn.Module:
+    """`layer`, or TE's Linear in its place (with its weights) when the record says linears "te"."""
+    kernels = kernels_of(config, ctx)
+    if kernels.linears != "te":
+        return layer
+    from megalith.models.te_layers import te_linear
+
+    return te_linear(layer, ctx, config, fp8_param_gather=kernels.fp8 is not None and kernels.fp8.param_gather)
+
+
 class MLP(nn.Module):
     """fc1 (column-parallel) -> GELU (exact, or tanh-approximate with openai_gelu), ReLU or SwiGLU -> fc2
-    (row-parallel); nothing communicated between."""
+    (row-parallel); nothing communicated between. With the record's activation "kernels" the
+    activation is megalith_kernels' swiglu, or bias_gelu with fc1's bias added inside the kernel
+    (fc1 then returns its bias: skip_bias_add)."""
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod) -> None:
         super().__init__()
         self.swiglu, self.relu = config.swiglu, config.activation == "relu"
         self.gelu_approximate = "tanh" if config.openai_gelu else "none"
+        self.kernels = kernels_of(config, ctx)
+        self.fused_bias_gelu = self.kernels.activation == "kernels" and not config.swiglu
         common = dict(tp_group=ctx.tp_group, sequence_parallel=ctx.sequence_parallel, bias=config.add_bias_linear,
                       params_dtype=config.torch_dtype, device=ctx.device)
         parts = 2 if config.swiglu else 1  # SwiGLU's fc1 is [gate; up], each part split over tp
-        self.linear_fc1 = ColumnParallelLinear(
-            config.hidden_size, parts * config.ffn_hidden_size, stride=parts, init_method=init, **common
-        )
-        self.linear_fc2 = RowParallelLinear(
+        self.linear_fc1 = local_or_te(ColumnParallelLinear(
+            config.hidden_size, parts * config.ffn_hidden_size, stride=parts, init_method=init,
+            skip_bias_add=self.fused_bias_gelu, **common
+        ), ctx, config)
+        self.linear_fc2 = local_or_te(RowParallelLinear(
             config.ffn_hidden_size, config.hidden_size, input_is_parallel=True, init_method=output_init, **common
-        )
+        ), ctx, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_bias_gelu:
+            import megalith_kernels
+
+            h, bias = self.linear_fc1(x)
+            if bias is None:  # --disable-bias-linear: the fused kernel with a zero bias
+                bias = torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device)
+            return self.linear_fc2(megalith_kernels.bias_gelu(h, bias, backend=self.kernels.backend))
         h = self.linear_fc1(x)
-        if self.swiglu:
+        if self.swiglu and self.kernels.activation == "kernels":
+            import megalith_kernels
+
+            h = megalith_kernels.swiglu(h, backend=self.kernels.backend)
+        elif self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         elif self.relu:
@@ -273,6 +351,7 @@ class TransformerBlock(nn.Module):
                  final_norm: bool = True) -> None:
         super().__init__()
         self.config, self.ctx = config, ctx
+        self.kernels = kernels_of(config, ctx)
         self.layers = nn.ModuleDict({str(index): layer for index, layer in layers.items()})
         self.final_layernorm = build_norm(config, ctx) if final_norm else None
 
@@ -300,5 +379,6 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
         """`layer(x, *args)` for each layer (GPT, BERT: rotary and attention_mask; T5's layers take
         their own), then the final norm if this block has it."""
-        x = self._layers(x, *args)
+        with fp8_context(self.kernels):  # te.fp8_autocast with the run's recipe; nothing without fp8
+            x = self._layers(x, *args)
         return x if self.final_layernorm is None else self.final_layernorm(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from megalith.config.megatron.records import flag
 
-_FUSION = "nothing: megalith has no such fused kernel; the unfused math is the same (fused kernels: issue 19)"
+_FUSION = "nothing: megalith has no such fused kernel; the unfused math is the same"
 _CUDA = "nothing: a CUDA / NCCL performance setting; results are the same"
 _TP_OVERLAP = "nothing: Transformer Engine's userbuffer overlap of tp communication with GEMMs (GPU only)"
 _GRAPHS = "nothing: megalith does not capture CUDA graphs; results are the same"
@@ -17,17 +17,9 @@ _DEPRECATED = "nothing: Megatron ignores it too"
 _CKPT = "nothing: megalith writes and reads its own reshardable format, synchronously"
 
 ACCEPTED = (
-    # Fusions: the same math, unfused here.
-    flag("--no-masked-softmax-fusion", "false", True, "no fused scale-mask-softmax kernel", _FUSION),
-    flag("--no-bias-gelu-fusion", "false", True, "no fused bias + GELU kernel", _FUSION),
-    flag("--no-bias-swiglu-fusion", "false", True, "no fused bias + SwiGLU kernel", _FUSION),
-    flag("--no-bias-dropout-fusion", "false", True, "no fused bias + dropout + add kernel", _FUSION),
-    flag("--no-rope-fusion", "false", True, "no fused rotary-embedding kernel", _FUSION),
-    flag("--no-persist-layer-norm", "true", False, "no persistent fused LayerNorm kernel", _FUSION),
+    # Fusions without a kernel in megalith: the same math, unfused here (the others are model flags).
     flag("--no-gradient-accumulation-fusion", "false", True, "no fused weight-gradient accumulation in the "
          "linear layers' backward", _FUSION),
-    flag("--cross-entropy-loss-fusion", "true", False, "fused cross-entropy kernel", _FUSION),
-    flag("--cross-entropy-fusion-impl", "str", "native", "which fused cross entropy: native or te", _FUSION),
     # Model implementation switches that megalith has one answer to.
     flag("--use-mcore-models", "true", False, "use Megatron-Core models (Megatron's default; deprecated)",
          "nothing: megalith has one model implementation"),

@@ -76,7 +76,9 @@ def is_default(record: MegatronFlag, value) -> bool:
 # The owners of the refused flags (case b).
 MOE = Owner("mixture of experts is issue 21", 21)
 CONTEXT_PARALLEL = Owner("context parallelism is issue 22", 22)
-FP8 = Owner("fp8 / Transformer Engine is issue 19", 19)
+FP8 = Owner("megalith's fp8 is Transformer Engine's delayed scaling from --fp8-format, --fp8-margin, "
+            "--fp8-amax-history-len, --fp8-amax-compute-algo and --fp8-param-gather; other fp8/fp4 recipes and TE "
+            "options are not implemented", None)
 KERNELS = Owner("fused GPU kernels are issue 19", 19)
 ZERO = Owner("ZeRO-2/3 and FSDP are issue 20", 20)
 FAULT_TOLERANCE = Owner("fault tolerance (restarts, rerun checks, local checkpoints) is issue 23", 23)

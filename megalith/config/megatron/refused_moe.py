@@ -1,4 +1,5 @@
-"""Refused Megatron flags of mixture of experts (issue 21), multi-latent attention and Transformer Engine / fp8 (issue 19)."""
+"""Refused Megatron flags of mixture of experts (issue 21), multi-latent attention, inference, and the fp8 / fp4
+recipes and Transformer Engine options beyond the delayed-scaling fp8 that megalith implements (model flags)."""
 
 from __future__ import annotations
 
@@ -70,14 +71,9 @@ MLA_FLAGS = (
 )
 
 FP8_FLAGS = (
-    flag("--fp8-format", "str", None, "fp8 training: e4m3 or hybrid (None: off)", FP8),
     flag("--fp8-recipe", "str", "delayed", "fp8 scaling recipe: tensorwise, delayed, mxfp8, blockwise, custom", FP8),
     flag("--fp8-quantizer-factory", "str", None, "import path of a custom fp8 quantizer factory", FP8),
-    flag("--fp8-margin", "int", 0, "fp8 scaling margin", FP8),
-    flag("--fp8-amax-history-len", "int", 1, "steps of amax history per tensor", FP8),
-    flag("--fp8-amax-compute-algo", "str", "most_recent", "amax from the history: most_recent or max", FP8),
     flag("--no-fp8-wgrad", "false", True, "weight gradients in higher precision under fp8", FP8),
-    flag("--fp8-param-gather", "true", False, "keep parameters in fp8 and all-gather them in fp8", FP8),
     flag("--first-last-layers-bf16", "true", False, "first and last layers in bf16 under fp8", FP8),
     flag("--num-layers-at-start-in-bf16", "int", 1, "layers kept in bf16 at the start", FP8),
     flag("--num-layers-at-end-in-bf16", "int", 1, "layers kept in bf16 at the end", FP8),
