@@ -50,6 +50,11 @@ def _verify(args: argparse.Namespace) -> int:
           f"{settings.steps} {settings.optimizer} steps (clip {settings.clip_grad:g}, lr {settings.lr:g} "
           f"{settings.lr_decay_style}) of {settings.global_batch_size} sequences of {config.seq_length} tokens, each "
           "layout against one process in its precision", flush=True)
+    from megalith.verify import reference_config
+
+    if reference_config(config) != config:
+        print("note: the reference runs torch's own code (--kernel-backend torch, local attention for a fused "
+              "--attention-backend): the fused kernels are checked against the plain implementation", flush=True)
     if config.hidden_dropout > 0 or config.attention_dropout > 0:
         print("note: dropout > 0 cannot match one process under tp (streams differ by design); expect FAIL")
     results = run_verify(settings, layouts)

@@ -232,12 +232,25 @@ def full_tensors(chunks, vocab_size: int, tp_group) -> dict[str, torch.Tensor]:
     return full
 
 
+def reference_config(config: ModelConfig) -> ModelConfig:
+    """The reference's model: `config` on torch's own code (megalith_kernels' backend torch, explicit
+    attention matmuls where a fused kernel was asked for), so that a layout running the fused
+    kernels is proven against the plain implementation, not against itself."""
+    from megalith.kernel_choice import resolve_kernels
+
+    if resolve_kernels(config).plain:
+        return config
+    attention = "local" if config.attention_backend in ("flash", "fused", "auto") else config.attention_backend
+    return replace(config, kernel_backend="torch", attention_backend=attention, cross_entropy_loss_fusion=False)
+
+
 def _train_on_rank(ctx, settings: VerifySettings, layout: Layout | None, reference: bool = False):
     """Train `layout` on the ranks it needs (the others idle); with `reference`, or no layout, one
-    process trains with no process group at all, in the layout's precision."""
+    process trains with no process group at all, in the layout's precision, on reference_config."""
     if layout is None or reference:
         if ctx.rank != 0:
             return None
+        settings = replace(settings, config=reference_config(settings.config))
         return train(settings, Layout(precision=layout.precision if layout else "fp32"))
     state = ctx.parallel_state(tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=layout.dp)
     if state is None:
