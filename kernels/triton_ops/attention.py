@@ -91,7 +91,7 @@ def _fwd_kernel(Q, K, V, O, LSE, MASK,
         # a row that saw only masked keys averages over all of them, the hidden ones too
         full = tl.max(((m_i == MASKED) & row_ok).to(tl.int32), 0)
         if full > 0:
-            for start_n in range(hi, s_k, BLOCK_N):
+            for start_n in range(tl.cdiv(hi, BLOCK_N) * BLOCK_N, s_k, BLOCK_N):  # the blocks not yet seen
                 acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_base, rows, row_ok, offs_d,
                                            d_ok, start_n, stride_ks, stride_kd, stride_vs, stride_vd, stride_ms,
                                            stride_mk, s_k, diag, scale, CAUSAL, HAS_MASK, BLOCK_N, PRECISION)
@@ -165,6 +165,7 @@ class FlashAttention(torch.autograd.Function):
         _fwd_kernel[grid](q, k, v, out, lse, mask, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                           *mask_strides, s, sk, heads, heads // kv_heads, scale, d, CAUSAL=causal,
                           HAS_MASK=attention_mask is not None, PRECISION=precision(q.dtype, q.device), **config)
+        ctx.set_materialize_grads(False)  # an unused lse sends None, not a tensor of zeros
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.causal, ctx.scale, ctx.has_mask = causal, scale, attention_mask is not None
         return out, lse
