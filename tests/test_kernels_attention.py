@@ -1,0 +1,169 @@
+"""The Triton flash attention equals the reference: output, lse and dq/dk/dv (issue 19).
+
+Runs under TRITON_INTERPRET=1 on a CPU (tests/conftest.py sets it), so the shapes are small;
+the unmarked cases are the quick tier, the matrix is marked slow. Errors are max-abs-err over
+max-abs-ref; fp32 must be below 1e-5. bf16 and fp16 round q, k, v, the probabilities and the
+output to 8 (fp16: 11) mantissa bits where the reference stays in fp32 until its output:
+tolerance 3e-2 for bf16 and 5e-3 for fp16.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: pip install 'megalith[triton]'")
+
+import megalith_kernels  # noqa: E402
+
+MIN = torch.finfo(torch.float32).min
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def relative_error(got, want):
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
+
+
+def run_both(b=2, s=17, sk=None, heads=4, kv_heads=2, d=40, causal=False, mask=None, dtype=torch.float32,
+             scale=None, seed=0, transpose_inputs=False):
+    """(reference, triton) results: out, lse, dq, dk, dv for one random problem, with random
+    upstream gradients on out and on the lse of rows that are not fully masked."""
+    sk = s if sk is None else sk
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    if transpose_inputs:  # [b, h, s, d] storage seen as [b, s, h, d]: non-contiguous strides
+        q = rand(b, heads, s, d).transpose(1, 2)
+        k, v = rand(b, kv_heads, sk, d).transpose(1, 2), rand(b, kv_heads, sk, d).transpose(1, 2)
+    else:
+        q, k, v = rand(b, s, heads, d), rand(b, sk, kv_heads, d), rand(b, sk, kv_heads, d)
+    grad_out, grad_lse = rand(b, s, heads, d), torch.randn(b, heads, s, generator=gen)
+    results = []
+    for backend in ("torch", "triton"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out, lse = megalith_kernels.flash_attention(*leaves, causal=causal, scale=scale, attention_mask=mask,
+                                                    return_lse=True, backend=backend)
+        assert out.shape == q.shape and out.dtype == dtype and lse.shape == (b, heads, s)
+        assert lse.dtype == torch.float32
+        live = lse > MIN
+        ((out.float() * grad_out.float()).sum() + (torch.where(live, lse, 0.0) * grad_lse).sum()).backward()
+        results.append((out.detach(), lse.detach(), *(t.grad for t in leaves)))
+    return results
+
+
+def assert_close(reference, triton, dtype=torch.float32):
+    (out0, lse0, *grads0), (out1, lse1, *grads1) = reference, triton
+    tol = TOLERANCE[dtype]
+    full0, full1 = lse0 == MIN, lse1 == MIN
+    assert torch.equal(full0, full1), "fully masked rows differ"
+    assert relative_error(out1, out0) < tol, "out"
+    if (~full0).any():
+        assert relative_error(lse1[~full0], lse0[~full0]) < max(tol, 1e-5), "lse"
+    for name, got, want in zip(("dq", "dk", "dv"), grads1, grads0):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert relative_error(got, want) < tol, name
+
+
+def padding_mask(b, sk, seed=1):
+    """[b, 1, 1, sk]: batch row i pads its last few keys."""
+    mask = torch.zeros(b, 1, 1, sk, dtype=torch.bool)
+    for i in range(b):
+        mask[i, ..., max(1, sk - 3 * (i + 1)):] = True
+    return mask
+
+
+def full_mask(b, s, sk, seed=1):
+    """[b, 1, s, sk] random, with query row 3 of batch 0 fully masked (it averages v)."""
+    mask = torch.rand(b, 1, s, sk, generator=torch.Generator().manual_seed(seed)) < 0.3
+    mask[0, 0, min(3, s - 1)] = True
+    return mask
+
+
+# quick tier: one GQA causal case with a full mask (fully masked row) and one cross-attention case
+
+def test_causal_gqa_full_mask_matches_reference():
+    assert_close(*run_both(s=17, heads=4, kv_heads=2, d=40, causal=True, mask=full_mask(2, 17, 17)))
+
+
+def test_cross_attention_padding_mask_matches_reference():
+    assert_close(*run_both(s=9, sk=20, heads=2, kv_heads=1, d=24, causal=False, mask=padding_mask(2, 20)))
+
+
+def test_bad_inputs_are_one_line():
+    q, k = torch.randn(1, 4, 4, 8), torch.randn(1, 4, 3, 8)
+    with pytest.raises(ValueError, match="must divide"):
+        megalith_kernels.flash_attention(q, k, k, causal=False, backend="triton")
+    with pytest.raises(ValueError, match="head_dim"):
+        big = torch.randn(1, 2, 1, 300)
+        megalith_kernels.flash_attention(big, big, big, causal=False, backend="triton")
+    with pytest.raises(ValueError, match="one dtype"):
+        megalith_kernels.flash_attention(q, q.half(), q, causal=False, backend="triton")
+    with pytest.raises(ValueError, match="does not broadcast"):
+        megalith_kernels.flash_attention(q, q, q, causal=False, attention_mask=torch.zeros(1, 1, 4, 5, dtype=torch.bool),
+                                         backend="triton")
+
+
+# slow tier: the issue's matrix
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("d", [40, 80])
+@pytest.mark.parametrize("s", [1, 17, 100])
+def test_matrix_matches_reference(s, d, kv_heads, causal):
+    assert_close(*run_both(b=1 if s == 100 else 2, s=s, heads=4, kv_heads=kv_heads, d=d, causal=causal))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("s", [1, 17, 100])
+def test_padding_mask_matches_reference(s, causal):
+    assert_close(*run_both(b=2, s=s, heads=2, kv_heads=1, d=40, causal=causal, mask=padding_mask(2, s)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("s", [17, 100])
+def test_full_mask_with_a_fully_masked_row_matches_reference(s, causal):
+    assert_close(*run_both(b=2, s=s, heads=4, kv_heads=2, d=40, causal=causal, mask=full_mask(2, s, s)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("s, sk", [(1, 33), (17, 50), (50, 17), (100, 7)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cross_attention_lengths_match_reference(s, sk, causal):
+    # causal with s > sk: the first s - sk query rows see no key (fully masked, averaging v)
+    assert_close(*run_both(b=2, s=s, sk=sk, heads=4, kv_heads=2, d=40, causal=causal))
+
+
+@pytest.mark.slow
+def test_cross_attention_full_mask_matches_reference():
+    assert_close(*run_both(b=2, s=17, sk=40, heads=2, kv_heads=2, d=80, mask=full_mask(2, 17, 40)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d", [1, 16, 100, 256])
+def test_head_dims_match_reference(d):
+    assert_close(*run_both(b=1, s=20, heads=2, kv_heads=1, d=d, causal=True))
+
+
+@pytest.mark.slow
+def test_scale_and_strided_inputs_match_reference():
+    assert_close(*run_both(s=33, heads=4, kv_heads=4, d=40, causal=True, scale=0.3, transpose_inputs=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_matches_reference(dtype, causal):
+    assert_close(*run_both(s=40, heads=4, kv_heads=2, d=80, causal=causal, mask=padding_mask(2, 40), dtype=dtype),
+                 dtype)
+
+
+@pytest.mark.slow
+def test_two_dim_mask_and_no_lse():
+    q, k = torch.randn(1, 12, 2, 16), torch.randn(1, 12, 1, 16)
+    mask = torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) < 0.5
+    want = megalith_kernels.flash_attention(q, k, k, causal=False, attention_mask=mask, backend="torch")
+    got = megalith_kernels.flash_attention(q, k, k, causal=False, attention_mask=mask, backend="triton")
+    assert isinstance(got, torch.Tensor) and relative_error(got, want) < 1e-5
