@@ -51,8 +51,10 @@ def torch_loss_and_grad(logits, target, grad_loss, vocab, eps=0.0):
     return loss, torch.cat([x.grad, torch.zeros(len(target), logits.shape[1] - vocab)], dim=1)
 
 
-def check(tokens, vocab, padded=None, eps=0.0, dtype=torch.float32, transpose=False):
+def check(tokens, vocab, padded=None, eps=0.0, dtype=torch.float32, transpose=False, shift_late_block=False):
     logits, target, grad_loss = case(tokens, vocab, padded, dtype)
+    if shift_late_block:
+        logits[:, vocab - 300:vocab] += 12.0
     if transpose:  # the same values through a column-major view: strides, not a copy
         logits = logits.t().contiguous().t()
         assert not logits.is_contiguous()
@@ -77,6 +79,14 @@ def check(tokens, vocab, padded=None, eps=0.0, dtype=torch.float32, transpose=Fa
 
 def test_fp32_equals_reference_and_torch():
     check(17, 257, padded=264, eps=0.1)
+
+
+def test_vocab_wider_than_one_block():
+    """Past 4096 columns the forward loops over blocks (the online max and sum rescale) and
+    backward tiles the columns; the large logits of one late block move the max mid-row."""
+    logits, _, _ = case(5, 4500, padded=4608)
+    assert logits.shape[1] > triton_ops.losses._MAX_BLOCK_V
+    check(5, 4500, padded=4608, eps=0.1, shift_late_block=True)
 
 
 def test_bf16_saves_no_fp32_copy_of_the_logits():
@@ -130,11 +140,12 @@ def test_half_precision_and_strides(dtype):
     check(17, 40, dtype=torch.float32, transpose=True)
 
 
-def tp_cross_entropy(ctx, kernel: str, eps: float):
-    """On each rank of tp=2: vocab_parallel_cross_entropy with `kernel` against one process's
-    F.cross_entropy on the whole (unpadded) logits; also the collectives the comm seam counted."""
+def tp_cross_entropy(ctx, kernel: str, eps: float, vocab: int):
+    """On each rank of tp=2: vocab_parallel_cross_entropy with `kernel` over 80 padded columns
+    against one process's F.cross_entropy on the whole (unpadded) logits; also the collectives
+    the comm seam counted."""
     state = ctx.parallel_state(tp=2)
-    rank, seq, batch, vocab, padded = state.tp_rank, 6, 3, 75, 80  # rank 1 holds 35 real columns and 5 padding
+    rank, seq, batch, padded = state.tp_rank, 6, 3, 80
     logits, target, grad_loss = case(seq * batch, vocab, padded)
     ref_loss, ref_grad = torch_loss_and_grad(logits, target, grad_loss, vocab, eps)
     logits, target, grad_loss = logits.view(seq, batch, padded), target.view(seq, batch), grad_loss.view(seq, batch)
@@ -148,14 +159,17 @@ def tp_cross_entropy(ctx, kernel: str, eps: float):
             "calls": [(c.kind, c.op, c.bytes) for c in ledger.history]}
 
 
-TP_CASES = [("triton", 0.0), ("auto", 0.0), ("auto", 0.1)]  # auto on a CPU is the reference, with all_reduce
+# vocab 75: rank 1 holds 35 real columns and 5 padding; vocab 38: rank 1 holds padding only.
+# "auto" on a CPU is the reference, with all_reduce.
+TP_CASES = [("triton", 0.0, 75), ("triton", 0.1, 38), ("auto", 0.0, 75), ("auto", 0.1, 75), ("auto", 0.1, 38)]
 
 
-@pytest.mark.parametrize("kernel,eps", [("triton", 0.1), *[pytest.param(*c, marks=pytest.mark.slow) for c in TP_CASES]])
-def test_tp2_equals_one_process(rank_pools, kernel, eps):
+@pytest.mark.parametrize("kernel,eps,vocab", [("triton", 0.1, 75),
+                                              *[pytest.param(*c, marks=pytest.mark.slow) for c in TP_CASES]])
+def test_tp2_equals_one_process(rank_pools, kernel, eps, vocab):
     tokens = 6 * 3
     sums = (3 if eps or kernel != "triton" else 2) * tokens * 4  # the reference always sends the logit sum
-    for result in rank_pools(4).run(tp_cross_entropy, kernel, eps):
+    for result in rank_pools(4).run(tp_cross_entropy, kernel, eps, vocab):
         assert result["loss"] < FP32 and result["grad"] < FP32, result
         # the max, then one stacked sum, each of [tokens] fp32 vectors, counted at the comm seam
         assert result["calls"] == [("tp", "all_reduce", tokens * 4), ("tp", "all_reduce", sums)], result["calls"]
