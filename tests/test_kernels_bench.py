@@ -96,3 +96,27 @@ def test_a_kernel_that_cannot_run_is_a_row_that_says_why():
     row = time_kernel(KernelCase("rms_norm", "x [3]", "F.rms_norm", refuse, lambda: x * 2, (x,)), "triton",
                       torch.device("cpu"), warmup=0, repeats=1)
     assert row["error"] == "RuntimeError: no triton kernel here" and row["met"] is None
+
+
+def test_gpu_check_runs_its_steps_and_names_the_failed_one(tmp_path):
+    """scripts/gpu_check.sh with a stand-in Python: the checks, then the tests and the benchmark,
+    each under a limit, TRITON_INTERPRET unset, a failing step named and the exit status 1."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "ran $1 $2 interpret=${TRITON_INTERPRET-unset}"\n'
+                    '[[ "$1" == benchmarks/kernels_gpu.py ]] && exit 3\nexit 0\n')
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "TRITON_INTERPRET": "1"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "ran -m pytest interpret=unset" in done.stdout and "== kernel tests on CUDA: ok" in done.stdout
+    assert "== benchmark: FAILED (exit 3)" in done.stdout and "failed: benchmark" in done.stderr
+    assert (tmp_path / "out" / "pytest.txt").is_file() and (tmp_path / "out" / "benchmark.txt").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script would run for real (and run this test)")
+def test_gpu_check_without_cuda_says_how_to_set_up(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)
+    assert done.returncode == 1 and "sees no CUDA device" in done.stderr and "pip install -e" in done.stderr
