@@ -8,7 +8,7 @@ Two parts, one JSON record (`run_benchmark`):
   backward (torch.autograd.grad, so no .grad accumulates), medians after warm-up, timed with
   device events (torch.Event: CUDA events on a GPU, wall clock on a CPU).
 - end to end: megalith's own step (`megalith.bench.work.MegalithSide`, as `megalith verify`
-  builds it, on a one-process group) for the local path (ModelConfig defaults: SDPA), the
+  builds it, on a one-process group) for the local path (torch SDPA and the references), the
   Triton path (flash attention, triton kernels, fused cross-entropy) and Transformer Engine
   when it is importable; tokens/s, TFLOP/s from megalith's FLOP model, MFU against a peak.
 
@@ -49,6 +49,10 @@ KERNEL_GOAL, FLASH_GOAL, MFU_GOAL = 1.0, 0.9, 0.40
 # dense bf16 peaks (TFLOP/s, no sparsity), matched against the device name, most specific first
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
                     ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
+# local: torch SDPA and the references, named (on CUDA the seam's auto defaults would pick Triton);
+# kernel_backend is set only where ModelConfig has it (before the kernel seam, nothing else runs)
+LOCAL_PATH = dict(attention_backend="sdpa")
+LOCAL_IF_KNOWN = dict(kernel_backend="torch")
 TRITON_PATH = dict(attention_backend="flash", kernel_backend="triton", cross_entropy_loss_fusion=True)
 TE_PATH = dict(transformer_impl="transformer_engine")
 PATHS = ("local", "triton", "te")
@@ -206,11 +210,19 @@ def time_kernel(case: KernelCase, backend: str, device: torch.device, warmup: in
     return row
 
 
+def time_kernels(shapes: Shapes, backend: str, device: torch.device, dtype: torch.dtype, warmup: int,
+                 repeats: int) -> list[dict]:
+    """Every op's row; the inputs live only as long as this call."""
+    return [time_kernel(case, backend, device, warmup, repeats) for case in kernel_cases(shapes, device, dtype)]
+
+
 def path_config(base: ModelConfig, path: str, dtype: str) -> ModelConfig:
     """The model of one end-to-end path; a one-line RuntimeError when ModelConfig lacks the
     path's fields (the kernel seam of issue 19 not merged), so the row says so and the rest runs."""
-    extra = {"local": {}, "triton": TRITON_PATH, "te": TE_PATH}[path]
+    extra = {"local": LOCAL_PATH, "triton": TRITON_PATH, "te": TE_PATH}[path]
     known = {f.name for f in fields(ModelConfig)}
+    if path == "local":
+        extra = {**extra, **{name: value for name, value in LOCAL_IF_KNOWN.items() if name in known}}
     missing = [name for name in extra if name not in known]
     if missing:
         raise RuntimeError(f"the {path} path needs ModelConfig field(s) {', '.join(missing)}, which this megalith "
@@ -244,6 +256,17 @@ def _kernel_choice(config: ModelConfig, device: torch.device) -> dict | None:
     return {key: str(value) for key, value in asdict(resolve_kernels(config, device)).items() if key != "notices"}
 
 
+class _BatchesOn:
+    """A BatchPlan whose micro-batches land on `device`: MegalithSide slices them on the CPU,
+    where the peer benchmarks run, and a CUDA model needs them on the GPU."""
+
+    def __init__(self, plan, device: torch.device) -> None:
+        self.plan, self.device = plan, device
+
+    def micro_batches(self, data: dict, dp_rank: int):
+        return self.plan.micro_batches(data, dp_rank, self.device)
+
+
 def time_model(path: str, base: ModelConfig, state, micro_batch_size: int, warmup: int, repeats: int,
                dtype: str, peak: float | None) -> dict:
     """One end-to-end row: megalith's whole training step of `path`'s model on this process."""
@@ -261,6 +284,7 @@ def time_model(path: str, base: ModelConfig, state, micro_batch_size: int, warmu
         row["kernel_choice"] = _kernel_choice(config, device)
         work = Work(config, micro_batch_size=micro_batch_size)
         side = work.megalith_side("tp1" if dtype == "fp32" else f"tp1.{dtype}", state)
+        side.batch_plan = _BatchesOn(side.batch_plan, device)
         losses, steps = [], itertools.count()
         step_ms = time_ms(lambda: losses.append(side.step(next(steps))), device, warmup, repeats)
         parameters = sum(p.numel() for chunk in side.runner.chunks for p in chunk.parameters())
@@ -312,8 +336,8 @@ def run_benchmark(device: torch.device, *, tiny: bool = False, device_name: str 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if kernels:
         shapes = Shapes.of(config, 4 if not tiny else micro_batch_size)
-        for case in kernel_cases(shapes, device, torch_dtype):
-            record["kernels"].append(time_kernel(case, backend, device, warmup, repeats))
+        record["kernels"] = time_kernels(shapes, backend, device, torch_dtype, warmup, repeats)
+        device_helper.empty_cache(device)  # the cases' tensors are gone: give the model their memory
     if model:
         with one_process_state(device) as state:
             for path in paths:
