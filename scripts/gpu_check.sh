@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python}"
 OUT="${OUT:-./gpu_check_out}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-150}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-120}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
 unset TRITON_INTERPRET
 mkdir -p "$OUT"
 failed=()

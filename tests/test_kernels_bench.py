@@ -129,3 +129,9 @@ def test_the_local_path_names_sdpa_and_the_model_batches_follow_the_device():
     data = {"input_ids": torch.zeros(4, 8, dtype=torch.long), "labels": torch.zeros(4, 8, dtype=torch.long)}
     get = kernels_bench._BatchesOn(BatchPlan(4, 2, 1), torch.device("meta")).micro_batches(data, 0)
     assert get(1)["input_ids"].device.type == "meta" and get(1)["input_ids"].shape == (2, 8)
+
+
+def test_a_path_config_refuses_is_a_row_not_a_crash(monkeypatch):
+    monkeypatch.setattr(kernels_bench, "TRITON_PATH", {"rotary_percent": 2.0})  # not a share of the head
+    row = kernels_bench.time_model("triton", kernels_bench.TINY_GPT, None, 2, 0, 1, "bf16", None)
+    assert row["error"].startswith("--rotary-percent 2.0 is not a share") and row["skipped"] is None

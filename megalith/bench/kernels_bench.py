@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from megalith import device as device_helper
 from megalith.bench.work import Work
 from megalith.config import ModelConfig
+from megalith.errors import ConfigError
 from megalith.parallel.layers import padded_vocab_size
 from megalith.parallel.state import ParallelState
 from megalith.training.flops import model_flops_per_iteration, tflops_per_device
@@ -276,7 +277,7 @@ def time_model(path: str, base: ModelConfig, state, micro_batch_size: int, warmu
         return row
     try:
         config = path_config(base, path, dtype)
-    except RuntimeError as error:
+    except (RuntimeError, ConfigError) as error:  # a field missing, or a value this ModelConfig refuses
         row["error"] = str(error)
         return row
     device = state.device
