@@ -257,17 +257,6 @@ def _kernel_choice(config: ModelConfig, device: torch.device) -> dict | None:
     return {key: str(value) for key, value in asdict(resolve_kernels(config, device)).items() if key != "notices"}
 
 
-class _BatchesOn:
-    """A BatchPlan whose micro-batches land on `device`: MegalithSide slices them on the CPU,
-    where the peer benchmarks run, and a CUDA model needs them on the GPU."""
-
-    def __init__(self, plan, device: torch.device) -> None:
-        self.plan, self.device = plan, device
-
-    def micro_batches(self, data: dict, dp_rank: int):
-        return self.plan.micro_batches(data, dp_rank, self.device)
-
-
 def time_model(path: str, base: ModelConfig, state, micro_batch_size: int, warmup: int, repeats: int,
                dtype: str, peak: float | None) -> dict:
     """One end-to-end row: megalith's whole training step of `path`'s model on this process."""
@@ -285,7 +274,6 @@ def time_model(path: str, base: ModelConfig, state, micro_batch_size: int, warmu
         row["kernel_choice"] = _kernel_choice(config, device)
         work = Work(config, micro_batch_size=micro_batch_size)
         side = work.megalith_side("tp1" if dtype == "fp32" else f"tp1.{dtype}", state)
-        side.batch_plan = _BatchesOn(side.batch_plan, device)
         losses, steps = [], itertools.count()
         step_ms = time_ms(lambda: losses.append(side.step(next(steps))), device, warmup, repeats)
         parameters = sum(p.numel() for chunk in side.runner.chunks for p in chunk.parameters())
