@@ -11,7 +11,23 @@ picks one: see `megalith_kernels.dispatch`. Shapes are fixed so that callers can
 
 from __future__ import annotations
 
-from megalith_kernels.dispatch import BACKENDS, KernelUnavailable, implementation, resolve_backend
+if __name__ == "kernels":  # found as `kernels` from the repository root (the current directory is on sys.path)
+    from importlib import machinery as _machinery, util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
+    if _spec is None:
+        raise ImportError("`kernels` here is megalith's kernels/ folder, which imports as megalith_kernels; "
+                          "no other `kernels` package is installed")
+    # hand the name to the installed package (Hugging Face's, which transformers imports)
+    _module = _util.module_from_spec(_spec)
+    _sys.modules["kernels"] = _module
+    _spec.loader.exec_module(_module)
+else:
+    from megalith_kernels.dispatch import BACKENDS, KernelUnavailable, implementation, resolve_backend
 
 __all__ = ["BACKENDS", "KernelUnavailable", "bias_gelu", "cross_entropy", "flash_attention", "implementation",
            "layer_norm", "resolve_backend", "rms_norm", "rope", "swiglu"]

@@ -44,3 +44,14 @@ def test_triton_missing_names_the_extra(monkeypatch):
     with pytest.raises(KernelUnavailable, match=r"pip install 'megalith\[triton\]'"):
         megalith_kernels.resolve_backend("cpu", "triton")
     assert megalith_kernels.resolve_backend(torch.device("cpu"), "auto") == "torch"
+
+
+def test_from_the_repository_root_kernels_is_still_hugging_faces():
+    """With the repository root on sys.path, `import kernels` finds the kernels/ folder first; it
+    hands the name to the installed package, so transformers' hub-kernels import still works."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    code = ("import transformers.integrations.hub_kernels, kernels, megalith_kernels; "
+            "print(kernels.__file__ != megalith_kernels.__file__, megalith_kernels.resolve_backend('cpu'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "torch"]

@@ -56,11 +56,12 @@ class MegalithSide:
         self.work, self.batch_plan = work, plan(settings, parsed).batch
         self.runner = build_runner(settings, parsed, state)
         self.dp_rank = state.dp_rank if state is not None else 0
+        self.device = state.device if state is not None else torch.device("cpu")
 
     def step(self, step: int) -> float:
         data = self.work.global_batch(step)
         data["loss_mask"] = torch.ones(data["labels"].shape)
-        micro = self.batch_plan.micro_batches(data, self.dp_rank)
+        micro = self.batch_plan.micro_batches(data, self.dp_rank, self.device)
         size = self.work.global_batch_size
         return self.runner.train_step(micro, lambda per_token, b: sequence_mean_loss(per_token, b, size),
                                       self.work.lr).loss

@@ -7,14 +7,24 @@ tp. (Megatron's smoothing term averages over the local shard only and so changes
 
 Columns past the real vocabulary (Megatron's padding) are excluded from the softmax, so the
 loss does not depend on how much padding a layout needs.
+
+`kernel="torch"` is the autograd Function below (it keeps an fp32 copy of the exponentials for
+backward); any megalith_kernels backend name ("triton", "auto") hands the flattened logits to
+megalith_kernels.cross_entropy instead (Megatron's --cross-entropy-loss-fusion), which keeps only
+`[tokens]`-sized statistics and combines ranks through this module's comm seam, so its bytes are
+counted like every other collective.
 """
 
 from __future__ import annotations
 
+import megalith_kernels
 import torch
 
 from megalith.errors import ConfigError
 from megalith.parallel import comm
+
+# "torch" is this module's Function; the others are megalith_kernels backends (its "torch" reference aside)
+KERNELS = ("torch",) + tuple(b for b in megalith_kernels.BACKENDS if b != "torch")
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -84,11 +94,13 @@ def vocab_parallel_cross_entropy(
     vocab_size: int | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    kernel: str = "torch",
 ) -> torch.Tensor:
     """Per-token loss (fp32, shape of `target`) from this rank's slice of the logits.
 
     `vocab_size` is the real vocabulary (defaults to all columns, i.e. no padding); targets
-    equal to `ignore_index` get loss 0 and no gradient.
+    equal to `ignore_index` get loss 0 and no gradient. `kernel` picks the implementation: "torch"
+    (this module's) or a megalith_kernels backend ("triton", "auto").
     """
     total_columns = logits.shape[-1] * comm.group_size(tp_group)
     vocab_size = total_columns if vocab_size is None else vocab_size
@@ -103,4 +115,22 @@ def vocab_parallel_cross_entropy(
         raise ConfigError(
             f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)} minus the vocab dim"
         )
-    return _VocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size, ignore_index, label_smoothing)
+    if kernel not in KERNELS:
+        raise ConfigError(f"cross-entropy kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    if kernel == "torch":
+        return _VocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size, ignore_index, label_smoothing)
+    return _fused(logits, target, tp_group, vocab_size, ignore_index, label_smoothing, kernel)
+
+
+def _fused(logits, target, tp_group, vocab_size, ignore_index, label_smoothing, kernel):
+    """megalith_kernels.cross_entropy over `[tokens, V/tp]`, ranks combined by comm.all_reduce on tp."""
+    local_vocab = logits.shape[-1]
+    combine = None
+    if comm.group_size(tp_group) > 1:
+        def combine(tensor, op):
+            comm.all_reduce(tensor, tp_group, op=op)
+    loss = megalith_kernels.cross_entropy(
+        logits.reshape(-1, local_vocab), target.reshape(-1), vocab_start=comm.group_rank(tp_group) * local_vocab,
+        vocab_size=vocab_size, ignore_index=ignore_index, label_smoothing=label_smoothing, all_reduce=combine,
+        backend=kernel)
+    return loss.reshape(target.shape)
