@@ -98,7 +98,8 @@ def kernels_backend(requested: str, device: torch.device) -> str:
         raise ConfigError(f"--kernel-backend {requested}: {error}") from None
 
 
-def _norm(config, device: torch.device, backend: str, te: bool, notices: list[str]) -> str:
+def _norm(config, device: torch.device, backend: str, te: bool) -> str:
+    """te with TE; apex when asked for (refused without it) or, under auto on CUDA, when it imports; else the backend."""
     if te:
         return "te"
     apex_wanted = config.kernel_backend == "apex"
@@ -196,7 +197,7 @@ def resolve_kernels(config, device: torch.device | str | None = None) -> KernelC
         raise ConfigError(TE_MISSING)
     fp8 = _fp8(config, te)
     backend = kernels_backend(config.kernel_backend, device)
-    norm = _norm(config, device, backend, te, notices)
+    norm = _norm(config, device, backend, te)
     attention = _attention(config, device, backend, te, notices)
     if attention in ("flash", "te") and config.position_embedding_type == "relative":
         notices.append(f"--attention-backend {config.attention_backend}: the self-attention layers add T5's relative "
@@ -205,7 +206,7 @@ def resolve_kernels(config, device: torch.device | str | None = None) -> KernelC
     rope = "kernels" if backend == "triton" and config.rope_fusion else "torch"
     unused = [name for name, on in (("--no-bias-dropout-fusion", not config.bias_dropout_fusion),
                                     ("--no-masked-softmax-fusion", not config.masked_softmax_fusion),
-                                    ("--no-persist-layer-norm", config.no_persist_layer_norm)) if on]
+                                    ("--no-persist-layer-norm", not config.persist_layer_norm)) if on]
     if unused:
         notices.append(f"{', '.join(unused)}: megalith has no such fused kernel to turn off; the same math runs")
     return KernelChoice(backend=backend, norm=norm, attention=attention, rope=rope,

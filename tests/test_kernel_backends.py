@@ -82,7 +82,7 @@ def test_t5_self_attention_keeps_sdpa_under_flash():
 
 
 def test_fusions_without_a_kernel_are_named_once():
-    notices = resolve_kernels(gpt(bias_dropout_fusion=False, no_persist_layer_norm=True)).notices
+    notices = resolve_kernels(gpt(bias_dropout_fusion=False, persist_layer_norm=False)).notices
     assert notices == ("--no-bias-dropout-fusion, --no-persist-layer-norm: megalith has no such fused kernel to turn "
                        "off; the same math runs",)
 

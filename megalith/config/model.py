@@ -31,7 +31,7 @@ FP8_FORMATS = ("e4m3", "hybrid")
 FP8_AMAX_COMPUTE_ALGOS = ("max", "most_recent")
 # Fields that pick implementations, not mathematics: a checkpoint saved under one loads under another.
 KERNEL_FIELDS = ("kernel_backend", "masked_softmax_fusion", "bias_gelu_fusion", "bias_swiglu_fusion",
-                 "bias_dropout_fusion", "rope_fusion", "no_persist_layer_norm", "cross_entropy_loss_fusion",
+                 "bias_dropout_fusion", "rope_fusion", "persist_layer_norm", "cross_entropy_loss_fusion",
                  "cross_entropy_fusion_impl", "fp8_format", "fp8_margin", "fp8_amax_history_len",
                  "fp8_amax_compute_algo", "fp8_param_gather")
 RECOMPUTE_METHODS = ("uniform", "block")
@@ -109,8 +109,8 @@ class ModelConfig:
                                            "value changes what runs")
     rope_fusion: bool = flag_field(True, "fused rotary embedding (megalith_kernels.rope) when the kernel backend "
                                    "resolves to triton and positions are not per sequence")
-    no_persist_layer_norm: bool = flag_field(False, "no persistent fused LayerNorm; megalith has no persistent kernel, "
-                                             "so it changes nothing")
+    persist_layer_norm: bool = flag_field(True, "persistent fused LayerNorm (--no-persist-layer-norm: off); megalith has "
+                                          "no persistent kernel, so neither value changes what runs")
     cross_entropy_loss_fusion: bool = flag_field(False, "fused cross-entropy (megalith_kernels.cross_entropy) when the "
                                                  "kernel backend resolves to triton")
     cross_entropy_fusion_impl: str = flag_field("native", "which fused cross-entropy: native (megalith_kernels) or te "
