@@ -62,7 +62,8 @@ def against_plain(pool, model: str, config: ModelConfig, layouts: list[str]):
     """verify's result of each layout on `config` against one process on reference_config(config)."""
     assert reference_config(config) != config, "the config runs no kernel: nothing to prove"
     if config.kernel_backend == "triton":
-        config = replace(config, **INTERPRETED)
+        grouped = config.num_query_groups < config.num_attention_heads
+        config = replace(config, **INTERPRETED, num_query_groups=config.num_query_groups if grouped else 4)
     settings = VerifySettings(model, config, steps=2, micro_batches=2)
     results = run_verify(settings, [parse_layout(text) for text in layouts], pool=pool)
     for result in results:
@@ -78,10 +79,14 @@ GQA_ROPE_SWIGLU = dict(num_query_groups=2, position_embedding_type="rope", swigl
 def test_gpt_flash_at_tp2_sp_with_gqa_rope_swiglu_is_exact(rank_pools, backend):
     if backend == "triton":
         need_triton("flash_attention", "rope", "rms_norm", "swiglu")
-    config = config_of("gpt", kernel_backend=backend, **GQA_ROPE_SWIGLU)
+    config = config_of("gpt", kernel_backend=backend, cross_entropy_loss_fusion=True, **GQA_ROPE_SWIGLU)
     choice = resolve_kernels(config)
     assert choice.attention == "flash" and choice.backend == backend
-    against_plain(rank_pools(4), "gpt", config, ["tp2.sp"])
+    if backend == "triton":
+        assert (choice.norm, choice.rope, choice.activation, choice.cross_entropy) == (
+            "triton", "kernels", "kernels", "triton")
+    layouts = ["tp2.sp"] if backend == "triton" else ["tp2.sp", "tp2.sp.recompute-selective", "pp2.dp2"]
+    against_plain(rank_pools(4), "gpt", config, layouts)
 
 
 def test_megalith_verify_command_with_flash(capsys):
@@ -157,4 +162,6 @@ def test_tiny_pretrain_with_every_kernel_switched_on(rank_pools, backend):
     lines = rank_pools(2).run(pretrain_on_rank, EVERY_KERNEL + ["--kernel-backend", backend], 2)[-1]
     text = "\n".join(lines)
     assert f"megalith_kernels backend {backend}" in text and "attention flash" in text, text
+    if backend == "triton":
+        assert "norm triton, attention flash, rope kernels, activation kernels, cross-entropy triton" in text, text
     assert "iteration        2/" in text or " 2/" in text, text
