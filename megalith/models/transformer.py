@@ -205,8 +205,8 @@ class SelfAttention(nn.Module):
             heads * d, config.hidden_size, bias=config.add_bias_linear, input_is_parallel=True,
             init_method=output_init, **common,
         )
-        self.linear_qkv, self.linear_proj = local_or_te(self.linear_qkv, ctx, config), local_or_te(self.linear_proj, ctx,
-                                                                                                  config)
+        self.linear_qkv = local_or_te(self.linear_qkv, ctx, config)
+        self.linear_proj = local_or_te(self.linear_proj, ctx, config)
         self.te_attention = None
         if self.kernels.attention == "te":
             from megalith.models.te_layers import TEAttention
