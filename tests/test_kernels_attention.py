@@ -162,8 +162,18 @@ def test_half_precision_matches_reference(dtype, causal):
 
 @pytest.mark.slow
 def test_two_dim_mask_and_no_lse():
-    q, k = torch.randn(1, 12, 2, 16), torch.randn(1, 12, 1, 16)
+    """A plain [s, sk] mask broadcasts; without return_lse the output alone comes back, and its
+    backward runs without an lse gradient."""
     mask = torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) < 0.5
-    want = megalith_kernels.flash_attention(q, k, k, causal=False, attention_mask=mask, backend="torch")
-    got = megalith_kernels.flash_attention(q, k, k, causal=False, attention_mask=mask, backend="triton")
-    assert isinstance(got, torch.Tensor) and relative_error(got, want) < 1e-5
+    mask[5] = True
+    results = []
+    for backend in ("torch", "triton"):
+        gen = torch.Generator().manual_seed(4)
+        q = torch.randn(1, 12, 2, 16, generator=gen).requires_grad_(True)
+        k = torch.randn(1, 12, 1, 16, generator=gen).requires_grad_(True)
+        out = megalith_kernels.flash_attention(q, k, k, causal=True, attention_mask=mask, backend=backend)
+        assert isinstance(out, torch.Tensor)
+        out.pow(2).sum().backward()
+        results.append((out, q.grad, k.grad))
+    for got, want in zip(results[1], results[0]):
+        assert relative_error(got, want) < 1e-5
