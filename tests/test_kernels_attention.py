@@ -7,6 +7,11 @@ output to 8 (fp16: 11) mantissa bits where the reference stays in fp32 until its
 tolerance 3e-2 for bf16 and 5e-3 for fp16.
 """
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -177,3 +182,45 @@ def test_two_dim_mask_and_no_lse():
         results.append((out, q.grad, k.grad))
     for got, want in zip(results[1], results[0]):
         assert relative_error(got, want) < 1e-5
+
+
+# Compiles each kernel ahead of time for an H100 (sm_90) with triton's own ptxas: no GPU needed,
+# but not under the interpreter, so in a fresh process. Pointer arguments are the upper-case ones.
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import megalith_kernels.triton_ops.attention as fa
+import megalith_kernels.triton_ops.attention_backward as fb
+import torch
+
+POINTERS = {"MASK": "*u8", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32"}
+for dtype, name, d in ((torch.bfloat16, "bf16", 128), (torch.float16, "fp16", 40), (torch.float32, "fp32", 64)):
+    precision = fb.precision(dtype, torch.device("cuda"))
+    kernels = ((fa._fwd_kernel, fa.FORWARD_TILES), (fb._dkdv_kernel, fb.DKDV_TILES), (fb._dq_kernel, fb.DQ_TILES),
+               (fb._delta_kernel, fb.DQ_TILES))
+    for kernel, table in kernels:
+        tiles = fb.tiles(table, d, dtype, True)
+        options = dict(num_warps=tiles.pop("num_warps"), num_stages=tiles.pop("num_stages"))
+        const = dict(CAUSAL=True, HAS_MASK=True, HAS_DLSE=True, PRECISION=precision, **tiles)
+        const = {key: value for key, value in const.items() if key in kernel.arg_names}
+        signature = {arg: "constexpr" if arg in const else "fp32" if arg == "scale" else
+                     POINTERS.get(arg, "*" + name) if arg.isupper() and arg != "D" else "i32"
+                     for arg in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
+        assert compiled.asm["cubin"], kernel.__name__
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="triton has no CUDA backend")
+def test_kernels_compile_for_an_h100(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, leave the user's cache alone
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "compiled", done.stderr[-3000:]
