@@ -7,6 +7,11 @@ output to 8 (fp16: 11) mantissa bits where the reference stays in fp32 until its
 tolerance 3e-2 for bf16 and 5e-3 for fp16.
 """
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -162,8 +167,60 @@ def test_half_precision_matches_reference(dtype, causal):
 
 @pytest.mark.slow
 def test_two_dim_mask_and_no_lse():
-    q, k = torch.randn(1, 12, 2, 16), torch.randn(1, 12, 1, 16)
+    """A plain [s, sk] mask broadcasts; without return_lse the output alone comes back, and its
+    backward runs without an lse gradient."""
     mask = torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) < 0.5
-    want = megalith_kernels.flash_attention(q, k, k, causal=False, attention_mask=mask, backend="torch")
-    got = megalith_kernels.flash_attention(q, k, k, causal=False, attention_mask=mask, backend="triton")
-    assert isinstance(got, torch.Tensor) and relative_error(got, want) < 1e-5
+    mask[5] = True
+    results = []
+    for backend in ("torch", "triton"):
+        gen = torch.Generator().manual_seed(4)
+        q = torch.randn(1, 12, 2, 16, generator=gen).requires_grad_(True)
+        k = torch.randn(1, 12, 1, 16, generator=gen).requires_grad_(True)
+        out = megalith_kernels.flash_attention(q, k, k, causal=True, attention_mask=mask, backend=backend)
+        assert isinstance(out, torch.Tensor)
+        out.pow(2).sum().backward()
+        results.append((out, q.grad, k.grad))
+    for got, want in zip(results[1], results[0]):
+        assert relative_error(got, want) < 1e-5
+
+
+# Compiles each kernel ahead of time for an H100 (sm_90) with triton's own ptxas: no GPU needed,
+# but not under the interpreter, so in a fresh process. Pointer arguments are the upper-case ones.
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import megalith_kernels.triton_ops.attention as fa
+import megalith_kernels.triton_ops.attention_backward as fb
+import torch
+
+POINTERS = {"MASK": "*u8", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32"}
+for dtype, name, d in ((torch.bfloat16, "bf16", 128), (torch.float16, "fp16", 40), (torch.float32, "fp32", 64)):
+    precision = fb.precision(dtype, torch.device("cuda"))
+    kernels = ((fa._fwd_kernel, fa.FORWARD_TILES), (fb._dkdv_kernel, fb.DKDV_TILES), (fb._dq_kernel, fb.DQ_TILES),
+               (fb._delta_kernel, fb.DQ_TILES))
+    for kernel, table in kernels:
+        tiles = fb.tiles(table, d, dtype, True)
+        options = dict(num_warps=tiles.pop("num_warps"), num_stages=tiles.pop("num_stages"))
+        const = dict(CAUSAL=True, HAS_MASK=True, HAS_DLSE=True, PRECISION=precision, **tiles)
+        const = {key: value for key, value in const.items() if key in kernel.arg_names}
+        signature = {arg: "constexpr" if arg in const else "fp32" if arg == "scale" else
+                     POINTERS.get(arg, "*" + name) if arg.isupper() and arg != "D" else "i32"
+                     for arg in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
+        assert compiled.asm["cubin"], kernel.__name__
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="triton has no CUDA backend")
+def test_kernels_compile_for_an_h100(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, leave the user's cache alone
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "compiled", done.stderr[-3000:]

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megalith_kernels.triton_ops.attention_backward import _mm, attention_backward, precision
+from megalith_kernels.triton_ops.attention_backward import _mm, attention_backward, precision, tiles
 
 # finfo(float32).min: the score of a masked position, as megalith's local attention path uses.
 MASKED = tl.constexpr(-3.4028234663852886e38)
@@ -102,16 +102,11 @@ def _fwd_kernel(Q, K, V, O, LSE, MASK,
     tl.store(LSE + bh.to(tl.int64) * s_q + rows, m_i + tl.log(l_safe), mask=row_ok)
 
 
-def forward_config(head_dim: int, cuda: bool) -> dict:
-    """Block sizes: small on the CPU interpreter (each program is numpy), GPU-sized on CUDA."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if not cuda:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d)
-    if block_d <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)
-    if block_d <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=8)
+# (BLOCK_M, BLOCK_N, num_warps) on CUDA by head_dim bound, for 2-byte and for fp32 inputs: the
+# largest tiles that ptxas fits in registers without spilling for sm_80/sm_90 (checked by AOT
+# compiling); fp32 multiplies without tensor cores, so its tiles are smaller.
+FORWARD_TILES = {2: ((64, 64, 64, 8), (128, 64, 64, 8), (256, 32, 32, 4)),
+                 4: ((64, 32, 32, 4), (128, 16, 32, 4), (256, 16, 16, 4))}
 
 
 def mask_operand(attention_mask, b: int, heads: int, s: int, sk: int, device):
@@ -160,7 +155,7 @@ class FlashAttention(torch.autograd.Function):
         mask, mask_strides = mask_operand(attention_mask, b, heads, s, sk, q.device)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(b, heads, s, dtype=torch.float32, device=q.device)
-        config = forward_config(d, q.is_cuda)
+        config = tiles(FORWARD_TILES, d, q.dtype, q.is_cuda)
         grid = (triton.cdiv(s, config["BLOCK_M"]), b * heads)
         _fwd_kernel[grid](q, k, v, out, lse, mask, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                           *mask_strides, s, sk, heads, heads // kv_heads, scale, d, CAUSAL=causal,

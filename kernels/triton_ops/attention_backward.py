@@ -182,17 +182,24 @@ def precision(dtype: torch.dtype, device: torch.device) -> str:
     return "upcast" if dtype == torch.bfloat16 and device.type == "cpu" else "tf32"
 
 
-def backward_config(head_dim: int, cuda: bool) -> dict:
-    """Block sizes: the dK/dV program holds four [BLOCK_N, BLOCK_D] fp32 tiles, so smaller on GPU
-    as head_dim grows; small on the CPU interpreter."""
+def tiles(table: dict, head_dim: int, dtype: torch.dtype, cuda: bool) -> dict:
+    """Block sizes for head_dim: 32 x 32 on the CPU interpreter (each program is numpy), from
+    `table` on CUDA. BLOCK_D is head_dim padded to a power of two (masked), at least 16 for tl.dot."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if not cuda:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d)
-    if block_d <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)
-    if block_d <= 128:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d, num_warps=8)
-    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, num_warps=8)
+    for bound, block_m, block_n, warps in table[min(dtype.itemsize, 4)]:
+        if head_dim <= bound:
+            return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=2)
+    raise ValueError(f"head_dim {head_dim} is over 256")
+
+
+# (head_dim bound, BLOCK_M, BLOCK_N, num_warps) on CUDA, per kernel, for 2-byte and fp32 inputs
+# (as attention.FORWARD_TILES): the dK/dV program keeps k, v, dk and dv tiles resident.
+DKDV_TILES = {2: ((64, 64, 64, 8), (128, 32, 32, 4), (256, 32, 32, 4)),
+              4: ((64, 16, 32, 4), (128, 16, 16, 8), (256, 16, 16, 8))}
+DQ_TILES = {2: ((64, 64, 64, 8), (128, 64, 64, 8), (256, 32, 64, 8)),
+            4: ((64, 32, 32, 8), (128, 32, 16, 8), (256, 16, 16, 8))}
 
 
 def attention_backward(q, k, v, out, lse, mask, dout, dlse, *, causal: bool, scale: float):
@@ -203,29 +210,30 @@ def attention_backward(q, k, v, out, lse, mask, dout, dlse, *, causal: bool, sca
     group = heads // kv_heads
     if dout is None:
         dout = torch.zeros_like(out)
-    config = backward_config(d, q.is_cuda)
-    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    dkdv_tiles, dq_tiles = (tiles(table, d, q.dtype, q.is_cuda) for table in (DKDV_TILES, DQ_TILES))
     delta = torch.empty_like(lse)
     dlse_arg = dlse.contiguous() if dlse is not None else lse
-    _delta_kernel[(triton.cdiv(s, block_m), b * heads)](
+    _delta_kernel[(triton.cdiv(s, dq_tiles["BLOCK_M"]), b * heads)](
         out, dout, dlse_arg, delta, *out.stride(), *dout.stride(), s, heads, d, HAS_DLSE=dlse is not None,
-        BLOCK_M=block_m, BLOCK_D=config["BLOCK_D"])
+        BLOCK_M=dq_tiles["BLOCK_M"], BLOCK_D=dq_tiles["BLOCK_D"])
     has_mask = mask is not None
     if mask is None:
         mask, mask_strides = torch.zeros(1, dtype=torch.uint8, device=q.device), (0, 0, 0, 0)
     else:
         mask_strides = tuple(mask.stride())
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mask_strides)
-    flags = dict(CAUSAL=causal, HAS_MASK=has_mask, PRECISION=precision(q.dtype, q.device), **config)
+    flags = dict(CAUSAL=causal, HAS_MASK=has_mask, PRECISION=precision(q.dtype, q.device))
     dk = torch.empty(b, sk, kv_heads, d, dtype=k.dtype, device=k.device)
     dv = torch.empty(b, sk, kv_heads, d, dtype=v.dtype, device=v.device)
-    _dkdv_kernel[(triton.cdiv(sk, block_n), b * kv_heads)](
-        q, k, v, dout, lse, delta, mask, dk, dv, *strides, s, sk, heads, kv_heads, group, scale, d, **flags)
+    _dkdv_kernel[(triton.cdiv(sk, dkdv_tiles["BLOCK_N"]), b * kv_heads)](
+        q, k, v, dout, lse, delta, mask, dk, dv, *strides, s, sk, heads, kv_heads, group, scale, d, **flags,
+        **dkdv_tiles)
     dq = torch.empty(b, s, heads, d, dtype=q.dtype, device=q.device)
-    _dq_kernel[(triton.cdiv(s, block_m), b * heads)](
-        q, k, v, dout, lse, delta, mask, dq, *strides, s, sk, heads, group, scale, d, **flags)
+    _dq_kernel[(triton.cdiv(s, dq_tiles["BLOCK_M"]), b * heads)](
+        q, k, v, dout, lse, delta, mask, dq, *strides, s, sk, heads, group, scale, d, **flags, **dq_tiles)
     if has_mask or (causal and s > sk):  # fully masked rows weight every key 1 / sk
-        full = (lse == torch.finfo(torch.float32).min).transpose(1, 2).unsqueeze(-1)  # [b, s, heads, 1]
-        spread = (dout.float() * full).sum(dim=1).view(b, kv_heads, group, d).sum(dim=2) / sk  # [b, kvh, d]
+        full = (lse == torch.finfo(torch.float32).min).to(dout.dtype).unsqueeze(2)  # [b, heads, 1, s]
+        spread = torch.matmul(full, dout.transpose(1, 2)).float()  # [b, heads, 1, d]: sum of their dO
+        spread = spread.view(b, kv_heads, group, d).sum(dim=2) / sk
         dv = (dv.float() + spread.unsqueeze(1)).to(v.dtype)
     return dq, dk, dv
