@@ -120,6 +120,9 @@ def test_loading_into_another_model_names_what_differs(rank_pools, tmp_path):
     argv = [a if a != "32" else "64" for a in BASE] + flags + ["--load", str(tmp_path / "ckpt")]
     with pytest.raises(ConfigError, match=r"written for another model: --hidden-size 32 in the checkpoint, 64 now"):
         parse_pretrain_args(argv, world)  # before any process group
+    # which kernels compute the model is not the model: a checkpoint loads under other kernel flags
+    kernels = ["--kernel-backend", "torch", "--no-rope-fusion", "--no-bias-gelu-fusion", "--cross-entropy-loss-fusion"]
+    parse_pretrain_args(BASE + flags + kernels + ["--load", str(tmp_path / "ckpt")], world)
 
 
 def test_a_pickled_checkpoint_is_refused(tmp_path):

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from megalith import device as device_policy
+from megalith.config.model import KERNEL_FIELDS
 from megalith.models.gpt import PADDED_VOCAB_PARAMETERS, TIED_COPY_ALIASES
 from megalith.parallel.comm import all_reduce, max_over_job
 from megalith.training.checkpoint_format import (
@@ -42,7 +43,7 @@ from megalith.training.checkpoint_format import (
 RUNTIME_FIELDS = ("params_dtype", "hidden_dropout", "attention_dropout", "recompute_granularity", "recompute_method",
                   "recompute_num_layers", "attention_backend", "attention_softmax_in_fp32", "seq_length",
                   "encoder_seq_length", "decoder_seq_length", "make_vocab_size_divisible_by", "group_query_attention",
-                  "transformer_impl", "init_method_xavier_uniform", "init_method_std")
+                  "transformer_impl", "init_method_xavier_uniform", "init_method_std") + KERNEL_FIELDS
 
 
 def model_name(name: str) -> str:
