@@ -19,10 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from megalith_kernels.triton_ops.attention_backward import _mm, attention_backward, precision, tiles
+from megalith_kernels.triton_ops.attention_backward import MASKED, _mm, attention_backward, precision, tiles
 
-# finfo(float32).min: the score of a masked position, as megalith's local attention path uses.
-MASKED = tl.constexpr(-3.4028234663852886e38)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -39,7 +37,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_base, rows, row_ok, offs_d
     if CAUSAL:  # query i sees keys <= i + (sk - s)
         scores = tl.where(cols[None, :] > rows[:, None] + diag, MASKED, scores)
     if HAS_MASK:
-        hidden = tl.load(mask_base + rows[:, None] * stride_ms + cols[None, :] * stride_mk,
+        hidden = tl.load(mask_base + rows[:, None].to(tl.int64) * stride_ms + cols[None, :] * stride_mk,
                          mask=row_ok[:, None] & col_ok[None, :], other=0)
         scores = tl.where(hidden != 0, MASKED, scores)
     scores = tl.where(col_ok[None, :], scores, float("-inf"))  # keys past the end do not exist

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+# finfo(float32).min: the score of a masked position, as megalith's local attention path uses.
 MASKED = tl.constexpr(-3.4028234663852886e38)
 
 
@@ -65,7 +66,7 @@ def _probs(q, k, lse, mask_base, rows, row_ok, cols, col_ok, stride_ms, stride_m
     if CAUSAL:
         scores = tl.where(cols[None, :] > rows[:, None] + diag, MASKED, scores)
     if HAS_MASK:
-        hidden = tl.load(mask_base + rows[:, None] * stride_ms + cols[None, :] * stride_mk,
+        hidden = tl.load(mask_base + rows[:, None].to(tl.int64) * stride_ms + cols[None, :] * stride_mk,
                          mask=row_ok[:, None] & col_ok[None, :], other=0)
         scores = tl.where(hidden != 0, MASKED, scores)
     return tl.where(col_ok[None, :], tl.exp(scores - lse[:, None]), 0.0)
