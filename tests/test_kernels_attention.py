@@ -185,6 +185,37 @@ def test_two_dim_mask_and_no_lse():
         assert relative_error(got, want) < 1e-5
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_group_splits_match_reference(splits):
+    """dK/dV with a kv head's 3 query heads in one program, split 2 + 1, and one per program."""
+    from megalith_kernels.triton_ops import attention
+    from megalith_kernels.triton_ops.attention_backward import attention_backward
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 20, 6, 24, generator=gen), torch.randn(2, 20, 2, 24, generator=gen), \
+        torch.randn(2, 20, 2, 24, generator=gen)
+    grad_out, mask = torch.randn(2, 20, 6, 24, generator=gen), padding_mask(2, 20)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    want = megalith_kernels.flash_attention(*leaves, causal=True, attention_mask=mask, backend="torch")
+    (want * grad_out).sum().backward()
+    out, lse = attention.flash_attention(q, k, v, causal=True, attention_mask=mask, return_lse=True)
+    operand, _ = attention.mask_operand(mask, 2, 6, 20, 20, q.device)
+    got = attention_backward(q, k, v, out, lse, operand, grad_out, None, causal=True, scale=24 ** -0.5,
+                             splits=splits)
+    for name, g, leaf in zip(("dq", "dk", "dv"), got, leaves):
+        assert g.dtype == leaf.dtype and relative_error(g, leaf.grad) < 1e-5, name
+
+
+def test_group_splits_fill_a_gpu_only_when_few_programs():
+    from megalith_kernels.triton_ops.attention_backward import group_splits
+
+    assert group_splits(programs=32, group=8, cuda=True) == 8
+    assert group_splits(programs=128, group=8, cuda=True) == 4
+    assert group_splits(programs=4096, group=8, cuda=True) == 1
+    assert group_splits(programs=32, group=8, cuda=False) == 1
+    assert group_splits(programs=32, group=1, cuda=True) == 1
+
 # Compiles each kernel ahead of time for an H100 (sm_90) with triton's own ptxas: no GPU needed,
 # but not under the interpreter, so in a fresh process. Pointer arguments are the upper-case ones.
 COMPILE_FOR_SM90 = """
