@@ -100,9 +100,10 @@ def _fwd_kernel(Q, K, V, O, LSE, MASK,
     tl.store(LSE + bh.to(tl.int64) * s_q + rows, m_i + tl.log(l_safe), mask=row_ok)
 
 
-# (BLOCK_M, BLOCK_N, num_warps) on CUDA by head_dim bound, for 2-byte and for fp32 inputs: the
-# largest tiles that ptxas fits in registers without spilling for sm_80/sm_90 (checked by AOT
-# compiling); fp32 multiplies without tensor cores, so its tiles are smaller.
+# (head_dim bound, BLOCK_M, BLOCK_N, num_warps) on CUDA, for 2-byte and for fp32 inputs: large
+# tiles that ptxas fits in registers with little or no spilling on sm_90 (found by compiling
+# ahead of time, as the test file's last test does; not timed on a GPU). fp32 multiplies without
+# tensor cores ("ieee"), so its tiles are smaller.
 FORWARD_TILES = {2: ((64, 64, 64, 8), (128, 64, 64, 8), (256, 32, 32, 4)),
                  4: ((64, 32, 32, 4), (128, 16, 32, 4), (256, 16, 16, 4))}
 
