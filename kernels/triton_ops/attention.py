@@ -19,10 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from megalith_kernels.triton_ops.attention_backward import _mm, attention_backward, precision, tiles
+from megalith_kernels.triton_ops.attention_backward import MASKED, _mm, attention_backward, precision, tiles
 
-# finfo(float32).min: the score of a masked position, as megalith's local attention path uses.
-MASKED = tl.constexpr(-3.4028234663852886e38)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -39,7 +37,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, mask_base, rows, row_ok, offs_d
     if CAUSAL:  # query i sees keys <= i + (sk - s)
         scores = tl.where(cols[None, :] > rows[:, None] + diag, MASKED, scores)
     if HAS_MASK:
-        hidden = tl.load(mask_base + rows[:, None] * stride_ms + cols[None, :] * stride_mk,
+        hidden = tl.load(mask_base + rows[:, None].to(tl.int64) * stride_ms + cols[None, :] * stride_mk,
                          mask=row_ok[:, None] & col_ok[None, :], other=0)
         scores = tl.where(hidden != 0, MASKED, scores)
     scores = tl.where(col_ok[None, :], scores, float("-inf"))  # keys past the end do not exist
@@ -102,9 +100,10 @@ def _fwd_kernel(Q, K, V, O, LSE, MASK,
     tl.store(LSE + bh.to(tl.int64) * s_q + rows, m_i + tl.log(l_safe), mask=row_ok)
 
 
-# (BLOCK_M, BLOCK_N, num_warps) on CUDA by head_dim bound, for 2-byte and for fp32 inputs: the
-# largest tiles that ptxas fits in registers without spilling for sm_80/sm_90 (checked by AOT
-# compiling); fp32 multiplies without tensor cores, so its tiles are smaller.
+# (head_dim bound, BLOCK_M, BLOCK_N, num_warps) on CUDA, for 2-byte and for fp32 inputs: large
+# tiles that ptxas fits in registers with little or no spilling on sm_90 (found by compiling
+# ahead of time, as the test file's last test does; not timed on a GPU). fp32 multiplies without
+# tensor cores ("ieee"), so its tiles are smaller.
 FORWARD_TILES = {2: ((64, 64, 64, 8), (128, 64, 64, 8), (256, 32, 32, 4)),
                  4: ((64, 32, 32, 4), (128, 16, 32, 4), (256, 16, 16, 4))}
 

@@ -2,7 +2,8 @@
 
 Three kernels: delta = rowsum(dO * O) - dlse (the softmax backward's row term; dlse is the
 gradient reaching a returned lse), then dK/dV with one program per key block of a kv head that
-loops over every query head of its GQA group, then dQ with one program per query block. A
+loops over the query heads of its GQA group (over a share of them, summed in torch, when there
+are too few programs to fill a GPU), then dQ with one program per query block. A
 fully masked row (lse = finfo(fp32).min) gets p = 0 in the kernels: its scores are constants,
 so it feeds no gradient to q or k, and its uniform weights add dO / sk to every value row,
 which torch adds afterwards.
@@ -14,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+# finfo(float32).min: the score of a masked position, as megalith's local attention path uses.
 MASKED = tl.constexpr(-3.4028234663852886e38)
 
 
@@ -65,7 +67,7 @@ def _probs(q, k, lse, mask_base, rows, row_ok, cols, col_ok, stride_ms, stride_m
     if CAUSAL:
         scores = tl.where(cols[None, :] > rows[:, None] + diag, MASKED, scores)
     if HAS_MASK:
-        hidden = tl.load(mask_base + rows[:, None] * stride_ms + cols[None, :] * stride_mk,
+        hidden = tl.load(mask_base + rows[:, None].to(tl.int64) * stride_ms + cols[None, :] * stride_mk,
                          mask=row_ok[:, None] & col_ok[None, :], other=0)
         scores = tl.where(hidden != 0, MASKED, scores)
     return tl.where(col_ok[None, :], tl.exp(scores - lse[:, None]), 0.0)
@@ -76,11 +78,11 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
                  stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_ks, stride_kh, stride_kd,
                  stride_vb, stride_vs, stride_vh, stride_vd, stride_gb, stride_gs, stride_gh, stride_gd,
                  stride_mb, stride_mh, stride_ms, stride_mk,
-                 s_q, s_k, heads, kv_heads, group, scale, D,
+                 s_q, s_k, heads, kv_heads, group, per_split, split_stride, scale, D,
                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Program (key block, batch * kv head): dK and dV summed over the group's query heads.
-    DK and DV are contiguous [b, sk, kv_heads, d]."""
+    """Program (key block, batch * kv head, split): dK and dV summed over `per_split` query heads
+    of the kv head's group. DK and DV are contiguous [splits, b, sk, kv_heads, d]."""
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
     b = (bkv // kv_heads).to(tl.int64)
@@ -100,7 +102,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
     lo = 0
     if CAUSAL:  # rows before start_n - diag see none of this block (fully masked rows are 0 here)
         lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
-    for g in range(group):
+    first = tl.program_id(2) * per_split
+    for g in range(first, tl.minimum(first + per_split, group)):
         h = kvh * group + g
         bh = b * heads + h
         q_base = Q + b * stride_qb + h * stride_qh
@@ -120,7 +123,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
             dp = _mm(do, tl.trans(v), PRECISION)
             ds = p * (dp - delta[:, None])
             dk += _mm(tl.trans(ds).to(q.dtype), q, PRECISION)
-    out_offs = b * s_k * kv_heads * D + cols[:, None] * (kv_heads * D) + kvh * D + offs_d[None, :]
+    out_offs = (tl.program_id(2).to(tl.int64) * split_stride + b * s_k * kv_heads * D + cols[:, None] * (kv_heads * D)
+                + kvh * D + offs_d[None, :])
     tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -202,9 +206,19 @@ DQ_TILES = {2: ((64, 64, 64, 8), (128, 64, 64, 8), (256, 32, 64, 8)),
             4: ((64, 32, 32, 8), (128, 32, 16, 8), (256, 16, 16, 8))}
 
 
-def attention_backward(q, k, v, out, lse, mask, dout, dlse, *, causal: bool, scale: float):
+def group_splits(programs: int, group: int, cuda: bool) -> int:
+    """How many programs share one kv head's query heads in dK/dV: with few kv heads and a small
+    batch (MQA, or GQA under tensor parallelism) one program per key block leaves most of a GPU
+    idle, so split the group until there are some 512 programs; each split then writes fp32
+    partial sums that torch adds. One on the CPU interpreter, which gains nothing."""
+    if not cuda or group == 1:
+        return 1
+    return max(1, min(group, triton.cdiv(512, programs)))
+
+
+def attention_backward(q, k, v, out, lse, mask, dout, dlse, *, causal: bool, scale: float, splits: int | None = None):
     """dq, dk, dv (in q's dtype) for out, lse = attention(q, k, v); mask is the forward's uint8
-    [b, heads, s, sk] operand or None."""
+    [b, heads, s, sk] operand or None; `splits` overrides group_splits (tests)."""
     b, s, heads, d = q.shape
     sk, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -223,11 +237,17 @@ def attention_backward(q, k, v, out, lse, mask, dout, dlse, *, causal: bool, sca
         mask_strides = tuple(mask.stride())
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mask_strides)
     flags = dict(CAUSAL=causal, HAS_MASK=has_mask, PRECISION=precision(q.dtype, q.device))
-    dk = torch.empty(b, sk, kv_heads, d, dtype=k.dtype, device=k.device)
-    dv = torch.empty(b, sk, kv_heads, d, dtype=v.dtype, device=v.device)
-    _dkdv_kernel[(triton.cdiv(sk, dkdv_tiles["BLOCK_N"]), b * kv_heads)](
-        q, k, v, dout, lse, delta, mask, dk, dv, *strides, s, sk, heads, kv_heads, group, scale, d, **flags,
-        **dkdv_tiles)
+    key_blocks = triton.cdiv(sk, dkdv_tiles["BLOCK_N"])
+    splits = group_splits(key_blocks * b * kv_heads, group, q.is_cuda) if splits is None else splits
+    per_split = triton.cdiv(group, splits)
+    splits = triton.cdiv(group, per_split)
+    partial = torch.float32 if splits > 1 else k.dtype
+    dk = torch.empty(splits, b, sk, kv_heads, d, dtype=partial, device=k.device)
+    dv = torch.empty(splits, b, sk, kv_heads, d, dtype=partial, device=v.device)
+    _dkdv_kernel[(key_blocks, b * kv_heads, splits)](
+        q, k, v, dout, lse, delta, mask, dk, dv, *strides, s, sk, heads, kv_heads, group, per_split, dk[0].numel(),
+        scale, d, **flags, **dkdv_tiles)
+    dk, dv = (dk[0], dv[0]) if splits == 1 else (dk.sum(0).to(k.dtype), dv.sum(0))
     dq = torch.empty(b, s, heads, d, dtype=q.dtype, device=q.device)
     _dq_kernel[(triton.cdiv(s, dq_tiles["BLOCK_M"]), b * heads)](
         q, k, v, dout, lse, delta, mask, dq, *strides, s, sk, heads, group, scale, d, **flags, **dq_tiles)
@@ -235,5 +255,5 @@ def attention_backward(q, k, v, out, lse, mask, dout, dlse, *, causal: bool, sca
         full = (lse == torch.finfo(torch.float32).min).to(dout.dtype).unsqueeze(2)  # [b, heads, 1, s]
         spread = torch.matmul(full, dout.transpose(1, 2)).float()  # [b, heads, 1, d]: sum of their dO
         spread = spread.view(b, kv_heads, group, d).sum(dim=2) / sk
-        dv = (dv.float() + spread.unsqueeze(1)).to(v.dtype)
-    return dq, dk, dv
+        dv = dv.float() + spread.unsqueeze(1)
+    return dq, dk, dv.to(v.dtype)
