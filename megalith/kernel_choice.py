@@ -151,7 +151,7 @@ def _activation(config, backend: str, notices: list[str]) -> str:
     return "kernels"
 
 
-def _cross_entropy(config, backend: str, te: bool, notices: list[str]) -> str:
+def _cross_entropy(config, backend: str, te: bool) -> str:
     if not config.cross_entropy_loss_fusion:
         return "torch"
     if config.cross_entropy_fusion_impl == "te":
@@ -159,21 +159,7 @@ def _cross_entropy(config, backend: str, te: bool, notices: list[str]) -> str:
             raise ConfigError("--cross-entropy-fusion-impl te needs Transformer Engine: use --transformer-impl "
                               "transformer_engine on CUDA with TE installed, or --cross-entropy-fusion-impl native")
         return "te"
-    if backend != "triton":
-        return "torch"
-    if not _fused_cross_entropy_present():
-        notices.append("--cross-entropy-loss-fusion: this build's vocab_parallel_cross_entropy has no fused kernel "
-                       "yet; the unfused loss runs")
-        return "torch"
-    return "triton"
-
-
-def _fused_cross_entropy_present() -> bool:
-    import inspect
-
-    from megalith.parallel.cross_entropy import vocab_parallel_cross_entropy
-
-    return "kernel" in inspect.signature(vocab_parallel_cross_entropy).parameters
+    return "triton" if backend == "triton" else "torch"
 
 
 def _fp8(config, te: bool) -> Fp8Settings | None:
@@ -211,7 +197,7 @@ def resolve_kernels(config, device: torch.device | str | None = None) -> KernelC
         notices.append(f"{', '.join(unused)}: megalith has no such fused kernel to turn off; the same math runs")
     return KernelChoice(backend=backend, norm=norm, attention=attention, rope=rope,
                         activation=_activation(config, backend, notices),
-                        cross_entropy=_cross_entropy(config, backend, te, notices), linears="te" if te else "local", fp8=fp8,
+                        cross_entropy=_cross_entropy(config, backend, te), linears="te" if te else "local", fp8=fp8,
                         notices=tuple(notices))
 
 
