@@ -63,7 +63,8 @@ def test_the_flags_parse_with_sgd_too():
     config = parse_pretrain_args(ARGV + ["--optimizer-cpu-offload", "--optimizer-offload-fraction", "0.25",
                                          "--optimizer", "sgd"], 2).optimizer
     assert (config.optimizer_cpu_offload, config.optimizer_offload_fraction, config.optimizer) == (True, 0.25, "sgd")
-    assert parse_pretrain_args(ARGV + ["--optimizer-offload-fraction", "1.0"], 2).optimizer.optimizer_cpu_offload is False
+    default = parse_pretrain_args(ARGV + ["--optimizer-offload-fraction", "1.0"], 2).optimizer
+    assert default.optimizer_cpu_offload is False
     OptimizerConfig(optimizer_cpu_offload=True, optimizer_offload_fraction=0.0)  # nothing offloaded: allowed
 
 

@@ -142,5 +142,6 @@ class HostOffload:
     def host_bytes(self, state: Mapping) -> int:
         """Host memory: main weights, gradient staging and optimizer state of the offloaded fragments."""
         tensors = [f.main for f in self.fragments] + self.grads
-        tensors += [v for f in self.fragments for v in state.get(f.main, {}).values() if torch.is_tensor(v) and v.dim() > 0]
+        tensors += [v for f in self.fragments for v in state.get(f.main, {}).values()
+                    if torch.is_tensor(v) and v.dim() > 0]
         return sum(t.numel() * t.element_size() for t in tensors)

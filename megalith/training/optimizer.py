@@ -238,8 +238,8 @@ class ParallelOptimizer:
         def size(tensor: torch.Tensor) -> int:
             return tensor.numel() * tensor.element_size()
 
-        state = sum(size(v) for f in self.fragments if not f.offloaded for v in self.inner.state.get(f.main, {}).values()
-                    if torch.is_tensor(v) and v.dim() > 0)
+        state = sum(size(v) for f in self.fragments if not f.offloaded
+                    for v in self.inner.state.get(f.main, {}).values() if torch.is_tensor(v) and v.dim() > 0)
         return {
             "params": sum(size(p) for b in self.buffers for p in b.params),
             "grads": sum(size(b.grad_data) for b in self.buffers),
