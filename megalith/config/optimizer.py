@@ -26,6 +26,11 @@ class OptimizerConfig:
     adam_eps: float = flag_field(1e-8, "Adam epsilon")
     sgd_momentum: float = flag_field(0.9, "SGD momentum")
     clip_grad: float = flag_field(1.0, "clip the global gradient norm to this (0: off)")
+    optimizer_cpu_offload: bool = flag_field(False, "fp32 main weights and optimizer state of "
+                                             "--optimizer-offload-fraction of this rank's elements in host memory; "
+                                             "their step runs on the CPU")
+    optimizer_offload_fraction: float = flag_field(1.0, "share of this rank's optimizer elements offloaded with "
+                                                   "--optimizer-cpu-offload (whole fragments in order, rounded up)")
     decoupled_lr: float | None = flag_field(None, "peak learning rate of the word embedding and output layer "
                                             "(None: --lr)")
     decoupled_min_lr: float | None = flag_field(None, "minimum learning rate of the embedding and output layer "
@@ -51,6 +56,10 @@ class OptimizerConfig:
         check_range("adam_eps", self.adam_eps, 0.0, open_low=True)
         check_range("sgd_momentum", self.sgd_momentum, 0.0)
         check_range("clip_grad", self.clip_grad, 0.0)
+        check_range("optimizer_offload_fraction", self.optimizer_offload_fraction, 0.0, 1.0, open_high=False)
+        if self.optimizer_offload_fraction != 1.0 and not self.optimizer_cpu_offload:  # Megatron ignores it silently
+            raise ConfigError(f"--optimizer-offload-fraction {self.optimizer_offload_fraction} takes effect only with "
+                              "--optimizer-cpu-offload; add that flag or drop the fraction")
         check_range("decoupled_lr", self.decoupled_lr, 0.0, open_low=True, optional=True)
         check_range("decoupled_min_lr", self.decoupled_min_lr, 0.0, optional=True)
         if self.decoupled_lr is not None:  # without it Megatron ignores --decoupled-min-lr, and so does this

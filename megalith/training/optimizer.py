@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -39,6 +40,7 @@ from megalith.errors import ConfigError
 from megalith.parallel.comm import all_reduce, group_rank, group_size
 from megalith.parallel.data_parallel import DataParallelGrads
 from megalith.config.optimizer import OPTIMIZER_NAMES
+from megalith.training.offload import HostOffload
 
 
 @dataclass(eq=False)
@@ -53,6 +55,7 @@ class Fragment:
     name: str = ""  # the parameter's name in its chunk (global layer indices: unique across chunks)
     offset: int = 0  # where [start, end) begins inside the flattened parameter
     decoupled: bool = False  # in the --decoupled-lr groups (word embedding, output layer)
+    offloaded: bool = False  # main (and state) in host memory (--optimizer-cpu-offload): see offload.py
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,9 @@ class ParallelOptimizer:
         self.fragments = [f for b in buffers for f in self._fragments(b, tp_rank)]
         self._counted = torch.tensor([f.counted for f in self.fragments], dtype=torch.bool,
                                      device=buffers[0].grad_data.device)
+        device = buffers[0].grad_data.device
+        self.offload = (HostOffload(self.fragments, config.optimizer_offload_fraction, device)
+                        if config.optimizer_cpu_offload else None)
         decoupled = config.decoupled_lr is not None
         groups = []
         for own_lr in ((False, True) if decoupled else (False,)):
@@ -130,12 +136,12 @@ class ParallelOptimizer:
                 params = [f.main for f in self.fragments if f.decay == decay and (f.decoupled and decoupled) == own_lr]
                 if params:
                     groups.append({"params": params, "weight_decay": weight_decay, "decoupled": own_lr})
-        device = buffers[0].grad_data.device
         if config.optimizer == "adam":
-            self.inner, self.choice = make_adam(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                                eps=config.adam_eps, device=device)
+            make = partial(make_adam, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
         else:
-            self.inner, self.choice = make_sgd(groups, lr=config.lr, momentum=config.sgd_momentum, device=device)
+            make = partial(make_sgd, lr=config.lr, momentum=config.sgd_momentum)
+        self.inner, self.choice = (make(groups, device=device) if self.offload is None
+                                   else self.offload.make_inner(groups, make, device))
 
     @staticmethod
     def _fragments(buffer: DataParallelGrads, tp_rank: int) -> list[Fragment]:
@@ -192,8 +198,10 @@ class ParallelOptimizer:
             buffer.finish_param_gather()
         grads = []
         for fragment in self.fragments:
-            fragment.main.grad = fragment.grad if fragment.grad.dtype == torch.float32 else fragment.grad.float()
-            grads.append(fragment.main.grad)
+            grad = fragment.grad if fragment.grad.dtype == torch.float32 else fragment.grad.float()
+            if not fragment.offloaded:  # an offloaded one gets a host copy at the step
+                fragment.main.grad = grad
+            grads.append(grad)
         scale = self.loss_scale
         if scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / scale)
@@ -211,7 +219,11 @@ class ParallelOptimizer:
                 torch._foreach_mul_(grads, coefficient)
         for group in self.inner.param_groups:
             group["lr"] = rates.decoupled if group.get("decoupled") else rates.main
+        if self.offload is not None:
+            self.offload.grads_to_host(grads)
         self.inner.step()
+        if self.offload is not None:
+            self.offload.weights_to_device()
         for fragment in self.fragments:
             if fragment.model is not None:
                 fragment.model.copy_(fragment.main)
@@ -221,16 +233,19 @@ class ParallelOptimizer:
 
     def memory_bytes(self) -> dict[str, int]:
         """This rank's bytes of model parameters, gradient buffers, fp32 main weights that are
-        copies, and optimizer state (after the first step)."""
+        copies, and optimizer state (after the first step), on the device; `offloaded`: host memory
+        of --optimizer-cpu-offload (main weights, gradient staging, state)."""
         def size(tensor: torch.Tensor) -> int:
             return tensor.numel() * tensor.element_size()
 
-        state = sum(size(v) for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+        state = sum(size(v) for f in self.fragments if not f.offloaded
+                    for v in self.inner.state.get(f.main, {}).values() if torch.is_tensor(v) and v.dim() > 0)
         return {
             "params": sum(size(p) for b in self.buffers for p in b.params),
             "grads": sum(size(b.grad_data) for b in self.buffers),
-            "main_params": sum(size(f.main) for f in self.fragments if f.model is not None),
+            "main_params": sum(size(f.main) for f in self.fragments if f.model is not None and not f.offloaded),
             "optimizer_state": state,
+            "offloaded": self.offload.host_bytes(self.inner.state) if self.offload is not None else 0,
         }
 
     @property

@@ -121,8 +121,6 @@ TRAINING_FLAGS = (
     flag("--recompute-modules", "str*", None, "modules selective recompute covers (None: core_attn)",
          not_planned("selective recompute of modules other than core attention"), (("core_attn",),)),
     flag("--cpu-offloading-num-layers", "int", 0, "layers whose activations go to CPU memory", _OFFLOAD),
-    flag("--optimizer-cpu-offload", "true", False, "optimizer state in CPU memory", _OFFLOAD),
-    flag("--optimizer-offload-fraction", "float", 1.0, "share of the optimizer state offloaded", _OFFLOAD),
     flag("--use-torch-optimizer-for-cpu-offload", "true", False, "torch.optim for the offloaded state", _OFFLOAD),
     flag("--overlap-cpu-optimizer-d2h-h2d", "true", False, "overlap the offloaded optimizer's copies", _OFFLOAD),
     flag("--dump-param-to-param-group-map", "str", None, "JSON assigning parameters to optimizer groups", _OPTION),
