@@ -7,7 +7,7 @@ from __future__ import annotations
 from megalith.config.megatron.records import (CONTEXT_PARALLEL, FAULT_TOLERANCE, KERNELS, ZERO, ZERO_BUBBLE, flag,
                                               not_planned, removed)
 
-_OFFLOAD = not_planned("CPU offloading (optimizer state, activations)")
+_OFFLOAD = not_planned("activation offloading to CPU memory")
 _OPTION = not_planned("this training option")
 _CKPT = not_planned("this checkpointing option")
 _DATA = not_planned("this data option")
@@ -121,8 +121,6 @@ TRAINING_FLAGS = (
     flag("--recompute-modules", "str*", None, "modules selective recompute covers (None: core_attn)",
          not_planned("selective recompute of modules other than core attention"), (("core_attn",),)),
     flag("--cpu-offloading-num-layers", "int", 0, "layers whose activations go to CPU memory", _OFFLOAD),
-    flag("--use-torch-optimizer-for-cpu-offload", "true", False, "torch.optim for the offloaded state", _OFFLOAD),
-    flag("--overlap-cpu-optimizer-d2h-h2d", "true", False, "overlap the offloaded optimizer's copies", _OFFLOAD),
     flag("--dump-param-to-param-group-map", "str", None, "JSON assigning parameters to optimizer groups", _OPTION),
     flag("--deterministic-mode", "true", False, "deterministic GPU algorithms only", KERNELS),
     flag("--disable-bf16-reduced-precision-matmul", "true", False, "bf16 matmuls accumulate in full precision "
