@@ -354,3 +354,22 @@ def test_log_comm_bytes_needs_log_json():
         parse_pretrain_args(["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads",
                              "4", "--seq-length", "16", "--vocab-size", "128", "--micro-batch-size", "1",
                              "--global-batch-size", "4", "--train-iters", "1", "--log-comm-bytes"], 1)
+
+
+# --- ZeRO-2 (tests/test_zero_stages.py has its exactness) --------------------------------------
+
+
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_zero2_reduce_scatters_every_micro_batch_and_all_gathers_once(pool, micro_batches):
+    """m micro-batches per dp rank: each bucket reduce-scattered m times (its padded size each time),
+    all-gathered once after the step; with m = 1 the total equals ZeRO-1's and DP's 2 x buffer."""
+    n, dp = _gpt_params(L), 2
+    small = replace(SETTINGS, ddp_bucket_size=5000, micro_batches=micro_batches)
+    m = plan(small, parse_layout("dp2.zero2")).batch.num_micro_batches
+    for _, counts, history, buckets in filter(None, pool.run(_train_step_counts, "dp2.zero2", small)):
+        padded = [-(-elements // dp) * dp for elements, _ in buckets]
+        assert sum(elements for elements, _ in buckets) == n and [size for _, size in buckets] == padded
+        assert sorted(b for kind, op, b in history if op == "reduce_scatter") == sorted(F32 * p for p in padded * m)
+        assert counts == {"dp": {"reduce_scatter": _entry(m * len(padded), m * F32 * sum(padded)),
+                                 "all_gather": _entry(len(padded), F32 * sum(padded)),
+                                 "all_reduce": _entry(2, STEP_SCALARS["loss"] + STEP_SCALARS["norm"])}}
