@@ -373,3 +373,27 @@ def test_zero2_reduce_scatters_every_micro_batch_and_all_gathers_once(pool, micr
         assert counts == {"dp": {"reduce_scatter": _entry(m * len(padded), m * F32 * sum(padded)),
                                  "all_gather": _entry(len(padded), F32 * sum(padded)),
                                  "all_reduce": _entry(2, STEP_SCALARS["loss"] + STEP_SCALARS["norm"])}}
+
+
+def _unit_sizes(ctx, layout_text: str, settings: VerifySettings):
+    """ZeRO-3: each unit's (root first) padded bucket sizes on this rank."""
+    layout = parse_layout(layout_text)
+    state = ctx.parallel_state(dp=layout.dp)
+    runner = build_runner(settings, layout, state)
+    return [[b.size for b in unit.buckets] for unit in runner.buffers[0].units.units]
+
+
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_zero3_gathers_each_unit_for_forward_and_each_layer_again_for_backward(pool, micro_batches):
+    """Per micro-batch: every unit all-gathered for forward, every layer again for backward (the root
+    unit is kept through the chunk's backward), every unit's gradient reduce-scattered; no all-gather
+    after the step. With m = 1 and only layers that is the issue's 3 x the (padded) buffer."""
+    settings = replace(SETTINGS, micro_batches=micro_batches)
+    m = plan(settings, parse_layout("dp2.zero3")).batch.num_micro_batches
+    units = pool.run(_unit_sizes, "dp2.zero3", settings)[0]
+    root, layers = sum(units[0]), sum(sum(u) for u in units[1:])
+    assert len(units) == 1 + L and root + layers >= _gpt_params(L)
+    for _, counts, _, _ in filter(None, pool.run(_train_step_counts, "dp2.zero3", settings)):
+        assert counts == {"dp": {"all_gather": _entry(m * (len(units[0]) + 2 * L), m * F32 * (root + 2 * layers)),
+                                 "reduce_scatter": _entry(m * (len(units[0]) + L), m * F32 * (root + layers)),
+                                 "all_reduce": _entry(2, STEP_SCALARS["loss"] + STEP_SCALARS["norm"])}}

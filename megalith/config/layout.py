@@ -76,9 +76,6 @@ class Layout:
             if getattr(self, axis) > 1:
                 raise ConfigError(f"{size_flag} {getattr(self, axis)} is not supported yet ({what} is not implemented; "
                                   f"layout token {axis}{getattr(self, axis)}); use {size_flag} 1")
-        if self.zero > 2:
-            raise ConfigError(f"zero{self.zero}: ZeRO stage {self.zero} is not implemented yet; use zero1 or zero2 "
-                              "(--data-parallel-sharding-strategy optim or optim_grads)")
 
     @classmethod
     def over_world(cls, world_size: int, **axes) -> "Layout":

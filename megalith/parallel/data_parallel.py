@@ -60,6 +60,7 @@ from torch import nn
 from megalith.errors import ConfigError
 from megalith.parallel.comm import all_gather_into, all_reduce, group_rank, group_size, reduce_scatter_into
 from megalith.parallel.comm_ledger import active_ledger
+from megalith.parallel.zero3 import ParameterUnits, find_units
 
 DEFAULT_BUCKET_ELEMENTS = 40_000_000  # Megatron: max(40M, 1M x dp)
 
@@ -82,6 +83,8 @@ class Bucket:
     gather: tuple | None = None  # (work, source) of an all-gather in flight (--overlap-param-gather)
     grad: torch.Tensor | None = None  # ZeRO-2: the full-size buffer of the micro-batch in progress
     shard_offset: int = 0  # ZeRO-2: where this bucket's slice starts inside the gradient shard
+    param_full: torch.Tensor | None = None  # ZeRO-3: the gathered parameters (storage 0 while freed)
+    param_shard: torch.Tensor | None = None  # ZeRO-3: this rank's persistent slice of them
 
     @property
     def size(self) -> int:
@@ -120,6 +123,7 @@ class DataParallelGrads:
         accumulate_in_fp32: bool = False,
         shard: bool = False,
         shard_grads: bool = False,
+        shard_params: bool = False,
         overlap_param_gather: bool = False,
     ) -> None:
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
@@ -133,8 +137,10 @@ class DataParallelGrads:
         if overlap_param_gather and not shard:
             raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (only sharded parameters are "
                               "all-gathered); add it or drop --overlap-param-gather")
-        shard = shard or shard_grads  # ZeRO-2 shards the optimizer too
+        shard_grads = shard_grads or shard_params
+        shard = shard or shard_grads  # ZeRO-2 shards the optimizer too, ZeRO-3 the gradients as well
         self.dp_group, self.overlap, self.shard, self.shard_grads = dp_group, overlap, shard, shard_grads
+        self.shard_params = shard_params
         self.overlap_param_gather = overlap_param_gather
         self.dp_size, self.dp_rank = group_size(dp_group), group_rank(dp_group)
         self.param_dtype = dtypes.pop()
@@ -142,7 +148,19 @@ class DataParallelGrads:
         self.names = {id(p): name for name, p in named}
         self.params = [p for _, p in named]
         self.bucket_size = bucket_size or default_bucket_size(self.dp_size)
-        self.buckets = self._layout(list(reversed(self.params)))
+        self.units = None
+        if shard_params:  # one bucket (at least) per unit, so a unit gathers whole buckets
+            unit_params = find_units(module, self.params)
+            self.buckets = []
+            for params in reversed(unit_params):
+                if params:
+                    start = self.buckets[-1].end if self.buckets else 0
+                    for bucket in self._layout(list(reversed(params)), unbounded=True):
+                        bucket.index, bucket.start, bucket.end = len(self.buckets), start, start + bucket.size
+                        start = bucket.end
+                        self.buckets.append(bucket)
+        else:
+            self.buckets = self._layout(list(reversed(self.params)))
         total = self.buckets[-1].end
         device = self.params[0].device
         shard_elements = 0
@@ -152,7 +170,7 @@ class DataParallelGrads:
         self.grad_data = torch.zeros(shard_elements if shard_grads else total, dtype=self.grad_dtype, device=device)
         self.in_flight: list[tuple[Bucket, object, torch.Tensor, torch.Tensor]] = []  # ZeRO-2 reductions
         self.peak_bucket_grad_bytes = 0  # ZeRO-2: the most bytes of full-size bucket buffers alive at once
-        self.param_data = torch.zeros(total, dtype=self.param_dtype, device=device) if shard else None
+        self.param_data = torch.zeros(total, dtype=self.param_dtype, device=device) if shard and not shard_params else None
         self._bucket_of: dict[int, Bucket] = {}
         self.ranges: dict[int, tuple[int, int]] = {}
         for bucket in self.buckets:
@@ -163,10 +181,19 @@ class DataParallelGrads:
                 self.ranges[id(param)] = (start, end)
                 self._bucket_of[id(param)] = bucket
                 param.main_grad = None if shard_grads else self.grad_data[start:end].view(param.shape)
-                if shard:
+                if shard_params:
+                    if bucket.param_full is None:
+                        bucket.param_full = torch.zeros(bucket.size, dtype=self.param_dtype, device=device)
+                    bucket.param_full[start - bucket.start:end - bucket.start].copy_(param.data.reshape(-1))
+                    param.data = bucket.param_full[start - bucket.start:end - bucket.start].view(param.shape)
+                elif shard:
                     self.param_data[start:end].copy_(param.data.reshape(-1))
                     param.data = self.param_data[start:end].view(param.shape)
                 param.register_post_accumulate_grad_hook(self._accumulate)
+            if shard_params:
+                low, high = self.shard_range(bucket)
+                bucket.param_shard = bucket.param_full[low - bucket.start:high - bucket.start].clone()
+                bucket.param_full.untyped_storage().resize_(0)  # freed until a unit gathers it
         self._sync = True
         self._ledger = None  # the communication ledger of the armed backward (see set_last_microbatch)
         self.launches: list[BucketLaunch] = []
@@ -175,13 +202,16 @@ class DataParallelGrads:
         self._seen: set[int] = set()  # parameters whose module's pre-hook has fired
         self._root_seen = False
         self._unhooked: set[int] | None = None  # fixed at the first gather, the same on every dp rank
-        if overlap_param_gather:
+        if shard_params:
+            self.units = ParameterUnits(self, module, unit_params, prefetch=overlap_param_gather)
+        elif overlap_param_gather:
             self._install_forward_hooks(module)
 
     # --- layout ---------------------------------------------------------------------------
 
-    def _layout(self, params: list[nn.Parameter]) -> list[Bucket]:
-        """Buckets of about bucket_size elements; a shared embedding alone; padded for sharding."""
+    def _layout(self, params: list[nn.Parameter], unbounded: bool = False) -> list[Bucket]:
+        """Buckets of about bucket_size elements (`unbounded`: one, a ZeRO-3 unit's); a shared
+        embedding alone; padded for sharding."""
         buckets: list[Bucket] = []
         current: list[nn.Parameter] = []
         start = 0
@@ -201,7 +231,7 @@ class DataParallelGrads:
             if alone:
                 close()
             current.append(param)
-            if alone or sum(p.numel() for p in current) >= self.bucket_size:
+            if alone or (not unbounded and sum(p.numel() for p in current) >= self.bucket_size):
                 close()
         close()
         return buckets
@@ -227,6 +257,36 @@ class DataParallelGrads:
         low, _ = self.shard_range(bucket)
         offset = bucket.shard_offset + start - low
         return self.grad_data[offset:offset + end - start]
+
+    def param_slice(self, start: int, end: int) -> torch.Tensor:
+        """This rank's parameter elements [start, end) of one bucket (sharded): what the optimizer
+        updates in place (ZeRO-3: the persistent shard; ZeRO-1/2: the full buffer)."""
+        if not self.shard_params:
+            return self.param_data[start:end]
+        bucket = self._bucket_containing(start)
+        low, _ = self.shard_range(bucket)
+        return bucket.param_shard[start - low:end - low]
+
+    @contextmanager
+    def gathered_parameters(self) -> Iterator[None]:
+        """ZeRO-3: every parameter whole inside the block (a collective over dp), sharded again
+        after; for code that reads parameters outside forward. A no-op otherwise."""
+        if self.units is None:
+            yield
+            return
+        with self.units.gathered():
+            yield
+
+    @property
+    def gathered_peak_bytes(self) -> int:
+        """ZeRO-3: the most bytes of gathered full parameters alive at once so far (0 otherwise)."""
+        return self.units.peak_bytes if self.units is not None else 0
+
+    def persistent_param_tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold this rank's parameters between steps (ZeRO-3: the shards)."""
+        if self.units is not None:
+            return [b.param_shard for b in self.buckets]
+        return list(self.params)
 
     def _bucket_containing(self, element: int) -> Bucket:
         for bucket in self.buckets:
@@ -254,6 +314,8 @@ class DataParallelGrads:
                 self._open_bucket(bucket)
             param.main_grad.add_(param.grad)
             param.grad = None
+        if self.units is not None:
+            self.units.after_gradient(param)
         if not self._sync:
             return
         if id(param) in bucket.pending:
@@ -329,6 +391,8 @@ class DataParallelGrads:
                 self._launch_into_shard(bucket)
             self._drain()
             self._reset_buckets()
+            if self.units is not None:
+                self.units.release_all()
             return
         for bucket in self.buckets:
             self._launch(bucket)
@@ -367,7 +431,7 @@ class DataParallelGrads:
     def all_gather_params(self) -> None:
         """Every dp rank's updated slice of every bucket to every rank (distributed optimizer);
         with overlap_param_gather only started, each bucket waited for by the next forward."""
-        if not self.shard or self.dp_size == 1:
+        if not self.shard or self.dp_size == 1 or self.shard_params:  # ZeRO-3: params stay sharded
             return
         if not self.overlap_param_gather or not self._root_seen:  # no forward seen: nothing to wait in
             for bucket in self.buckets:

@@ -147,7 +147,7 @@ class ParallelOptimizer:
                 a, b = max(start, low), min(end, high)
                 if a >= b:
                     continue
-                flat = buffer.param_data[a:b] if buffer.shard else param.data.view(-1)[a - start:b - start]
+                flat = buffer.param_slice(a, b) if buffer.shard else param.data.view(-1)[a - start:b - start]
                 fp32 = flat.dtype == torch.float32
                 main = flat if fp32 else flat.float()
                 name = buffer.names[id(param)]
@@ -251,7 +251,7 @@ class ParallelOptimizer:
                     total += storage.nbytes()
             return total
 
-        params = stored(p for b in self.buffers for p in b.params)
+        params = stored(t for b in self.buffers for t in b.persistent_param_tensors())
         grads = stored(b.grad_data for b in self.buffers)
         state = [v for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
         optimizer = stored([f.main for f in self.fragments if f.model is not None] + state)

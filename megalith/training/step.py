@@ -126,7 +126,8 @@ def assemble_runner(plan: StepPlan, state, optimizer_config, loss_scaler, record
     chunks = build_chunks(plan, ctx, pp_rank)
     buffers = [DataParallelGrads(chunk, group("dp_group"), bucket_size=plan.bucket_size, overlap=plan.overlap,
                                  accumulate_in_fp32=plan.accumulate_in_fp32, shard=layout.distributed_optimizer,
-                                 shard_grads=layout.sharded_gradients, overlap_param_gather=plan.overlap_param_gather)
+                                 shard_grads=layout.sharded_gradients, shard_params=layout.sharded_parameters,
+                                 overlap_param_gather=plan.overlap_param_gather)
                for chunk in chunks]
     optimizer = ParallelOptimizer(buffers, optimizer_config, tp_group=group("tp_group"), mp_group=group("mp_group"),
                                   loss_scaler=loss_scaler)
@@ -203,6 +204,15 @@ class StepRunner:
         """This rank's persistent bytes, counted from tensor storage: {"params_bytes", "grads_bytes",
         "optimizer_bytes", "gathered_peak_bytes"} (see ParallelOptimizer.persistent_memory_bytes)."""
         return self.optimizer.persistent_memory_bytes()
+
+    @contextlib.contextmanager
+    def gathered_parameters(self):
+        """ZeRO-3: every chunk's parameters whole inside the block (collectives over dp); read
+        them only there outside forward (checkpoint save, comparisons). A no-op otherwise."""
+        with contextlib.ExitStack() as stack:
+            for buffer in self.buffers:
+                stack.enter_context(buffer.gathered_parameters())
+            yield
 
     def finish_param_gather(self) -> None:
         """Wait for ZeRO-1's parameter all-gathers still in flight (--overlap-param-gather): call
