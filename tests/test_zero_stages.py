@@ -176,3 +176,52 @@ def test_bf16_strategies_give_no_shards_parameters(rank_pools):
             difference = (final[name] - tensor).abs()
             assert difference.max() <= 2 ** -7 * tensor.abs().max() + 1e-12, (text, name)  # at most one bf16 ulp
             assert (difference > 0).float().mean() < 0.01, (text, name)
+
+
+@pytest.mark.parametrize("model, layouts", [
+    ("bert", ["tp2.pp2.dp2.sp.zero3", "pp2.dp2.zero2"]),
+    ("t5", ["pp2.dp2.zero3", "tp2.dp2.sp.zero2"]),
+])
+def test_bert_and_t5_under_zero2_and_zero3(rank_pools, model, layouts):
+    spec = get_model_spec(model)
+    settings = VerifySettings(model, spec.resolved(ModelConfig(**spec.defaults)), steps=3)
+    assert_exact(run_verify(settings, [parse_layout(t) for t in layouts], pool=rank_pools(8)), layouts)
+
+
+def test_fp16_with_the_loss_scaler_under_zero2_and_zero3(rank_pools):
+    layouts = ["tp2.pp2.dp2.sp.zero3.fp16", "pp2.dp2.zero2.fp16"]
+    results = run_verify(SETTINGS, [parse_layout(t) for t in layouts], pool=rank_pools(8))
+    assert [r.layout for r in results] == layouts
+    for r in results:  # in their precision's tolerance, as tests/test_data_parallel.py
+        assert r.passed and r.skipped_steps == 0 and r.losses[-1] < r.losses[0], r
+
+
+def _train_with_prefetch(ctx, layout_text: str, prefetch: bool):
+    """Two steps of `layout_text` with --overlap-param-gather on or off: (final params, all-gathers, peak)."""
+    from megalith.parallel.comm_ledger import CommLedger, counting
+    from megalith.training.loss_scaler import make_loss_scaler
+    from megalith.training.step import assemble_runner
+
+    layout = parse_layout(layout_text)
+    state = ctx.parallel_state(pp=layout.pp, dp=layout.dp)
+    if state is None:
+        return None
+    step = replace(plan(SETTINGS, layout), overlap_param_gather=prefetch)
+    runner = assemble_runner(step, state, SETTINGS.optimizer_config(), make_loss_scaler(fp16=False, loss_scale=None))
+    ledger = CommLedger.for_state(state)
+    for index in range(2):
+        micro = step.batch.micro_batches(global_batch(SETTINGS, get_model_spec("gpt"), index), state.dp_rank)
+        with counting(ledger):
+            runner.train_step(micro, lambda out, b: sequence_mean_loss(out, b, SETTINGS.global_batch_size), 1e-3)
+    with runner.gathered_parameters():
+        final = {n: p.detach().clone() for c in runner.chunks for n, p in c.named_parameters()}
+    return final, ledger.as_dict()["dp"]["all_gather"], runner.memory_bytes()["gathered_peak_bytes"]
+
+
+@pytest.mark.parametrize("layout", ["dp2.zero3", "pp2.dp2.zero3"])
+def test_zero3_prefetch_changes_nothing_but_when_gathers_start(rank_pools, layout):
+    plain = rank_pools(4).run(_train_with_prefetch, layout, False)
+    prefetched = rank_pools(4).run(_train_with_prefetch, layout, True)
+    for (params, gathers, peak), (params_p, gathers_p, peak_p) in zip(filter(None, plain), filter(None, prefetched)):
+        assert params.keys() == params_p.keys() and all(torch.equal(params[k], params_p[k]) for k in params)
+        assert gathers_p["bytes"] >= gathers["bytes"] and peak_p >= peak  # one layer ahead: more may be alive
