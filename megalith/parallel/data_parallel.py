@@ -275,13 +275,15 @@ class DataParallelGrads:
         return bucket.param_shard[start - low:end - low]
 
     @contextmanager
-    def gathered_parameters(self) -> Iterator[None]:
+    def gathered_parameters(self, writeback: bool = False) -> Iterator[None]:
         """ZeRO-3: every parameter whole inside the block (a collective over dp), sharded again
-        after; for code that reads parameters outside forward. A no-op otherwise."""
+        after; for code that reads parameters outside forward. `writeback`: what the block wrote
+        into the parameters (the same on every dp rank: a checkpoint load) is kept, each rank
+        keeping its slice. A no-op otherwise."""
         if self.units is None:
             yield
             return
-        with self.units.gathered():
+        with self.units.gathered(writeback):
             yield
 
     @property
