@@ -3,9 +3,10 @@ and once after the first iteration, what it held.
 
 At startup (as Megatron's theoretical memory report): the parameters, gradient buffers and
 optimizer state counted from what this rank built (the optimizer's fp32 main weights and its
-moments, sharded under the distributed optimizer), and the peak activations from Korthikanti et
-al. 2022 (megalith.plan.memory) for the transformer layers on this rank times the most layers'
-activations the pipeline schedule keeps at once. After the first iteration: CUDA's allocator
+moments, sharded under ZeRO), ZeRO-3's gathered working set, and the peak activations from
+Korthikanti et al. 2022 (megalith.plan.memory) for the transformer layers on this rank times the
+most layers' activations the pipeline schedule keeps at once. `formula_bytes` is the ZeRO
+paper's per-strategy count the measured numbers are checked against. After the first iteration: CUDA's allocator
 counters (Megatron's report_memory line), or the process's peak resident set on CPU, where
 PyTorch keeps no counters.
 
@@ -31,6 +32,22 @@ from megalith.training.housekeeping import max_rss_bytes
 
 MB = 1 << 20
 
+# --data-parallel-sharding-strategy by ZeRO stage (layout tokens zero1, zero2, zero3)
+STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+
+
+def formula_bytes(strategy: str, params: int, dp: int, *, param_bytes: int = 2, grad_bytes: int = 4,
+                  state_bytes: int = 12) -> dict[str, float]:
+    """One rank's persistent bytes for `params` parameters (Ψ) under a sharding strategy over dp ranks
+    (ZeRO, Rajbhandari et al. 2020, with Megatron's names): `state_bytes` per parameter of optimizer
+    state (bf16 with Adam: 4 main weight + 8 moments = 12). ZeRO-3's gathered layers are not in it."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown sharding strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+    stage = STRATEGIES.index(strategy)
+    return {"params_bytes": param_bytes * params / (dp if stage >= 3 else 1),
+            "grads_bytes": grad_bytes * params / (dp if stage >= 2 else 1),
+            "optimizer_bytes": state_bytes * params / (dp if stage >= 1 else 1)}
+
 
 @dataclass(frozen=True)
 class StartupMemory:
@@ -41,13 +58,23 @@ class StartupMemory:
     optimizer: float
     activations: float
     peak_layers: float  # layers' worth of activations the schedule keeps at once (micro-batches x layers)
+    gathered: float = 0.0  # ZeRO-3: the full parameters gathered at once, at most (0 otherwise)
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations
+        return self.parameters + self.gradients + self.optimizer + self.gathered + self.activations
 
     def as_row(self) -> list[float]:
-        return [self.parameters, self.gradients, self.optimizer, self.activations, self.peak_layers]
+        return [self.parameters, self.gradients, self.optimizer, self.activations, self.peak_layers, self.gathered]
+
+
+def persistent_memory(runner) -> dict[str, int]:
+    """This rank's bytes of parameters, gradients and optimizer state that live through the run,
+    counted from the tensors' storage, and ZeRO-3's largest gathered working set so far beside them
+    (the JSON log's "memory" record)."""
+    built = runner.optimizer.memory_bytes()
+    return {"params_bytes": built["params"], "grads_bytes": built["grads"],
+            "optimizer_bytes": built["main_params"] + built["optimizer_state"], "gathered_peak_bytes": 0}
 
 
 def _layers_per_chunk(chunks: list[nn.Module]) -> list[int]:
