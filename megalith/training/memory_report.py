@@ -94,11 +94,31 @@ def peak_layers_in_flight(actions, layers_per_chunk: list[int]) -> int:
     return peak
 
 
+def gathered_bound_bytes(chunks: list[nn.Module], zero: int) -> float:
+    """ZeRO-3's working set at most: every chunk's root unit (everything but its transformer
+    layers, kept from the chunk's forward to its backward) and two layers (the one computing and
+    the one prefetched); 0 under the other strategies, which gather nothing."""
+    if zero < 3:
+        return 0.0
+    roots = layer = 0
+    for chunk in chunks:
+        in_layers = 0
+        for module in chunk.modules():
+            if isinstance(module, TransformerLayer):
+                size = sum(p.numel() * p.element_size() for p in module.parameters())
+                layer, in_layers = max(layer, size), in_layers + size
+        roots += sum(p.numel() * p.element_size() for p in chunk.parameters()) - in_layers
+    return float(roots + 2 * layer)
+
+
 def startup_memory(runner, config: PretrainConfig, tp_size: int) -> StartupMemory:
-    """This rank's parameters, gradients and optimizer state as built, and its peak activations."""
+    """This rank's parameters, gradients and optimizer state as built (counted from storage; the
+    moments, which exist only after the first step, from the fragments they will cover), ZeRO-3's
+    gathered bound and its peak activations."""
     optimizer = runner.optimizer
-    built = optimizer.memory_bytes()  # the moments do not exist before the first step: counted here
+    built = persistent_memory(runner)
     moments = {"adam": 2, "sgd": 1 if config.optimizer.sgd_momentum else 0}[config.optimizer.optimizer]
+    mains = sum(f.main.numel() * f.main.element_size() for f in optimizer.fragments if f.model is not None)
     state = moments * sum(f.main.numel() * f.main.element_size() for f in optimizer.fragments)
     m = config.model
     per_layer = activation_bytes_per_layer(
@@ -107,7 +127,8 @@ def startup_memory(runner, config: PretrainConfig, tp_size: int) -> StartupMemor
         attention_scores=m.attention_path == "unfused", value_bytes=torch.finfo(m.torch_dtype).bits // 8,
         hidden_dropout=m.hidden_dropout > 0, attention_dropout=m.attention_dropout > 0)
     layers = peak_layers_in_flight(runner.actions, _layers_per_chunk(runner.chunks))
-    return StartupMemory(built["params"], built["grads"], built["main_params"] + state, per_layer * layers, layers)
+    return StartupMemory(built["params_bytes"], built["grads_bytes"], mains + state, per_layer * layers, layers,
+                         gathered_bound_bytes(runner.chunks, config.layout.zero))
 
 
 def measured_memory(device: torch.device) -> dict[str, float]:
@@ -135,12 +156,14 @@ def _label(state, rank: int) -> str:
 def startup_lines(state, memory: StartupMemory) -> list[str]:
     """Collective over the model-parallel group; the lines, on every rank."""
     ranks = state.grid.group_of("mp", state.rank) or [state.rank]
-    lines = ["memory per rank at startup (MB): parameters, gradients and optimizer state as built; "
-             "activations by Korthikanti et al. 2022 for the layers the schedule holds at its peak"]
+    lines = ["memory per rank at startup (MB): parameters, gradients and optimizer state as built (persistent); "
+             "gathered: ZeRO-3's full parameters in use at most; activations by Korthikanti et al. 2022 for the "
+             "layers the schedule holds at its peak"]
     for rank, row in zip(ranks, _rows_over(state.mp_group, memory.as_row(), state.device)):
         mem = StartupMemory(*row)
         lines.append(f"{_label(state, rank)} parameters {mem.parameters / MB:.2f} | gradients {mem.gradients / MB:.2f}"
-                     f" | optimizer {mem.optimizer / MB:.2f} | activations {mem.activations / MB:.2f} "
+                     f" | optimizer {mem.optimizer / MB:.2f} | gathered {mem.gathered / MB:.2f}"
+                     f" | activations {mem.activations / MB:.2f} "
                      f"(peak: {mem.peak_layers:.0f} layers' worth) | total {mem.total / MB:.2f}")
     return lines
 
