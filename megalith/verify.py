@@ -207,7 +207,9 @@ def train(settings: VerifySettings, layout: Layout | None = None, state=None, st
             step_hook(step, report)
         losses.append(report.loss)
     runner.finish_param_gather()
-    return losses, first_grads, full_tensors(runner.chunks, settings.config.vocab_size, tp_group), norms
+    with runner.gathered_parameters():  # ZeRO-3: whole parameters only inside
+        final = full_tensors(runner.chunks, settings.config.vocab_size, tp_group)
+    return losses, first_grads, final, norms
 
 
 def full_gradients(runner: StepRunner, vocab_size: int, tp_group) -> dict[str, torch.Tensor]:
