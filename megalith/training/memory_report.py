@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megalith.config.parallel import SHARDING_STRATEGIES
 from megalith.config.pretrain import PretrainConfig
 from megalith.device import report_memory_counters
 from megalith.models.transformer import TransformerLayer
@@ -32,8 +33,7 @@ from megalith.training.housekeeping import max_rss_bytes
 
 MB = 1 << 20
 
-# --data-parallel-sharding-strategy by ZeRO stage (layout tokens zero1, zero2, zero3)
-STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+STRATEGIES = SHARDING_STRATEGIES  # --data-parallel-sharding-strategy by ZeRO stage (tokens zero1, zero2, zero3)
 
 
 def formula_bytes(strategy: str, params: int, dp: int, *, param_bytes: int = 2, grad_bytes: int = 4,
@@ -72,9 +72,7 @@ def persistent_memory(runner) -> dict[str, int]:
     """This rank's bytes of parameters, gradients and optimizer state that live through the run,
     counted from the tensors' storage, and ZeRO-3's largest gathered working set so far beside them
     (the JSON log's "memory" record)."""
-    built = runner.optimizer.memory_bytes()
-    return {"params_bytes": built["params"], "grads_bytes": built["grads"],
-            "optimizer_bytes": built["main_params"] + built["optimizer_state"], "gathered_peak_bytes": 0}
+    return runner.memory_bytes()
 
 
 def _layers_per_chunk(chunks: list[nn.Module]) -> list[int]:
