@@ -1,7 +1,7 @@
 """`megalith verify`: train a model under several layouts and prove each equal to one process.
 
 Every layout trains the same model (same init seed, same global batches) with the real
-optimizer step of `megalith pretrain` (data-parallel buffers and buckets, ZeRO-1 with `zero1`,
+optimizer step of `megalith pretrain` (data-parallel buffers and buckets, ZeRO-1/2/3 with `zero1|2|3`,
 global-norm clipping, LR warm-up and decay, weight decay, loss scaling for fp16) on CPU ranks
 of one pool; the reference is the same code in one process with no process group at all, in
 the layout's precision. Per layout the table gives four relative differences from the

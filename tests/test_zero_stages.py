@@ -137,7 +137,7 @@ def test_persistent_memory_per_parameter_follows_the_formula(rank_pools, layout,
 
 ZERO3_LAYOUTS = ["dp4.zero3", "tp2.sp.dp2.zero3", "pp2.dp2.zero3", "pp2.vpp2.dp2.zero2.recompute-full",
                  "pp2.dp2.zero3.recompute-full", "pp2.dp2.zero3.zb-h1", "tp2.dp2.zero3.recompute-selective",
-                 "pp2.vpp2.dp2.zero3.recompute-full"]
+                 "pp2.vpp2.dp2.zero3.recompute-full", "pp2.vpp2.dp2.zero3.zb-v", "tp2.pp2.dp2.sp.zero3"]
 
 
 def test_zero3_layouts_match_one_process(rank_pools):
@@ -176,3 +176,92 @@ def test_bf16_strategies_give_no_shards_parameters(rank_pools):
             difference = (final[name] - tensor).abs()
             assert difference.max() <= 2 ** -7 * tensor.abs().max() + 1e-12, (text, name)  # at most one bf16 ulp
             assert (difference > 0).float().mean() < 0.01, (text, name)
+
+
+@pytest.mark.parametrize("model, layouts", [
+    ("bert", ["tp2.pp2.dp2.sp.zero3", "pp2.dp2.zero2"]),
+    ("t5", ["pp2.dp2.zero3", "tp2.dp2.sp.zero2"]),
+])
+def test_bert_and_t5_under_zero2_and_zero3(rank_pools, model, layouts):
+    spec = get_model_spec(model)
+    settings = VerifySettings(model, spec.resolved(ModelConfig(**spec.defaults)), steps=3)
+    assert_exact(run_verify(settings, [parse_layout(t) for t in layouts], pool=rank_pools(8)), layouts)
+
+
+def test_fp16_with_the_loss_scaler_under_zero2_and_zero3(rank_pools):
+    layouts = ["tp2.pp2.dp2.sp.zero3.fp16", "pp2.dp2.zero2.fp16"]
+    results = run_verify(SETTINGS, [parse_layout(t) for t in layouts], pool=rank_pools(8))
+    assert [r.layout for r in results] == layouts
+    for r in results:  # in their precision's tolerance, as tests/test_data_parallel.py
+        assert r.passed and r.skipped_steps == 0 and r.losses[-1] < r.losses[0], r
+
+
+def _train_with_prefetch(ctx, layout_text: str, prefetch: bool):
+    """Two steps of `layout_text` with --overlap-param-gather on or off: (final params, all-gathers, peak)."""
+    from megalith.parallel.comm_ledger import CommLedger, counting
+    from megalith.training.loss_scaler import make_loss_scaler
+    from megalith.training.step import assemble_runner
+
+    layout = parse_layout(layout_text)
+    state = ctx.parallel_state(pp=layout.pp, dp=layout.dp)
+    if state is None:
+        return None
+    step = replace(plan(SETTINGS, layout), overlap_param_gather=prefetch)
+    runner = assemble_runner(step, state, SETTINGS.optimizer_config(), make_loss_scaler(fp16=False, loss_scale=None))
+    ledger = CommLedger.for_state(state)
+    for index in range(2):
+        micro = step.batch.micro_batches(global_batch(SETTINGS, get_model_spec("gpt"), index), state.dp_rank)
+        with counting(ledger):
+            runner.train_step(micro, lambda out, b: sequence_mean_loss(out, b, SETTINGS.global_batch_size), 1e-3)
+    with runner.gathered_parameters():
+        final = {n: p.detach().clone() for c in runner.chunks for n, p in c.named_parameters()}
+    return final, ledger.as_dict()["dp"]["all_gather"], runner.memory_bytes()["gathered_peak_bytes"]
+
+
+@pytest.mark.parametrize("layout", ["dp2.zero3", "pp2.dp2.zero3"])
+def test_zero3_prefetch_changes_nothing_but_when_gathers_start(rank_pools, layout):
+    plain = rank_pools(4).run(_train_with_prefetch, layout, False)
+    prefetched = rank_pools(4).run(_train_with_prefetch, layout, True)
+    for (params, gathers, peak), (params_p, gathers_p, peak_p) in zip(filter(None, plain), filter(None, prefetched)):
+        assert params.keys() == params_p.keys() and all(torch.equal(params[k], params_p[k]) for k in params)
+        assert gathers_p["bytes"] >= gathers["bytes"] and peak_p >= peak  # one layer ahead: more may be alive
+
+
+def test_pretrain_takes_the_strategy_flag_and_every_strategy_logs_the_same_losses(rank_pools, tmp_path):
+    """`megalith pretrain --data-parallel-sharding-strategy S` (with evaluation: forward without a graph)."""
+    import json
+
+    from megalith.testing import pretrain_on_rank
+
+    argv = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "16", "--vocab-size", "128", "--micro-batch-size", "1", "--global-batch-size", "4",
+            "--lr", "1e-3", "--train-iters", "3", "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "2",
+            "--no-log-progress-bar", "--overlap-grad-reduce"]
+    logs = {}
+    for strategy in ("no_shard", "optim", "optim_grads", "optim_grads_params"):
+        log = tmp_path / f"{strategy}.jsonl"
+        rank_pools(2).run(pretrain_on_rank, argv + ["--data-parallel-sharding-strategy", strategy,
+                                                    "--log-json", str(log)], 2)
+        logs[strategy] = [json.loads(line) for line in log.read_text().splitlines()]
+    reference = [r["lm_loss"] for r in logs.pop("no_shard") if "lm_loss" in r]
+    assert len(reference) == 3
+    for strategy, records in logs.items():
+        losses = [r["lm_loss"] for r in records if "lm_loss" in r]
+        assert max(abs(a - b) / abs(b) for a, b in zip(losses, reference)) < 1e-5, strategy
+
+
+def test_zero3_buffer_gathers_for_reading_and_writes_back_only_when_asked():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2))
+    expected = {name: p.detach().clone() for name, p in module.named_parameters()}
+    buffer = DataParallelGrads(module, None, shard_params=True)
+    assert module[0].weight.untyped_storage().nbytes() == 0  # freed until gathered
+    with buffer.gathered_parameters():
+        assert all(torch.equal(p, expected[n]) for n, p in module.named_parameters())
+        module[0].weight.data.zero_()
+    with buffer.gathered_parameters(writeback=True):
+        assert torch.equal(module[0].weight, expected["0.weight"])  # not kept without writeback
+        module[0].weight.data.fill_(2.0)
+    assert module[0].weight.untyped_storage().nbytes() == 0 and buffer.gathered_peak_bytes > 0
+    with buffer.gathered_parameters():
+        assert bool((module[0].weight == 2.0).all())

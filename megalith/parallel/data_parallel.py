@@ -42,6 +42,13 @@ bound only while its bucket's buffer exists; `full_grads` lends whole gradients 
 post-reduction sums over tp and the embedding group (which add matching elements, so a shard
 padded with zeros sums correctly).
 
+With `shard_params=True` (ZeRO-3, optim_grads_params) every unit (a layer, or the chunk's root:
+megalith.parallel.zero3) gets buckets of its own, whose parameters live as this rank's shard
+(`param_shard`) and are gathered into `param_full` only while a forward or backward needs
+them; the gradient path is ZeRO-2's with one bucket per unit, and the optimizer updates the
+shard in place (`param_slice`), so nothing is all-gathered after the step. Code that reads whole
+parameters outside forward uses `gathered_parameters()`.
+
 Parameters marked `shared_embedding` (a tied embedding split over pipeline stages) get a bucket
 of their own, so their slice boundaries are the same on the first and the last stage and the
 embedding-group sum after the reduce-scatter adds matching elements (Megatron bug #844).
@@ -268,13 +275,15 @@ class DataParallelGrads:
         return bucket.param_shard[start - low:end - low]
 
     @contextmanager
-    def gathered_parameters(self) -> Iterator[None]:
+    def gathered_parameters(self, writeback: bool = False) -> Iterator[None]:
         """ZeRO-3: every parameter whole inside the block (a collective over dp), sharded again
-        after; for code that reads parameters outside forward. A no-op otherwise."""
+        after; for code that reads parameters outside forward. `writeback`: what the block wrote
+        into the parameters (the same on every dp rank: a checkpoint load) is kept, each rank
+        keeping its slice. A no-op otherwise."""
         if self.units is None:
             yield
             return
-        with self.units.gathered():
+        with self.units.gathered(writeback):
             yield
 
     @property

@@ -162,12 +162,18 @@ class ParameterUnits:
             self._free(unit)
 
     @contextmanager
-    def gathered(self) -> Iterator[None]:
-        """Every unit's full parameters for code outside forward (checks, checkpoint save)."""
+    def gathered(self, writeback: bool = False) -> Iterator[None]:
+        """Every unit's full parameters for code outside forward (checks, checkpoint save); with
+        `writeback` (checkpoint load: every rank writes the same whole values) this rank's slice
+        of what was written becomes its shard."""
         for unit in self.units:
             self.gather(unit)
         try:
             yield
+            if writeback:
+                for bucket in self.buffer.buckets:
+                    low, high = self.buffer.shard_range(bucket)
+                    bucket.param_shard.copy_(bucket.param_full[low - bucket.start:high - bucket.start])
         finally:
             for unit in self.units:
                 self.release(unit)

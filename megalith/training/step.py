@@ -206,12 +206,14 @@ class StepRunner:
         return self.optimizer.persistent_memory_bytes()
 
     @contextlib.contextmanager
-    def gathered_parameters(self):
+    def gathered_parameters(self, writeback: bool = False):
         """ZeRO-3: every chunk's parameters whole inside the block (collectives over dp); read
-        them only there outside forward (checkpoint save, comparisons). A no-op otherwise."""
+        them only there outside forward (checkpoint save, comparisons). `writeback=True` keeps
+        what the block wrote, the same on every dp rank (checkpoint load; the optimizer's fp32
+        main weights are the loader's to set). A no-op otherwise."""
         with contextlib.ExitStack() as stack:
             for buffer in self.buffers:
-                stack.enter_context(buffer.gathered_parameters())
+                stack.enter_context(buffer.gathered_parameters(writeback))
             yield
 
     def finish_param_gather(self) -> None:
