@@ -94,7 +94,9 @@ def _persistent_after_one_step(ctx, layout_text):
     params = sum(p.numel() for chunk in runner.chunks for p in chunk.parameters())
     layers = [sum(p.numel() for p in layer.parameters()) for chunk in runner.chunks
               for layer in chunk.modules() if isinstance(layer, TransformerLayer)]
-    return persistent_memory(runner), params, max(layers)
+    from megalith.training.memory_report import gathered_bound_bytes
+
+    return persistent_memory(runner), params, max(layers), gathered_bound_bytes(runner.chunks, layout.zero)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -104,15 +106,16 @@ def test_persistent_memory_is_the_formula_for_every_strategy(rank_pools, strateg
     at most the root unit and two layers."""
     stage = STRATEGIES.index(strategy)
     layout = "dp4" + (f".zero{stage}" if stage else "") + ".bf16"
-    for memory, params, layer in filter(None, rank_pools(4).run(_persistent_after_one_step, layout)):
+    for memory, params, layer, bound in filter(None, rank_pools(4).run(_persistent_after_one_step, layout)):
         expected = formula_bytes(strategy, params, 4)
         for key, value in expected.items():
             assert abs(memory[key] - value) / value < 0.02, (key, memory, expected)
         if stage < 3:
-            assert memory["gathered_peak_bytes"] == 0
+            assert memory["gathered_peak_bytes"] == 0 and bound == 0
         else:  # everything but the layers is the root unit; two layers are gathered at most
             root = params - 2 * layer
-            assert 2 * layer <= memory["gathered_peak_bytes"] <= 2 * (root + 2 * layer) * 1.02, memory
+            assert bound == 2 * (root + 2 * layer)  # what the startup report prints
+            assert 2 * layer <= memory["gathered_peak_bytes"] <= bound * 1.02, memory
 
 
 def test_formula_bytes_by_strategy():
@@ -125,19 +128,28 @@ def test_formula_bytes_by_strategy():
         formula_bytes("zero4", 10, 4)
 
 
-def test_the_first_json_record_carries_the_memory(rank_pools, tmp_path):
-    """The first record holds this rank's persistent bytes and the gathered peak, and no other does."""
+@pytest.mark.parametrize("strategy", ["optim_grads", "optim_grads_params"])
+def test_the_first_json_record_carries_the_memory(rank_pools, tmp_path, strategy):
+    """The first record holds this rank's persistent bytes and the gathered peak, and no other
+    does; the startup rows show ZeRO-3's gathered bound."""
     import json
 
     log = tmp_path / "log.jsonl"
     flags = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
              "--seq-length", "16", "--vocab-size", "128", "--micro-batch-size", "1", "--global-batch-size", "4",
              "--train-iters", "2", "--log-interval", "1", "--eval-iters", "0", "--no-log-progress-bar", "--bf16",
-             "--data-parallel-sharding-strategy", "optim_grads", "--log-json", str(log)]
-    rank_pools(4).run(pretrain_on_rank, flags, 2)
+             "--data-parallel-sharding-strategy", strategy, "--log-json", str(log)]
+    lines = next(filter(None, rank_pools(4).run(pretrain_on_rank, flags, 2)))
     records = [json.loads(line) for line in log.read_text().splitlines() if "consumed_samples" in line]
     memory = records[0]["memory"]
     assert sorted(memory) == ["gathered_peak_bytes", "grads_bytes", "optimizer_bytes", "params_bytes"]
-    params = memory["params_bytes"] / 2  # bf16
-    assert memory["grads_bytes"] < 4 * params and memory["optimizer_bytes"] < 12 * params  # sharded over dp 2
     assert "memory" not in records[1]
+    startup = [line for line in lines if re.match(r"\[Rank \d\] \(tp \d, pp \d\) parameters", line)]
+    gathered = float(re.search(r"gathered ([0-9.]+)", startup[0]).group(1))
+    if strategy == "optim_grads":
+        params = memory["params_bytes"] / 2  # bf16, whole
+        assert memory["grads_bytes"] < 4 * params and memory["optimizer_bytes"] < 12 * params  # sharded over dp 2
+        assert memory["gathered_peak_bytes"] == 0 and gathered == 0
+    else:
+        assert memory["gathered_peak_bytes"] > memory["params_bytes"]  # here the root and a layer whole outweigh the shard
+        assert gathered > 0
