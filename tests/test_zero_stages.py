@@ -227,7 +227,8 @@ def test_zero3_prefetch_changes_nothing_but_when_gathers_start(rank_pools, layou
         assert gathers_p["bytes"] >= gathers["bytes"] and peak_p >= peak  # one layer ahead: more may be alive
 
 
-def test_pretrain_takes_the_strategy_flag_and_every_strategy_logs_the_same_losses(rank_pools, tmp_path):
+@pytest.mark.parametrize("overlap", [["--overlap-grad-reduce"], []])
+def test_pretrain_takes_the_strategy_flag_and_every_strategy_logs_the_same_losses(rank_pools, tmp_path, overlap):
     """`megalith pretrain --data-parallel-sharding-strategy S` (with evaluation: forward without a graph)."""
     import json
 
@@ -236,7 +237,7 @@ def test_pretrain_takes_the_strategy_flag_and_every_strategy_logs_the_same_losse
     argv = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
             "--seq-length", "16", "--vocab-size", "128", "--micro-batch-size", "1", "--global-batch-size", "4",
             "--lr", "1e-3", "--train-iters", "3", "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "2",
-            "--no-log-progress-bar", "--overlap-grad-reduce"]
+            "--no-log-progress-bar"] + overlap
     logs = {}
     for strategy in ("no_shard", "optim", "optim_grads", "optim_grads_params"):
         log = tmp_path / f"{strategy}.jsonl"
