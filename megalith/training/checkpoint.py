@@ -5,9 +5,11 @@ Written (megalith.training.checkpoint_format has the layout on disk):
 - the model: each tensor-parallel x pipeline rank's parameters, by its data-parallel rank 0, as
   pieces of the global tensors (the tied head copy is the embedding, stored once);
 - the optimizer: per parameter, the fp32 main weight (when the model is bf16/fp16) and every
-  per-element state (Adam's moments, SGD's momentum). With ZeRO-1 each dp rank holds fragments
-  of them; they are summed over dp into whole shards first (Megatron's legacy distributed
-  optimizer checkpoint gathers to dp rank 0 too), so the files do not depend on dp;
+  per-element state (Adam's moments, SGD's momentum). Under ZeRO (any stage) each dp rank holds
+  fragments of them; they are summed over dp into whole shards first (Megatron's legacy
+  distributed optimizer checkpoint gathers to dp rank 0 too), so the files depend neither on dp
+  nor on the sharding strategy. ZeRO-3's parameters are fragments too and are assembled the same
+  way; loading scatters each rank's fragments back into its shards;
 - each rank's random states; and, from rank 0, metadata.json: iteration, consumed samples,
   the validation stream's position, the resolved config, the layout, the LR scheduler, the loss
   scaler and the optimizer's step count.
@@ -109,33 +111,52 @@ class Checkpointer:
 
     # --- saving -------------------------------------------------------------------------------
 
-    def _optimizer_shards(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{state kind: {param name: whole local shard (fp32)}}, summed over dp under ZeRO-1.
+    def _whole_from_fragments(self, values: dict[str, list[tuple[object, torch.Tensor]]], dtype: torch.dtype,
+                              sharded: bool) -> dict[str, dict[str, torch.Tensor]]:
+        """{kind: {param name: whole local (tp) tensor}} from each fragment's values, summed over dp
+        when the fragments are shards (every element has one owner: the sum is exact in any dtype).
 
-        Every dp rank builds the same keys in the same order (zeros where it owns no fragment),
-        so the sums over dp line up."""
+        `values[kind]` lists (fragment, flat value). Every dp rank builds the same keys in the same
+        order (zeros where it owns no fragment), so the sums over dp line up."""
+        device = self.state.device
+        wholes = {kind: {name: torch.zeros(param.numel(), dtype=dtype, device=device)
+                         for name, param in sorted(self.params.items())} for kind in values}
+        for kind, entries in values.items():
+            for fragment, value in entries:
+                flat = value.detach().to(dtype).reshape(-1)
+                wholes[kind][fragment.name][fragment.offset:fragment.offset + flat.numel()] = flat
+        if sharded and self.state.dp_size > 1:
+            for kind in values:
+                for name in sorted(self.params):
+                    all_reduce(wholes[kind][name], self.state.dp_group)
+        return {kind: {name: flat.view(self.params[name].shape) for name, flat in whole.items()}
+                for kind, whole in wholes.items()}
+
+    def _optimizer_shards(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{state kind: {param name: whole local shard (fp32)}}, summed over dp under ZeRO."""
         optimizer = self.runner.optimizer
         kinds = sorted({key for fragment in optimizer.fragments
                         for key, value in optimizer.inner.state.get(fragment.main, {}).items()
                         if torch.is_tensor(value) and value.shape == fragment.main.shape})
+        values = {kind: [(f, optimizer.inner.state[f.main][kind]) for f in optimizer.fragments] for kind in kinds}
         if any(fragment.model is not None for fragment in optimizer.fragments):
-            kinds.append("main")
-        device = self.state.device
-        shards = {kind: {name: torch.zeros(param.numel(), dtype=torch.float32, device=device)
-                         for name, param in sorted(self.params.items())} for kind in kinds}
-        for fragment in optimizer.fragments:
-            entries = dict(optimizer.inner.state.get(fragment.main, {}))
-            if fragment.model is not None:
-                entries["main"] = fragment.main
-            for kind in kinds:
-                value = entries[kind].detach().float().reshape(-1)
-                shards[kind][fragment.name][fragment.offset:fragment.offset + value.numel()] = value
-        if optimizer.sharded and self.state.dp_size > 1:
-            for kind in kinds:
-                for name in sorted(self.params):
-                    all_reduce(shards[kind][name], self.state.dp_group)
-        return {kind: {name: flat.view(self.params[name].shape) for name, flat in shard.items()}
-                for kind, shard in shards.items()}
+            values["main"] = [(f, f.main) for f in optimizer.fragments]
+        return self._whole_from_fragments(values, torch.float32, optimizer.sharded)
+
+    @property
+    def _sharded_parameters(self) -> bool:
+        """ZeRO-3: each rank holds only its fragments of the parameters."""
+        return self.config.layout.zero >= 3
+
+    def _model_tensors(self) -> dict[str, torch.Tensor]:
+        """{param name: this tp x pp rank's whole parameter}: the parameters themselves, or under
+        ZeRO-3 their shards (the optimizer's fragments) summed over dp (a collective over dp)."""
+        if not self._sharded_parameters:
+            return {name: param.detach() for name, param in self.params.items()}
+        fragments = self.runner.optimizer.fragments
+        dtype = next(iter(self.params.values())).dtype
+        values = {"model": [(f, f.main if f.model is None else f.model) for f in fragments]}
+        return self._whole_from_fragments(values, dtype, True)["model"]
 
     def _optimizer_step(self) -> float | None:
         for value in self.runner.optimizer.inner.state.values():
@@ -143,7 +164,7 @@ class Checkpointer:
                 return float(value["step"])
         return None
 
-    def _write_shard(self, directory: str, optimizer: dict) -> None:
+    def _write_shard(self, directory: str, model: dict, optimizer: dict) -> None:
         tp_rank, tp_size = self.state.tp_rank, self.state.tp_size
         tensors = {}
         for name, param in self.params.items():
@@ -152,7 +173,7 @@ class Checkpointer:
             placement = placement_of(name, param, self.vocab_size)
             geometry = (global_shape(tuple(param.shape), placement, tp_size),
                         pieces(tuple(param.shape), placement, tp_rank, tp_size))
-            tensors[model_name(name)] = (param.detach(), *geometry)
+            tensors[model_name(name)] = (model[name], *geometry)
             for kind, shard in optimizer.items():
                 if name in shard:
                     tensors[f"optimizer/{kind}/{model_name(name)[len('model/'):]}"] = (shard[name], *geometry)
@@ -201,9 +222,10 @@ class Checkpointer:
         saving = self.config.checkpointing
         # collective over dp: every rank takes part (or none: --no-save-optim is the same on every rank)
         optimizer = {} if saving.no_save_optim else self._optimizer_shards()
+        model = self._model_tensors()  # collective over dp under ZeRO-3
         try:
             if state.dp_rank == 0:
-                self._write_shard(temporary, optimizer)
+                self._write_shard(temporary, model, optimizer)
             if not saving.no_save_rng:
                 save_tensors(os.path.join(temporary, rng_file_name(state.rank)), self._rng_states())
             if state.rank == 0:
@@ -261,8 +283,17 @@ class Checkpointer:
 
     @torch.no_grad()
     def _load_model(self, reader: CheckpointReader) -> None:
-        for name, param in self.params.items():
-            param.copy_(self._local(reader, name, model_name(name)).to(param.dtype))
+        if not self._sharded_parameters:
+            for name, param in self.params.items():
+                param.copy_(self._local(reader, name, model_name(name)).to(param.dtype))
+            return
+        whole = {}  # ZeRO-3: scattered into this rank's shards, fragment by fragment
+        for fragment in self.runner.optimizer.fragments:
+            if fragment.name not in whole:
+                whole[fragment.name] = self._local(reader, fragment.name, model_name(fragment.name)).reshape(-1)
+            target = fragment.main if fragment.model is None else fragment.model
+            value = whole[fragment.name][fragment.offset:fragment.offset + target.numel()]
+            target.copy_(value.to(device=target.device, dtype=target.dtype).view(target.shape))
 
     @torch.no_grad()
     def _main_from_model(self) -> None:

@@ -45,7 +45,7 @@ RANK_LAYOUT_KEYS = ("world_size", "tp", "pp", "dp")  # the keys that decide whic
 def layout_record(layout) -> dict:
     """The `layout` entry of a checkpoint's metadata: a megalith.config.Layout in plain values."""
     return {"world_size": layout.world_size, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "vpp": layout.vpp,
-            "zero1": layout.distributed_optimizer, "params_dtype": layout.precision}
+            "zero1": layout.distributed_optimizer, "zero": layout.zero, "params_dtype": layout.precision}
 
 
 def iteration_dir_name(iteration: int) -> str:

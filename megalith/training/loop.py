@@ -205,8 +205,8 @@ class Trainer:
         if timing:
             emit(timing)
         record = as_json_record(entry)
-        if self.iteration == c.training.log_interval:  # once: this rank's optimizer memory (ZeRO-1 shrinks it)
-            record.update({f"memory_{k}_bytes": v for k, v in self.optimizer.memory_bytes().items()})
+        if self.iteration == c.training.log_interval:  # once: this rank's persistent storage (ZeRO shrinks it)
+            record["memory"] = memory_report.persistent_memory(self.runner)
         if self.comm_ledger is not None:  # this rank's, of the last iteration (as the grad norm is)
             record["comm"] = self.comm_ledger.as_dict()
         writers.write(record, self.iteration)
