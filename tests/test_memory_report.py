@@ -142,7 +142,7 @@ def test_the_first_json_record_carries_the_memory(rank_pools, tmp_path, strategy
     lines = next(filter(None, rank_pools(4).run(pretrain_on_rank, flags, 2)))
     records = [json.loads(line) for line in log.read_text().splitlines() if "consumed_samples" in line]
     memory = records[0]["memory"]
-    assert sorted(memory) == ["gathered_peak_bytes", "grads_bytes", "optimizer_bytes", "params_bytes"]
+    assert sorted(memory) == ["gathered_peak_bytes", "grads_bytes", "offloaded_bytes", "optimizer_bytes", "params_bytes"]
     assert "memory" not in records[1]
     startup = [line for line in lines if re.match(r"\[Rank \d\] \(tp \d, pp \d\) parameters", line)]
     gathered = float(re.search(r"gathered ([0-9.]+)", startup[0]).group(1))

@@ -227,7 +227,7 @@ def test_checkpoints_are_the_same_and_resume_across_offload(rank_pools, tmp_path
                                                                             "--exit-interval", "3"])
         for key in ("lm_loss", "grad_norm"):
             assert [r[key] for r in first] == [r[key] for r in straight[:3]], (name, key)
-    assert first[0]["memory_offloaded_bytes"] > 0 and straight[0]["memory_offloaded_bytes"] == 0
+    assert first[0]["memory"]["offloaded_bytes"] > 0 and straight[0]["memory"]["offloaded_bytes"] == 0
     _same_checkpoints(tmp_path / "plain" / "iter_0000003", tmp_path / "offload" / "iter_0000003")
     for source, flags in (("plain", offload), ("offload", [])):
         resumed = _pretrain(pool, tmp_path, f"resumed_{source}", extra + flags + ["--load", str(tmp_path / source)])

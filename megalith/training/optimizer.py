@@ -251,9 +251,9 @@ class ParallelOptimizer:
     def persistent_memory_bytes(self) -> dict[str, int]:
         """This rank's persistent storage, each tensor's storage counted once: model parameters
         (`params_bytes`), gradient buffers (`grads_bytes`: ZeRO-2/3 the shard only), fp32 main
-        weights that are copies plus optimizer state (`optimizer_bytes`, after the first step), and
-        the most bytes of gathered full parameters alive at once (`gathered_peak_bytes`, ZeRO-3;
-        0 otherwise). The memory report and the JSON log print these."""
+        weights that are copies plus optimizer state on the device (`optimizer_bytes`, after the
+        first step), the most bytes of gathered full parameters alive at once (`gathered_peak_bytes`,
+        ZeRO-3; 0 otherwise) and the host memory of --optimizer-cpu-offload (`offloaded_bytes`). The memory report and the JSON log print these."""
         seen: set[tuple[int, int]] = set()
 
         def stored(tensors) -> int:
@@ -268,11 +268,14 @@ class ParallelOptimizer:
 
         params = stored(t for b in self.buffers for t in b.persistent_param_tensors())
         grads = stored(b.grad_data for b in self.buffers)
-        state = [v for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-        optimizer = stored([f.main for f in self.fragments if f.model is not None] + state)
+        on_device = [f for f in self.fragments if not f.offloaded]
+        state = [v for f in on_device for v in self.inner.state.get(f.main, {}).values()
+                 if torch.is_tensor(v) and v.dim() > 0]
+        optimizer = stored([f.main for f in on_device if f.model is not None] + state)
         gathered = sum(getattr(b, "gathered_peak_bytes", 0) for b in self.buffers)
+        offloaded = self.offload.host_bytes(self.inner.state) if self.offload is not None else 0
         return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer,
-                "gathered_peak_bytes": gathered}
+                "gathered_peak_bytes": gathered, "offloaded_bytes": offloaded}
 
     @property
     def backend(self) -> Choice:
