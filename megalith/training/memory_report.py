@@ -116,8 +116,9 @@ def startup_memory(runner, config: PretrainConfig, tp_size: int) -> StartupMemor
     optimizer = runner.optimizer
     built = persistent_memory(runner)
     moments = {"adam": 2, "sgd": 1 if config.optimizer.sgd_momentum else 0}[config.optimizer.optimizer]
-    mains = sum(f.main.numel() * f.main.element_size() for f in optimizer.fragments if f.model is not None)
-    state = moments * sum(f.main.numel() * f.main.element_size() for f in optimizer.fragments)
+    on_device = [f for f in optimizer.fragments if not f.offloaded]  # --optimizer-cpu-offload's share is on the host
+    mains = sum(f.main.numel() * f.main.element_size() for f in on_device if f.model is not None)
+    state = moments * sum(f.main.numel() * f.main.element_size() for f in on_device)
     m = config.model
     per_layer = activation_bytes_per_layer(
         m.seq_length, config.training.micro_batch_size, m.hidden_size, m.num_attention_heads, tp=tp_size,
