@@ -1,7 +1,7 @@
 """`megalith verify`: train a model under several layouts and prove each equal to one process.
 
 Every layout trains the same model (same init seed, same global batches) with the real
-optimizer step of `megalith pretrain` (data-parallel buffers and buckets, ZeRO-1 with `zero1`,
+optimizer step of `megalith pretrain` (data-parallel buffers and buckets, ZeRO-1/2/3 with `zero1|2|3`,
 global-norm clipping, LR warm-up and decay, weight decay, loss scaling for fp16) on CPU ranks
 of one pool; the reference is the same code in one process with no process group at all, in
 the layout's precision. Per layout the table gives four relative differences from the
@@ -207,7 +207,9 @@ def train(settings: VerifySettings, layout: Layout | None = None, state=None, st
             step_hook(step, report)
         losses.append(report.loss)
     runner.finish_param_gather()
-    return losses, first_grads, full_tensors(runner.chunks, settings.config.vocab_size, tp_group), norms
+    with runner.gathered_parameters():  # ZeRO-3: whole parameters only inside
+        final = full_tensors(runner.chunks, settings.config.vocab_size, tp_group)
+    return losses, first_grads, final, norms
 
 
 def full_gradients(runner: StepRunner, vocab_size: int, tp_group) -> dict[str, torch.Tensor]:

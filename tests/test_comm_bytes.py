@@ -354,3 +354,46 @@ def test_log_comm_bytes_needs_log_json():
         parse_pretrain_args(["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads",
                              "4", "--seq-length", "16", "--vocab-size", "128", "--micro-batch-size", "1",
                              "--global-batch-size", "4", "--train-iters", "1", "--log-comm-bytes"], 1)
+
+
+# --- ZeRO-2 (tests/test_zero_stages.py has its exactness) --------------------------------------
+
+
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_zero2_reduce_scatters_every_micro_batch_and_all_gathers_once(pool, micro_batches):
+    """m micro-batches per dp rank: each bucket reduce-scattered m times (its padded size each time),
+    all-gathered once after the step; with m = 1 the total equals ZeRO-1's and DP's 2 x buffer."""
+    n, dp = _gpt_params(L), 2
+    small = replace(SETTINGS, ddp_bucket_size=5000, micro_batches=micro_batches)
+    m = plan(small, parse_layout("dp2.zero2")).batch.num_micro_batches
+    for _, counts, history, buckets in filter(None, pool.run(_train_step_counts, "dp2.zero2", small)):
+        padded = [-(-elements // dp) * dp for elements, _ in buckets]
+        assert sum(elements for elements, _ in buckets) == n and [size for _, size in buckets] == padded
+        assert sorted(b for kind, op, b in history if op == "reduce_scatter") == sorted(F32 * p for p in padded * m)
+        assert counts == {"dp": {"reduce_scatter": _entry(m * len(padded), m * F32 * sum(padded)),
+                                 "all_gather": _entry(len(padded), F32 * sum(padded)),
+                                 "all_reduce": _entry(2, STEP_SCALARS["loss"] + STEP_SCALARS["norm"])}}
+
+
+def _unit_sizes(ctx, layout_text: str, settings: VerifySettings):
+    """ZeRO-3: each unit's (root first) padded bucket sizes on this rank."""
+    layout = parse_layout(layout_text)
+    state = ctx.parallel_state(dp=layout.dp)
+    runner = build_runner(settings, layout, state)
+    return [[b.size for b in unit.buckets] for unit in runner.buffers[0].units.units]
+
+
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_zero3_gathers_each_unit_for_forward_and_each_layer_again_for_backward(pool, micro_batches):
+    """Per micro-batch: every unit all-gathered for forward, every layer again for backward (the root
+    unit is kept through the chunk's backward), every unit's gradient reduce-scattered; no all-gather
+    after the step. With m = 1 and only layers that is the issue's 3 x the (padded) buffer."""
+    settings = replace(SETTINGS, micro_batches=micro_batches)
+    m = plan(settings, parse_layout("dp2.zero3")).batch.num_micro_batches
+    units = pool.run(_unit_sizes, "dp2.zero3", settings)[0]
+    root, layers = sum(units[0]), sum(sum(u) for u in units[1:])
+    assert len(units) == 1 + L and root + layers >= _gpt_params(L)
+    for _, counts, _, _ in filter(None, pool.run(_train_step_counts, "dp2.zero3", settings)):
+        assert counts == {"dp": {"all_gather": _entry(m * (len(units[0]) + 2 * L), m * F32 * (root + 2 * layers)),
+                                 "reduce_scatter": _entry(m * (len(units[0]) + L), m * F32 * (root + layers)),
+                                 "all_reduce": _entry(2, STEP_SCALARS["loss"] + STEP_SCALARS["norm"])}}

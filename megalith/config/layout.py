@@ -26,7 +26,8 @@ _NOT_YET = {"cp": ("context parallelism", "--context-parallel-size"),
 
 _NUMBERED_TOKENS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "cp": "cp", "ep": "ep", "etp": "etp", "dp": "dp",
                     "mb": "microbatches", "zero": "zero"}
-LAYOUT_TOKENS = ("tpN", "ppN", "vppN", "cpN", "epN", "etpN", "dpN", "mbN", "sp", "zero1", "recompute-full",
+LAYOUT_TOKENS = ("tpN", "ppN", "vppN", "cpN", "epN", "etpN", "dpN", "mbN", "sp", "zero1", "zero2", "zero3",
+                 "recompute-full",
                  "recompute-selective", "bf16", "fp16") + SCHEDULES
 
 
@@ -38,7 +39,7 @@ class Layout:
     the virtual stages per pipeline rank; ep and etp factor the same ranks again for experts.
     `microbatches` (verify's `mbN`) splits each data-parallel rank's share of the global batch
     into N micro-batches (None: micro-batches of the reference's size). `zero` is the ZeRO
-    stage (1: the distributed optimizer). `precision` is the parameters' dtype (fp32 main
+    stage (1: the distributed optimizer, 2: also gradients, 3: also parameters). `precision` is the parameters' dtype (fp32 main
     weights either way). `schedule` None means Megatron's default for pp and vpp.
     """
 
@@ -75,9 +76,6 @@ class Layout:
             if getattr(self, axis) > 1:
                 raise ConfigError(f"{size_flag} {getattr(self, axis)} is not supported yet ({what} is not implemented; "
                                   f"layout token {axis}{getattr(self, axis)}); use {size_flag} 1")
-        if self.zero > 1:
-            raise ConfigError(f"zero{self.zero}: ZeRO stage {self.zero} is not implemented yet; use zero1 "
-                              "(--use-distributed-optimizer) or no sharding")
 
     @classmethod
     def over_world(cls, world_size: int, **axes) -> "Layout":
@@ -102,6 +100,16 @@ class Layout:
     def distributed_optimizer(self) -> bool:
         """Optimizer state sharded over dp (ZeRO stage 1 and up)."""
         return self.zero >= 1
+
+    @property
+    def sharded_gradients(self) -> bool:
+        """Gradients kept only as this rank's shard past each reduction (ZeRO stage 2 and up)."""
+        return self.zero >= 2
+
+    @property
+    def sharded_parameters(self) -> bool:
+        """Parameters kept as shards, gathered unit by unit for forward and backward (ZeRO-3)."""
+        return self.zero >= 3
 
     @property
     def pipeline_schedule(self) -> str:

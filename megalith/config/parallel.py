@@ -13,6 +13,15 @@ from megalith.device import KNOWN_BACKENDS
 from megalith.errors import ConfigError
 from megalith.parallel.pipeline.schedules import SCHEDULES
 
+# Megatron's --data-parallel-sharding-strategy names, in ZeRO stage order (index = stage)
+SHARDING_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
+
+
+def zero_stage(strategy: str, use_distributed_optimizer: bool) -> int:
+    """The ZeRO stage of a strategy name; --use-distributed-optimizer is the alias of `optim`."""
+    stage = SHARDING_STRATEGIES.index(strategy)
+    return max(stage, 1) if use_distributed_optimizer else stage
+
 
 @dataclass(frozen=True)
 class DistributedConfig:
@@ -30,8 +39,11 @@ class DistributedConfig:
     pipeline_schedule: str | None = flag_field(
         None, "pipeline schedule (None: no-pipelining at pp 1, 1f1b, interleaved-1f1b with vpp; zb-h1: "
         "zero bubble, backward split into input and weight gradients)", SCHEDULES)
-    use_distributed_optimizer: bool = flag_field(False, "shard optimizer state over data parallelism (ZeRO-1)",
-                                                 status="(a) ZeRO-1; ZeRO-2/3 are issue 20")
+    use_distributed_optimizer: bool = flag_field(False, "shard optimizer state over data parallelism (ZeRO-1; the "
+                                                 "alias of --data-parallel-sharding-strategy optim)")
+    data_parallel_sharding_strategy: str = flag_field(
+        "no_shard", "what is sharded over dp: no_shard, optim (ZeRO-1), optim_grads (ZeRO-2: also gradients), "
+        "optim_grads_params (ZeRO-3: also parameters, gathered layer by layer)", SHARDING_STRATEGIES)
     overlap_grad_reduce: bool = flag_field(False, "reduce gradient buckets during backward")
     ddp_bucket_size: int | None = flag_field(None, "elements per gradient bucket with --overlap-grad-reduce (None: max(40M, 1M x dp)); one bucket without it")
     overlap_param_gather: bool = flag_field(False, "with --use-distributed-optimizer: all-gather the updated "
@@ -52,12 +64,19 @@ class DistributedConfig:
             check_int(name, getattr(self, name), optional=True)
         check_choices(self)
         check_range("distributed_timeout_minutes", self.distributed_timeout_minutes, 0, open_low=True, optional=True)
-        if self.overlap_param_gather and not self.use_distributed_optimizer:
-            raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (only sharded parameters are "
-                              "all-gathered); add it or drop --overlap-param-gather")
+        if self.overlap_param_gather and self.zero_stage == 0:
+            raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer or a "
+                              "--data-parallel-sharding-strategy other than no_shard (only sharded parameters are "
+                              "all-gathered); add one or drop --overlap-param-gather")
         if self.overlap_param_gather and not self.overlap_grad_reduce:
             raise ConfigError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron); add it or drop "
                               "--overlap-param-gather")
+
+
+    @property
+    def zero_stage(self) -> int:
+        """0..3 from --data-parallel-sharding-strategy and its alias --use-distributed-optimizer."""
+        return zero_stage(self.data_parallel_sharding_strategy, self.use_distributed_optimizer)
 
 
 def gradient_precision(dist: DistributedConfig, bf16: bool, notices: list[str]) -> DistributedConfig:

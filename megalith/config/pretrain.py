@@ -91,7 +91,7 @@ class PretrainConfig:
                                 training.micro_batch_size, dp, training.rampup_batch_size)
         batch = BatchPlan(batches.global_batch_size, batches.micro_batch_size, dp)  # the full batch
         layout = Layout(tp=layout.tp, pp=layout.pp, vpp=vpp, cp=layout.cp, dp=dp,
-                        sequence_parallel=dist.sequence_parallel, zero=1 if dist.use_distributed_optimizer else 0,
+                        sequence_parallel=dist.sequence_parallel, zero=dist.zero_stage,
                         recompute=model.recompute_granularity, precision=model.params_dtype,
                         schedule=_schedule(dist.pipeline_schedule, layout.pp, vpp, batches))
         training = sections["training"] = replace(training, train_iters=_train_iters(training, batches))

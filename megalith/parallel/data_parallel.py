@@ -30,6 +30,25 @@ Reductions are counted in the communication ledger that was active when the hook
 (`set_last_microbatch(True)`, on the thread that runs the schedule): the hooks themselves run
 on autograd's thread, where no ledger is active on a GPU.
 
+With `shard_grads=True` (ZeRO-2, Megatron's --data-parallel-sharding-strategy optim_grads) the
+gradient is kept only as this rank's shard: `grad_data` is the concatenation of this rank's
+slice of every bucket (1/dp of the elements). A bucket's full-size gradient buffer exists only
+while one micro-batch's gradients arrive: allocated at its first gradient, reduce-scattered as
+soon as its last one is final (during backward with `overlap`, else when that micro-batch's
+backward completes the bucket), added into the shard and released when the collective is done
+(at the latest before the chunk's next backward). So every micro-batch communicates, as
+DeepSpeed's stage 2 does, and the full gradient never exists in memory at once. `main_grad` is
+bound only while its bucket's buffer exists; `full_grads` lends whole gradients for the
+post-reduction sums over tp and the embedding group (which add matching elements, so a shard
+padded with zeros sums correctly).
+
+With `shard_params=True` (ZeRO-3, optim_grads_params) every unit (a layer, or the chunk's root:
+megalith.parallel.zero3) gets buckets of its own, whose parameters live as this rank's shard
+(`param_shard`) and are gathered into `param_full` only while a forward or backward needs
+them; the gradient path is ZeRO-2's with one bucket per unit, and the optimizer updates the
+shard in place (`param_slice`), so nothing is all-gathered after the step. Code that reads whole
+parameters outside forward uses `gathered_parameters()`.
+
 Parameters marked `shared_embedding` (a tied embedding split over pipeline stages) get a bucket
 of their own, so their slice boundaries are the same on the first and the last stage and the
 embedding-group sum after the reduce-scatter adds matching elements (Megatron bug #844).
@@ -37,8 +56,10 @@ embedding-group sum after the reduce-scatter adds matching elements (Megatron bu
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -46,6 +67,7 @@ from torch import nn
 from megalith.errors import ConfigError
 from megalith.parallel.comm import all_gather_into, all_reduce, group_rank, group_size, reduce_scatter_into
 from megalith.parallel.comm_ledger import active_ledger
+from megalith.parallel.zero3 import ParameterUnits, find_units
 
 DEFAULT_BUCKET_ELEMENTS = 40_000_000  # Megatron: max(40M, 1M x dp)
 
@@ -66,6 +88,10 @@ class Bucket:
     work: object = None
     shard_out: torch.Tensor | None = None  # reduce-scatter output before it is copied into the buffer
     gather: tuple | None = None  # (work, source) of an all-gather in flight (--overlap-param-gather)
+    grad: torch.Tensor | None = None  # ZeRO-2: the full-size buffer of the micro-batch in progress
+    shard_offset: int = 0  # ZeRO-2: where this bucket's slice starts inside the gradient shard
+    param_full: torch.Tensor | None = None  # ZeRO-3: the gathered parameters (storage 0 while freed)
+    param_shard: torch.Tensor | None = None  # ZeRO-3: this rank's persistent slice of them
 
     @property
     def size(self) -> int:
@@ -103,6 +129,8 @@ class DataParallelGrads:
         overlap: bool = False,
         accumulate_in_fp32: bool = False,
         shard: bool = False,
+        shard_grads: bool = False,
+        shard_params: bool = False,
         overlap_param_gather: bool = False,
     ) -> None:
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
@@ -116,7 +144,10 @@ class DataParallelGrads:
         if overlap_param_gather and not shard:
             raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (only sharded parameters are "
                               "all-gathered); add it or drop --overlap-param-gather")
-        self.dp_group, self.overlap, self.shard = dp_group, overlap, shard
+        shard_grads = shard_grads or shard_params
+        shard = shard or shard_grads  # ZeRO-2 shards the optimizer too, ZeRO-3 the gradients as well
+        self.dp_group, self.overlap, self.shard, self.shard_grads = dp_group, overlap, shard, shard_grads
+        self.shard_params = shard_params
         self.overlap_param_gather = overlap_param_gather
         self.dp_size, self.dp_rank = group_size(dp_group), group_rank(dp_group)
         self.param_dtype = dtypes.pop()
@@ -124,11 +155,29 @@ class DataParallelGrads:
         self.names = {id(p): name for name, p in named}
         self.params = [p for _, p in named]
         self.bucket_size = bucket_size or default_bucket_size(self.dp_size)
-        self.buckets = self._layout(list(reversed(self.params)))
+        self.units = None
+        if shard_params:  # one bucket (at least) per unit, so a unit gathers whole buckets
+            unit_params = find_units(module, self.params)
+            self.buckets = []
+            for params in reversed(unit_params):
+                if params:
+                    start = self.buckets[-1].end if self.buckets else 0
+                    for bucket in self._layout(list(reversed(params)), unbounded=True):
+                        bucket.index, bucket.start, bucket.end = len(self.buckets), start, start + bucket.size
+                        start = bucket.end
+                        self.buckets.append(bucket)
+        else:
+            self.buckets = self._layout(list(reversed(self.params)))
         total = self.buckets[-1].end
         device = self.params[0].device
-        self.grad_data = torch.zeros(total, dtype=self.grad_dtype, device=device)
-        self.param_data = torch.zeros(total, dtype=self.param_dtype, device=device) if shard else None
+        shard_elements = 0
+        for bucket in self.buckets:
+            bucket.shard_offset = shard_elements
+            shard_elements += bucket.size // self.dp_size
+        self.grad_data = torch.zeros(shard_elements if shard_grads else total, dtype=self.grad_dtype, device=device)
+        self.in_flight: list[tuple[Bucket, object, torch.Tensor, torch.Tensor]] = []  # ZeRO-2 reductions
+        self.peak_bucket_grad_bytes = 0  # ZeRO-2: the most bytes of full-size bucket buffers alive at once
+        self.param_data = torch.zeros(total, dtype=self.param_dtype, device=device) if shard and not shard_params else None
         self._bucket_of: dict[int, Bucket] = {}
         self.ranges: dict[int, tuple[int, int]] = {}
         for bucket in self.buckets:
@@ -138,11 +187,20 @@ class DataParallelGrads:
                 offset = end
                 self.ranges[id(param)] = (start, end)
                 self._bucket_of[id(param)] = bucket
-                param.main_grad = self.grad_data[start:end].view(param.shape)
-                if shard:
+                param.main_grad = None if shard_grads else self.grad_data[start:end].view(param.shape)
+                if shard_params:
+                    if bucket.param_full is None:
+                        bucket.param_full = torch.zeros(bucket.size, dtype=self.param_dtype, device=device)
+                    bucket.param_full[start - bucket.start:end - bucket.start].copy_(param.data.reshape(-1))
+                    param.data = bucket.param_full[start - bucket.start:end - bucket.start].view(param.shape)
+                elif shard:
                     self.param_data[start:end].copy_(param.data.reshape(-1))
                     param.data = self.param_data[start:end].view(param.shape)
                 param.register_post_accumulate_grad_hook(self._accumulate)
+            if shard_params:
+                low, high = self.shard_range(bucket)
+                bucket.param_shard = bucket.param_full[low - bucket.start:high - bucket.start].clone()
+                bucket.param_full.untyped_storage().resize_(0)  # freed until a unit gathers it
         self._sync = True
         self._ledger = None  # the communication ledger of the armed backward (see set_last_microbatch)
         self.launches: list[BucketLaunch] = []
@@ -151,13 +209,16 @@ class DataParallelGrads:
         self._seen: set[int] = set()  # parameters whose module's pre-hook has fired
         self._root_seen = False
         self._unhooked: set[int] | None = None  # fixed at the first gather, the same on every dp rank
-        if overlap_param_gather:
+        if shard_params:
+            self.units = ParameterUnits(self, module, unit_params, prefetch=overlap_param_gather)
+        elif overlap_param_gather:
             self._install_forward_hooks(module)
 
     # --- layout ---------------------------------------------------------------------------
 
-    def _layout(self, params: list[nn.Parameter]) -> list[Bucket]:
-        """Buckets of about bucket_size elements; a shared embedding alone; padded for sharding."""
+    def _layout(self, params: list[nn.Parameter], unbounded: bool = False) -> list[Bucket]:
+        """Buckets of about bucket_size elements (`unbounded`: one, a ZeRO-3 unit's); a shared
+        embedding alone; padded for sharding."""
         buckets: list[Bucket] = []
         current: list[nn.Parameter] = []
         start = 0
@@ -177,7 +238,7 @@ class DataParallelGrads:
             if alone:
                 close()
             current.append(param)
-            if alone or sum(p.numel() for p in current) >= self.bucket_size:
+            if alone or (not unbounded and sum(p.numel() for p in current) >= self.bucket_size):
                 close()
         close()
         return buckets
@@ -194,29 +255,111 @@ class DataParallelGrads:
         size = bucket.size // self.dp_size
         return bucket.start + self.dp_rank * size, bucket.start + (self.dp_rank + 1) * size
 
+    def grad_slice(self, start: int, end: int) -> torch.Tensor:
+        """The reduced gradient of buffer elements [start, end), which lie in this rank's shard of
+        one bucket when sharded (ZeRO-2 keeps only the shard: its storage is indexed differently)."""
+        if not self.shard_grads:
+            return self.grad_data[start:end]
+        bucket = self._bucket_containing(start)
+        low, _ = self.shard_range(bucket)
+        offset = bucket.shard_offset + start - low
+        return self.grad_data[offset:offset + end - start]
+
+    def param_slice(self, start: int, end: int) -> torch.Tensor:
+        """This rank's parameter elements [start, end) of one bucket (sharded): what the optimizer
+        updates in place (ZeRO-3: the persistent shard; ZeRO-1/2: the full buffer)."""
+        if not self.shard_params:
+            return self.param_data[start:end]
+        bucket = self._bucket_containing(start)
+        low, _ = self.shard_range(bucket)
+        return bucket.param_shard[start - low:end - low]
+
+    @contextmanager
+    def gathered_parameters(self) -> Iterator[None]:
+        """ZeRO-3: every parameter whole inside the block (a collective over dp), sharded again
+        after; for code that reads parameters outside forward. A no-op otherwise."""
+        if self.units is None:
+            yield
+            return
+        with self.units.gathered():
+            yield
+
+    @property
+    def gathered_peak_bytes(self) -> int:
+        """ZeRO-3: the most bytes of gathered full parameters alive at once so far (0 otherwise)."""
+        return self.units.peak_bytes if self.units is not None else 0
+
+    def persistent_param_tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold this rank's parameters between steps (ZeRO-3: the shards)."""
+        if self.units is not None:
+            return [b.param_shard for b in self.buckets]
+        return list(self.params)
+
+    def _bucket_containing(self, element: int) -> Bucket:
+        for bucket in self.buckets:
+            if bucket.start <= element < bucket.end:
+                return bucket
+        raise IndexError(f"element {element} is outside the buffer")
+
     # --- backward -------------------------------------------------------------------------
 
     def set_last_microbatch(self, last: bool) -> None:
         """Whether the next backward is this chunk's last of the step (the one that communicates);
         arming it captures the active communication ledger for the hooks' reductions."""
+        if self.shard_grads:  # every micro-batch reduces: finish the previous one's first
+            self._drain()
+            self._sync, self._ledger = True, active_ledger()
+            return
         self._sync = last
         if last:
             self._ledger = active_ledger()
 
     def _accumulate(self, param: nn.Parameter) -> None:
+        bucket = self._bucket_of[id(param)]
         if param.grad is not None:
+            if self.shard_grads and bucket.grad is None:
+                self._open_bucket(bucket)
             param.main_grad.add_(param.grad)
             param.grad = None
+        if self.units is not None:
+            self.units.after_gradient(param)
         if not self._sync:
             return
-        bucket = self._bucket_of[id(param)]
         if id(param) in bucket.pending:
             bucket.pending.discard(id(param))
             self._hooks_fired += 1
-            if self.overlap and not bucket.pending:
+            if (self.overlap or self.shard_grads) and not bucket.pending:
                 self._launch(bucket)
+                if self.shard_grads and not self.overlap:
+                    self._drain()
+
+    def _open_bucket(self, bucket: Bucket) -> None:
+        """ZeRO-2: the bucket's full-size buffer for one micro-batch, bound as its parameters' main_grad."""
+        bucket.grad = torch.zeros(bucket.size, dtype=self.grad_dtype, device=self.grad_data.device)
+        for param in bucket.params:
+            start, end = self.ranges[id(param)]
+            param.main_grad = bucket.grad[start - bucket.start:end - bucket.start].view(param.shape)
+        alive = sum(b.grad.numel() for b in self.buckets if b.grad is not None)
+        alive += sum(full.numel() for _, _, full, _ in self.in_flight)
+        self.peak_bucket_grad_bytes = max(self.peak_bucket_grad_bytes, alive * self.grad_data.element_size())
+
+    def _close_bucket(self, bucket: Bucket) -> None:
+        bucket.grad = None
+        for param in bucket.params:
+            param.main_grad = None
+
+    def _drain(self) -> None:
+        """ZeRO-2: wait for the reduce-scatters in flight, add each into the shard, free its buffer."""
+        for bucket, work, _full, out in self.in_flight:
+            work.wait()
+            offset = bucket.shard_offset
+            self.grad_data[offset:offset + out.numel()].add_(out)
+        self.in_flight = []
 
     def _launch(self, bucket: Bucket) -> None:
+        if self.shard_grads:
+            self._launch_into_shard(bucket)
+            return
         if bucket.work is not None or bucket.shard_out is not None:
             return
         view = self.grad_data[bucket.start:bucket.end]
@@ -230,10 +373,34 @@ class DataParallelGrads:
         else:
             bucket.work = all_reduce(view, self.dp_group, async_op=True, ledger=self._ledger)
 
+    def _launch_into_shard(self, bucket: Bucket) -> None:
+        """ZeRO-2: reduce-scatter this micro-batch's buffer of the bucket (none: nothing arrived)."""
+        full = bucket.grad
+        if full is None:
+            return
+        self._close_bucket(bucket)
+        bucket.pending = {id(p) for p in bucket.params}  # the next micro-batch's gradients
+        sent = full.numel() * full.element_size() if self.dp_size > 1 else 0
+        self.launches.append(BucketLaunch(bucket.index, self._hooks_fired, len(self.params), sent))
+        if self.dp_size == 1:
+            self.in_flight.append((bucket, _Done(), full, full))
+            return
+        out = torch.empty(bucket.size // self.dp_size, dtype=full.dtype, device=full.device)
+        work = reduce_scatter_into(out, full, self.dp_group, async_op=True, ledger=self._ledger)
+        self.in_flight.append((bucket, work, full, out))
+
     def finish(self) -> None:
         """Start every bucket not started yet, wait for all; then main_grad holds the dp sum
-        (sharded: on this rank's slice of each bucket only)."""
+        (sharded: on this rank's slice of each bucket only; ZeRO-2: `grad_data` is the shard)."""
         self._ledger = active_ledger()  # what is left is launched here, on the caller's thread
+        if self.shard_grads:
+            for bucket in self.buckets:
+                self._launch_into_shard(bucket)
+            self._drain()
+            self._reset_buckets()
+            if self.units is not None:
+                self.units.release_all()
+            return
         for bucket in self.buckets:
             self._launch(bucket)
         for bucket in self.buckets:
@@ -252,6 +419,11 @@ class DataParallelGrads:
 
     def zero_grad(self) -> None:
         self.grad_data.zero_()
+        if self.shard_grads:
+            self._drain()
+            self.grad_data.zero_()
+            for bucket in self.buckets:
+                self._close_bucket(bucket)
         for param in self.params:
             param.grad = None
         self._reset_buckets()
@@ -266,7 +438,7 @@ class DataParallelGrads:
     def all_gather_params(self) -> None:
         """Every dp rank's updated slice of every bucket to every rank (distributed optimizer);
         with overlap_param_gather only started, each bucket waited for by the next forward."""
-        if not self.shard or self.dp_size == 1:
+        if not self.shard or self.dp_size == 1 or self.shard_params:  # ZeRO-3: params stay sharded
             return
         if not self.overlap_param_gather or not self._root_seen:  # no forward seen: nothing to wait in
             for bucket in self.buckets:
@@ -316,8 +488,50 @@ class DataParallelGrads:
             if self._unhooked and any(id(p) in self._unhooked for p in bucket.params):
                 self._wait_gather(bucket, "forward")
 
+    def _whole_grads(self) -> torch.Tensor:
+        """ZeRO-2: the full-size reduced gradient, every rank's shard gathered (a collective over dp)."""
+        whole = torch.zeros(self.buckets[-1].end, dtype=self.grad_dtype, device=self.grad_data.device)
+        for bucket in self.buckets:
+            mine = self.grad_data[bucket.shard_offset:bucket.shard_offset + bucket.size // self.dp_size]
+            if self.dp_size == 1:
+                whole[bucket.start:bucket.end].copy_(mine)
+            else:
+                all_gather_into(whole[bucket.start:bucket.end], mine.clone(), self.dp_group)
+        return whole
+
+    @contextmanager
+    def full_grads(self, params: list[nn.Parameter] | None = None) -> Iterator[None]:
+        """ZeRO-2: bind `main_grad` of `params` (None: all) to whole-size tensors holding this rank's
+        shard and zeros elsewhere, for sums over other groups after the reduction (SP norms over tp,
+        the tied embedding over its group), and write the shard back after. Element-wise sums of
+        matching layouts keep the shard exact. A no-op when gradients are not sharded."""
+        if not self.shard_grads:
+            yield
+            return
+        chosen = [p for p in (self.params if params is None else params) if id(p) in self.ranges]
+        lent = {}
+        for param in chosen:
+            start, end = self.ranges[id(param)]
+            low, high = self.shard_range(self._bucket_of[id(param)])
+            full = torch.zeros(param.numel(), dtype=self.grad_dtype, device=self.grad_data.device)
+            a, b = max(start, low), min(end, high)
+            if a < b:
+                full[a - start:b - start].copy_(self.grad_slice(a, b))
+            param.main_grad = full.view(param.shape)
+            lent[id(param)] = (param, a, b, start)
+        try:
+            yield
+        finally:
+            for param, a, b, start in lent.values():
+                if a < b:
+                    self.grad_slice(a, b).copy_(param.main_grad.reshape(-1)[a - start:b - start])
+                param.main_grad = None
+
     def full_main_grads(self) -> dict[str, torch.Tensor]:
         """Each parameter's reduced gradient, whole (a collective over dp when sharded): for checks."""
+        if self.shard_grads:
+            whole = self._whole_grads()
+            return {self.names[id(p)]: whole[slice(*self.ranges[id(p)])].view(p.shape) for p in self.params}
         grads = self.grad_data
         if self.shard and self.dp_size > 1:
             grads = self.grad_data.clone()

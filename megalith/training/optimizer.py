@@ -147,11 +147,11 @@ class ParallelOptimizer:
                 a, b = max(start, low), min(end, high)
                 if a >= b:
                     continue
-                flat = buffer.param_data[a:b] if buffer.shard else param.data.view(-1)[a - start:b - start]
+                flat = buffer.param_slice(a, b) if buffer.shard else param.data.view(-1)[a - start:b - start]
                 fp32 = flat.dtype == torch.float32
                 main = flat if fp32 else flat.float()
                 name = buffer.names[id(param)]
-                fragments.append(Fragment(main, None if fp32 else flat, buffer.grad_data[a:b],
+                fragments.append(Fragment(main, None if fp32 else flat, buffer.grad_slice(a, b),
                                           decay=not _no_weight_decay(name, param),
                                           counted=_counted_in_norm(param, tp_rank), name=name, offset=a - start,
                                           decoupled=is_embedding_or_output(name, param)))
@@ -232,6 +232,32 @@ class ParallelOptimizer:
             "main_params": sum(size(f.main) for f in self.fragments if f.model is not None),
             "optimizer_state": state,
         }
+
+    def persistent_memory_bytes(self) -> dict[str, int]:
+        """This rank's persistent storage, each tensor's storage counted once: model parameters
+        (`params_bytes`), gradient buffers (`grads_bytes`: ZeRO-2/3 the shard only), fp32 main
+        weights that are copies plus optimizer state (`optimizer_bytes`, after the first step), and
+        the most bytes of gathered full parameters alive at once (`gathered_peak_bytes`, ZeRO-3;
+        0 otherwise). The memory report and the JSON log print these."""
+        seen: set[tuple[int, int]] = set()
+
+        def stored(tensors) -> int:
+            total = 0
+            for tensor in tensors:
+                storage = tensor.untyped_storage()
+                key = (storage.data_ptr(), storage.nbytes())
+                if storage.nbytes() and key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
+            return total
+
+        params = stored(t for b in self.buffers for t in b.persistent_param_tensors())
+        grads = stored(b.grad_data for b in self.buffers)
+        state = [v for s in self.inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+        optimizer = stored([f.main for f in self.fragments if f.model is not None] + state)
+        gathered = sum(getattr(b, "gathered_peak_bytes", 0) for b in self.buffers)
+        return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer,
+                "gathered_peak_bytes": gathered}
 
     @property
     def backend(self) -> Choice:

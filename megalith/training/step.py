@@ -10,6 +10,7 @@ embedding group (`finish_grad_sync` of each chunk).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -125,6 +126,7 @@ def assemble_runner(plan: StepPlan, state, optimizer_config, loss_scaler, record
     chunks = build_chunks(plan, ctx, pp_rank)
     buffers = [DataParallelGrads(chunk, group("dp_group"), bucket_size=plan.bucket_size, overlap=plan.overlap,
                                  accumulate_in_fp32=plan.accumulate_in_fp32, shard=layout.distributed_optimizer,
+                                 shard_grads=layout.sharded_gradients, shard_params=layout.sharded_parameters,
                                  overlap_param_gather=plan.overlap_param_gather)
                for chunk in chunks]
     optimizer = ParallelOptimizer(buffers, optimizer_config, tp_group=group("tp_group"), mp_group=group("mp_group"),
@@ -188,12 +190,29 @@ class StepRunner:
         """dp reduction, then SP norms over tp and the tied embedding over its group (Megatron's order)."""
         for buffer in self.buffers:
             buffer.finish()
-        for first, last in self.local_tied:  # what the embedding group's all-reduce sums elsewhere
-            total = gradient_of(first) + gradient_of(last)
-            gradient_of(first).copy_(total)
-            gradient_of(last).copy_(total)
-        for chunk in self.chunks:
-            chunk.finish_grad_sync()
+        with contextlib.ExitStack() as lent:  # ZeRO-2: whole gradients lent for these sums, shards kept
+            for buffer in self.buffers:
+                lent.enter_context(buffer.full_grads())
+            for first, last in self.local_tied:  # what the embedding group's all-reduce sums elsewhere
+                total = gradient_of(first) + gradient_of(last)
+                gradient_of(first).copy_(total)
+                gradient_of(last).copy_(total)
+            for chunk in self.chunks:
+                chunk.finish_grad_sync()
+
+    def memory_bytes(self) -> dict[str, int]:
+        """This rank's persistent bytes, counted from tensor storage: {"params_bytes", "grads_bytes",
+        "optimizer_bytes", "gathered_peak_bytes"} (see ParallelOptimizer.persistent_memory_bytes)."""
+        return self.optimizer.persistent_memory_bytes()
+
+    @contextlib.contextmanager
+    def gathered_parameters(self):
+        """ZeRO-3: every chunk's parameters whole inside the block (collectives over dp); read
+        them only there outside forward (checkpoint save, comparisons). A no-op otherwise."""
+        with contextlib.ExitStack() as stack:
+            for buffer in self.buffers:
+                stack.enter_context(buffer.gathered_parameters())
+            yield
 
     def finish_param_gather(self) -> None:
         """Wait for ZeRO-1's parameter all-gathers still in flight (--overlap-param-gather): call

@@ -17,8 +17,6 @@ _EVAL = not_planned("this validation mode")
 ZERO_FLAGS = (
     flag("--use-megatron-fsdp", "true", False, "Megatron's FSDP code path", ZERO),
     flag("--init-model-with-meta-device", "true", False, "build the model on the meta device (FSDP)", ZERO),
-    flag("--data-parallel-sharding-strategy", "str", "no_shard", "what FSDP shards: no_shard, optim, "
-         "optim_grads, optim_grads_params", ZERO),
     flag("--no-gradient-reduce-div-fusion", "false", True, "FSDP: divide gradients after the reduction", ZERO),
     flag("--fsdp-double-buffer", "true", False, "FSDP: double-buffered communication memory", ZERO),
     flag("--suggested-communication-unit-size", "int", None, "FSDP: elements per communication", ZERO),
