@@ -15,7 +15,7 @@ from megalith.bench.harness import Case
 from megalith.bench.work import Work
 
 WORK_NAME = "dp2 ZeRO-3"
-LAYOUT = "dp2.zero1"  # stands in until ZeRO-3 lands (branch z-core); then "dp2.zero3"
+LAYOUT = "dp2.zero3"
 
 
 def build_fsdp2(ctx, work: Work):
