@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megalith.bench import zero3_peers
-from megalith.config import ModelConfig
+from megalith.config import ModelConfig, parse_layout
 from megalith.testing import FP32_RELATIVE_TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,7 @@ def test_the_rows():
     assert [(c.work_name, c.peer, c.ranks) for c in cases] == [("dp2 ZeRO-3", "fsdp2", 2), ("dp2 ZeRO-3", "deepspeed", 2)]
     assert {(c.work.micro_batch_size, c.work.micro_batches, c.work.dp) for c in cases} == {(4, 4, 2)}
     assert [c.peer for c in zero3_peers.cases(TINY, quick=True, deepspeed=False)] == ["fsdp2"]
+    assert parse_layout(zero3_peers.LAYOUT).zero == 3
 
 
 def test_fsdp2_zero3_trains_as_megalith_does(rank_pools):
