@@ -9,7 +9,8 @@ Medians of the slowest rank per step; ratio = megalith / peer. Rows today: plain
 process, DTensor tensor parallelism with sequence parallelism and loss_parallel (tp2+SP),
 DistributedDataParallel (dp2), FSDP2 `fully_shard` (dp2 with the distributed
 optimizer), torch.distributed.pipelining (pp2 and pp4 1F1B, pp2 interleaved with 2 chunks) and
-DeepSpeed (pipeline engine pp2, ZeRO-1 dp2, skipped with one line when it is not installed).
+DeepSpeed (pipeline engine pp2, ZeRO-1 dp2, skipped with one line when it is not installed), and
+megalith's ZeRO-3 (dp2) against FSDP2 with reshard_after_forward and DeepSpeed ZeRO stage 3.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 
 import torch
 
-from megalith.bench import data_parallel_peers, pipelining, plain_peer, tensor_parallel_peer
+from megalith.bench import data_parallel_peers, pipelining, plain_peer, tensor_parallel_peer, zero3_peers
 from megalith.bench.harness import run_case
 from megalith.config import ModelConfig
 from megalith.parallel.spawn import RankPool
@@ -35,18 +36,21 @@ SCALING_GOAL = 0.65  # megalith tp2+SP step / megalith's own one-process step (7
 GOALS = {"plain": 1.05, "dtensor": 0.75, "ddp": 1.0, "fsdp2": 1.0, "pipelining": 0.95, "deepspeed": 0.8}
 
 
-def all_cases(config, quick: bool, peers: set[str] | None):
-    """Every row's case, in table order; a peer whose framework is missing is left out with one line."""
+def all_cases(config, quick: bool, peers: set[str] | None, work: str | None = None):
+    """Every row's case, in table order; a peer whose framework is missing is left out with one line.
+    `work` keeps only the rows whose work name contains it (e.g. "ZeRO-3")."""
     cases = []
     for module in (plain_peer, tensor_parallel_peer, data_parallel_peers, pipelining):
         cases += module.cases(config, quick)
-    if importlib.util.find_spec("deepspeed") is None:
+    has_deepspeed = importlib.util.find_spec("deepspeed") is not None
+    if not has_deepspeed:
         print("deepspeed rows skipped: DeepSpeed is not installed (pip install -e '.[bench]')", file=sys.stderr)
     else:
         from megalith.bench import deepspeed_peer
 
         cases += deepspeed_peer.cases(config, quick)
-    return [c for c in cases if peers is None or c.peer in peers]
+    cases += zero3_peers.cases(config, quick, deepspeed=has_deepspeed)
+    return [c for c in cases if (peers is None or c.peer in peers) and (work is None or work in c.work_name)]
 
 
 def table(rows) -> str:
@@ -75,6 +79,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps whose losses are checked first")
     parser.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     parser.add_argument("--peers", help="comma-separated peers to run, e.g. plain,pipelining")
+    parser.add_argument("--work", help='only the rows whose work name contains this, e.g. "ZeRO-3"')
     parser.add_argument("--tiny", action="store_true", help="a tiny model, for a smoke test (times mean nothing)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 10)
@@ -83,7 +88,9 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown peer(s) {sorted(unknown)}: choose from {', '.join(GOALS)}")
     torch.set_num_threads(1)
-    cases = all_cases(TINY if args.tiny else REAL, args.quick, peers)
+    cases = all_cases(TINY if args.tiny else REAL, args.quick, peers, args.work)
+    if not cases:
+        parser.error(f"no row has peer in {sorted(peers or GOALS)} and work containing {args.work!r}")
     rows, pools = [], {}
     try:
         for case in cases:

@@ -23,9 +23,11 @@ MICRO_BATCHES = 4  # per data-parallel rank per step
 
 
 class DataParallelSide:
-    """PlainGPT wrapped by `wrap` (DDP or FSDP2) on the dp ranks, with AdamW."""
+    """PlainGPT wrapped by `wrap` (DDP or FSDP2) on the dp ranks, with AdamW. `zero3` (FSDP2 only)
+    shards as ZeRO-3 does: parameters freed after each block's forward and gathered again for its
+    backward, gradients reduce-scattered every micro-batch (no unsharded gradient accumulates)."""
 
-    def __init__(self, work: Work, dp_rank: int, group, peer: str) -> None:
+    def __init__(self, work: Work, dp_rank: int, group, peer: str, zero3: bool = False) -> None:
         model = reference_model(work)
         if peer == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -35,16 +37,16 @@ class DataParallelSide:
             from torch.distributed.fsdp import fully_shard
 
             mesh = torch.distributed.device_mesh.DeviceMesh("cpu", list(range(work.dp)))
-            for block in model.layers:
-                fully_shard(block, mesh=mesh, reshard_after_forward=False)  # ZeRO-1/2-like: no re-gather in backward
-            self.model = fully_shard(model, mesh=mesh, reshard_after_forward=False)
+            for block in model.layers:  # without zero3 ZeRO-1/2-like: no re-gather in backward
+                fully_shard(block, mesh=mesh, reshard_after_forward=zero3)
+            self.model = fully_shard(model, mesh=mesh, reshard_after_forward=zero3)
         self.optimizer = adamw(self.model.parameters(), work)
-        self.work, self.dp_rank, self.group, self.peer = work, dp_rank, group, peer
+        self.work, self.dp_rank, self.group, self.peer, self.zero3 = work, dp_rank, group, peer, zero3
 
     def _sync(self, last: bool):
         if self.peer == "ddp":
             return contextlib.nullcontext() if last else self.model.no_sync()
-        self.model.set_requires_gradient_sync(last)
+        self.model.set_requires_gradient_sync(last or self.zero3)
         return contextlib.nullcontext()
 
     def step(self, step: int) -> float:
@@ -64,12 +66,12 @@ class DataParallelSide:
         return float(total) / (count * self.work.dp)
 
 
-def _build(ctx, work: Work, layout: str, peer: str):
+def _build(ctx, work: Work, layout: str, peer: str, zero3: bool = False):
     state = ctx.parallel_state(dp=2)
     group = dist.new_group([0, 1])  # every pool rank takes part in creating it
     if state is None:
         return None
-    return work.megalith_side(layout, state), DataParallelSide(work, state.dp_rank, group, peer)
+    return work.megalith_side(layout, state), DataParallelSide(work, state.dp_rank, group, peer, zero3)
 
 
 def build_ddp(ctx, work: Work):

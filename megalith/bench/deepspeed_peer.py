@@ -54,13 +54,16 @@ def import_deepspeed(device: torch.device):
 
 def ds_config(work: Work, zero_stage: int) -> dict:
     """The same step as megalith's: fp32, no clipping, gradient accumulation over the micro-batches."""
+    zero = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0  # every parameter sharded, as the other sides shard them
     return {
         "train_micro_batch_size_per_gpu": work.micro_batch_size,
         "gradient_accumulation_steps": work.micro_batches,
         "train_batch_size": work.global_batch_size,
         "gradient_clipping": 0.0,
         "steps_per_print": 2**31 - 1,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
         "wall_clock_breakdown": False,
     }
@@ -149,15 +152,24 @@ class DeepSpeedPipelineSide:
 
 
 class DeepSpeedZeroSide:
-    """PlainGPT under DeepSpeed's engine with ZeRO stage 1 over the world (the dp ranks)."""
+    """PlainGPT under DeepSpeed's engine with ZeRO stage `stage` (1 or 3) over the world (the dp ranks).
 
-    def __init__(self, deepspeed, work: Work, dp_rank: int) -> None:
+    Stage 3 gathers a module's own parameters around its forward; PlainGPT's tied logits read the
+    word embedding's weight in the root module's forward, so the weight is registered as an
+    external parameter of the root (DeepSpeed's documented way; its fetch on attribute access
+    would find it too). Every parameter is partitioned (`stage3_param_persistence_threshold` 0):
+    DeepSpeed's default keeps those under 100k elements whole on every rank, at this model's
+    hidden 256 all but the MLP and embedding weights, which is not the sharding the peers do."""
+
+    def __init__(self, deepspeed, work: Work, dp_rank: int, stage: int = 1) -> None:
         from deepspeed.utils import groups
 
         groups.mpu = None  # a pipeline engine built earlier in this process left its grid here, for every engine
         model = reference_model(work)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=adamw(model.parameters(), work),
-                                                    config=ds_config(work, zero_stage=1))
+                                                    config=ds_config(work, zero_stage=stage))
+        if stage == 3 and model.output_layer is None:
+            deepspeed.zero.register_external_parameter(model, model.word_embeddings.weight)
         self.work, self.dp_rank = work, dp_rank
 
     def step(self, step: int) -> float:
