@@ -1,6 +1,7 @@
 """One training step of one rank, the same code for `megalith verify` and `megalith pretrain`:
 pipeline schedule -> data-parallel gradient reduction -> sequence-parallel and tied-embedding
-sums -> optimizer (unscale, skip on overflow, clip, update, all-gather with ZeRO-1).
+sums -> optimizer (unscale, skip on overflow, clip, update, all-gather with ZeRO-1/2; ZeRO-3 keeps
+the parameters sharded, gathered unit by unit in forward and backward).
 
 Gradients are finalised in Megatron's order: the data-parallel reduction of every chunk's
 buckets (started during backward when overlapping), then the sums over tp of the gradients
