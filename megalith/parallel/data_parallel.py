@@ -70,6 +70,7 @@ from megalith.parallel.comm_ledger import active_ledger
 from megalith.parallel.zero3 import ParameterUnits, find_units
 
 DEFAULT_BUCKET_ELEMENTS = 40_000_000  # Megatron: max(40M, 1M x dp)
+MAX_REDUCTIONS_IN_FLIGHT = 2  # ZeRO-2/3: older reductions are waited for when a newer one starts
 
 
 def default_bucket_size(dp_size: int) -> int:
@@ -350,13 +351,14 @@ class DataParallelGrads:
         for param in bucket.params:
             param.main_grad = None
 
-    def _drain(self) -> None:
-        """ZeRO-2: wait for the reduce-scatters in flight, add each into the shard, free its buffer."""
-        for bucket, work, _full, out in self.in_flight:
+    def _drain(self, keep: int = 0) -> None:
+        """ZeRO-2: wait for the reduce-scatters in flight (all but the `keep` latest), add each into
+        the shard, free its buffer."""
+        while len(self.in_flight) > keep:
+            bucket, work, _full, out = self.in_flight.pop(0)
             work.wait()
             offset = bucket.shard_offset
             self.grad_data[offset:offset + out.numel()].add_(out)
-        self.in_flight = []
 
     def _launch(self, bucket: Bucket) -> None:
         if self.shard_grads:
@@ -390,6 +392,7 @@ class DataParallelGrads:
         out = torch.empty(bucket.size // self.dp_size, dtype=full.dtype, device=full.device)
         work = reduce_scatter_into(out, full, self.dp_group, async_op=True, ledger=self._ledger)
         self.in_flight.append((bucket, work, full, out))
+        self._drain(keep=MAX_REDUCTIONS_IN_FLIGHT)  # bounds the full-size buffers alive
 
     def finish(self) -> None:
         """Start every bucket not started yet, wait for all; then main_grad holds the dp sum

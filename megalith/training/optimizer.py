@@ -1,12 +1,14 @@
 """The optimizer step of a parallel job: fp32 main weights, loss-scale unscaling, overflow skip,
-global-norm clipping, and (optionally) ZeRO-1 sharding over data parallelism.
+global-norm clipping, and (optionally) ZeRO-1/2/3 sharding over data parallelism.
 
 The optimizer works on *fragments*: for each parameter, the part of it this rank updates.
 Without the distributed optimizer a fragment is the whole parameter; with it
 (`DataParallelGrads(shard=True)`) it is the intersection of the parameter with this dp rank's
 slice of each bucket, so main weights and Adam state exist once across dp (Megatron's
 distributed optimizer). Adam is element-wise, so updating fragments is the same mathematics
-as updating whole tensors.
+as updating whole tensors. ZeRO-2 and ZeRO-3 change only where a fragment's gradient (the
+buffer's `grad_slice`: the persistent shard) and parameters (`param_slice`: ZeRO-3's shard,
+which nothing all-gathers after the step) live.
 
 Main weights are fp32: for fp32 parameters the fragment is a view of the parameter itself
 (nothing is copied); for bf16/fp16 parameters it is an fp32 copy, written back (cast) after

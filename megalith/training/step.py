@@ -1,6 +1,7 @@
 """One training step of one rank, the same code for `megalith verify` and `megalith pretrain`:
 pipeline schedule -> data-parallel gradient reduction -> sequence-parallel and tied-embedding
-sums -> optimizer (unscale, skip on overflow, clip, update, all-gather with ZeRO-1).
+sums -> optimizer (unscale, skip on overflow, clip, update, all-gather with ZeRO-1/2; ZeRO-3 keeps
+the parameters sharded, gathered unit by unit in forward and backward).
 
 Gradients are finalised in Megatron's order: the data-parallel reduction of every chunk's
 buckets (started during backward when overlapping), then the sums over tp of the gradients
@@ -141,7 +142,10 @@ def assemble_runner(plan: StepPlan, state, optimizer_config, loss_scaler, record
 
     return StepRunner(chunks, buffers, engine, schedule(plan.batch.num_micro_batches), optimizer,
                       dp_group=group("dp_group"), schedule=schedule, pp_group=group("pp_group"),
-                      per_token_loss=plan.calculate_per_token_loss, local_tied=tied)
+                      per_token_loss=plan.calculate_per_token_loss, local_tied=tied,
+                      # the sums after the reduction (over tp, the embedding group, pp for T5) need whole
+                      # gradients under ZeRO-2/3; with neither tp nor pp there is nothing to sum
+                      lend_full_grads=layout.tp > 1 or layout.pp > 1)
 
 
 @dataclass(frozen=True)
@@ -162,13 +166,14 @@ class StepRunner:
     def __init__(self, chunks: list[nn.Module], buffers: list[DataParallelGrads], engine: PipelineEngine,
                  actions: list[Action], optimizer: ParallelOptimizer, dp_group=None,
                  schedule: Callable[[int], list[Action]] | None = None, pp_group=None,
-                 per_token_loss: bool = False, local_tied: list | None = None) -> None:
+                 per_token_loss: bool = False, local_tied: list | None = None, lend_full_grads: bool = True) -> None:
         """`actions`: the step of the full global batch; `schedule(n)`: this rank's actions for a step of
         n micro-batches (a batch-size ramp-up changes n), built once per count."""
         self.chunks, self.buffers, self.engine = chunks, buffers, engine
         self.actions, self.optimizer, self.dp_group = actions, optimizer, dp_group
         self.pp_group, self.per_token_loss = pp_group, per_token_loss
         self.local_tied = local_tied or []  # zb-v: the tied embedding's copies, both on this rank
+        self.lend_full_grads = lend_full_grads
         self._schedule = schedule
         self._actions_by_count: dict[int, list[Action]] = {}
 
@@ -191,7 +196,7 @@ class StepRunner:
         for buffer in self.buffers:
             buffer.finish()
         with contextlib.ExitStack() as lent:  # ZeRO-2: whole gradients lent for these sums, shards kept
-            for buffer in self.buffers:
+            for buffer in self.buffers if self.lend_full_grads else ():
                 lent.enter_context(buffer.full_grads())
             for first, last in self.local_tied:  # what the embedding group's all-reduce sums elsewhere
                 total = gradient_of(first) + gradient_of(last)
