@@ -42,6 +42,15 @@ from megalith.training.timers import Timers
 from megalith.training.writers import MetricsWriters, open_writers
 
 
+_SHARDING_WORDS = ("", ", distributed optimizer (ZeRO-1)", ", ZeRO-2 (optimizer and gradients sharded)",
+                   ", ZeRO-3 (optimizer, gradients and parameters sharded)")
+
+
+def _sharding_words(stage: int) -> str:
+    """The header's words for --data-parallel-sharding-strategy (stage 0..3)."""
+    return _SHARDING_WORDS[stage]
+
+
 @dataclass
 class IntervalStats:
     """What the log line averages over one --log-interval (Megatron's total_loss_dict)."""
@@ -177,7 +186,7 @@ class Trainer:
             f"{c.model.params_dtype}; world {c.layout.world_size} = tp {s.tp_size} x pp {s.pp_size} (vpp "
             f"{c.layout.vpp}) x dp {s.dp_size}, {c.layout.pipeline_schedule}"
             f"{', sequence parallel' if c.distributed.sequence_parallel else ''}"
-            f"{', distributed optimizer' if c.distributed.use_distributed_optimizer else ''}",
+            + _sharding_words(c.distributed.zero_stage),
             f"global batch {c.global_batch_size} = micro-batch {c.training.micro_batch_size} x dp {s.dp_size} x "
             f"{c.num_micro_batches} micro-batches; {c.training.train_iters} iterations"
             + (f"; ramp-up from {c.training.rampup_batch_size[0]} by {c.training.rampup_batch_size[1]} over "
