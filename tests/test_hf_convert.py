@@ -167,7 +167,7 @@ def test_checkpoint_files_and_metadata(models, tmp_path):
     assert meta == {
         "format_version": 1, "iteration": 0, "consumed_samples": 0, "valid_batches": 0, "model": "gpt",
         "model_config": asdict(config),
-        "layout": {"world_size": 4, "tp": 2, "pp": 2, "vpp": 2, "dp": 1, "zero1": False, "params_dtype": "fp32"},
+        "layout": {"world_size": 4, "tp": 2, "pp": 2, "vpp": 2, "dp": 1, "zero1": False, "zero": 0, "params_dtype": "fp32"},
         "has_optimizer": False, "optimizer": None, "scheduler": None, "loss_scaler": None, "config": None,
         "source": "hf:llama",
     }
