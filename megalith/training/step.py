@@ -93,7 +93,8 @@ def parallel_context(state, layout: Layout, seed: int) -> ParallelContext:
         return ParallelContext(None, layout.sequence_parallel, model_parallel_rng_tracker(seed, 0))
     return ParallelContext(state.tp_group, layout.sequence_parallel,
                            model_parallel_rng_tracker(seed, state.tp_rank, state.device, state.pp_rank),
-                           device=state.device, embedding_group=state.embedding_group, pipeline_group=state.pp_group)
+                           device=state.device, embedding_group=state.embedding_group, pipeline_group=state.pp_group,
+                           ep_group=state.ep_group, etp_group=state.etp_group, edp_group=state.edp_group)
 
 
 def build_chunks(plan: StepPlan, ctx: ParallelContext, pp_rank: int) -> list[nn.Module]:

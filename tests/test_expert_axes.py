@@ -1,0 +1,126 @@
+"""The experts' second factorisation of the ranks (etp x ep x edp x pp, Megatron-Core's expert
+rank order): hand-written group tables, real process groups, and bad input in one line."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megalith.errors import ConfigError
+from megalith.parallel.grid import RankGrid
+
+
+def assert_one_line_error(call, *mentions):
+    with pytest.raises(ConfigError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and all(m in message for m in mentions), message
+    return message
+
+# Written by hand from rank = etp_i + etp * (ep_i + ep * (edp_i + edp * pp_i)).
+TABLES = {
+    "tp2.ep2": (dict(tp=2, ep=2), {
+        "ep": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "etp": [[0, 1], [2, 3], [4, 5], [6, 7]],
+        "edp": [[0, 4], [1, 5], [2, 6], [3, 7]],
+        "etp_ep": [[0, 1, 2, 3], [4, 5, 6, 7]],
+        "emp": [[0, 1, 2, 3], [4, 5, 6, 7]]}),
+    "tp2.etp1.ep4": (dict(tp=2, etp=1, ep=4), {
+        "ep": [[0, 1, 2, 3], [4, 5, 6, 7]],
+        "etp": [[r] for r in range(8)],
+        "edp": [[0, 4], [1, 5], [2, 6], [3, 7]],
+        "etp_ep": [[0, 1, 2, 3], [4, 5, 6, 7]],
+        "emp": [[0, 1, 2, 3], [4, 5, 6, 7]]}),
+    "pp2.ep2": (dict(pp=2, ep=2), {
+        "ep": [[0, 1], [2, 3], [4, 5], [6, 7]],
+        "etp": [[r] for r in range(8)],
+        "edp": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "etp_ep": [[0, 1], [2, 3], [4, 5], [6, 7]],
+        "emp": [[0, 1, 4, 5], [2, 3, 6, 7]]}),
+    "tp2.pp2.ep2": (dict(tp=2, pp=2, ep=2), {
+        "ep": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "etp": [[0, 1], [2, 3], [4, 5], [6, 7]],
+        "edp": [[r] for r in range(8)],
+        "etp_ep": [[0, 1, 2, 3], [4, 5, 6, 7]],
+        "emp": [list(range(8))]}),
+    "ep8": (dict(ep=8), {
+        "ep": [list(range(8))],
+        "etp": [[r] for r in range(8)],
+        "edp": [[r] for r in range(8)],
+        "etp_ep": [list(range(8))],
+        "emp": [list(range(8))]}),
+    "tp2.etp2.ep2.cp2": (dict(tp=2, cp=2, ep=2), {  # cp folds into edp on the expert side
+        "ep": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "etp": [[0, 1], [2, 3], [4, 5], [6, 7]],
+        "edp": [[0, 4], [1, 5], [2, 6], [3, 7]],
+        "etp_ep": [[0, 1, 2, 3], [4, 5, 6, 7]],
+        "emp": [[0, 1, 2, 3], [4, 5, 6, 7]]}),
+}
+
+
+@pytest.mark.parametrize("name", list(TABLES))
+def test_expert_groups_match_hand_written_tables(name):
+    layout, table = TABLES[name]
+    grid = RankGrid(8, **layout)
+    for kind, expected in table.items():
+        assert grid.expert_groups(kind) == expected, (name, kind)
+        for group in expected:
+            for rank in group:
+                assert grid.expert_group_of(kind, rank) == group, (name, kind, rank)
+    for rank in range(8):  # both factorisations agree on the pipeline stage, and the coordinates invert
+        c = grid.expert_coords(rank)
+        assert c.pp == grid.coords(rank).pp
+        assert grid.expert_rank_of(etp=c.etp, ep=c.ep, edp=c.edp, pp=c.pp) == rank
+    assert grid.edp == 8 // (grid.etp * grid.ep * grid.pp)
+
+
+def test_trivial_expert_axes_are_the_attention_groups():
+    """ep 1 and etp = tp: etp is tp, edp is dp x cp, emp is mp; the grid prints as before."""
+    for layout in (dict(tp=2, pp=2), dict(tp=2, cp=2), dict(pp=2, cp=2), dict()):
+        grid = RankGrid(8, **layout)
+        assert not grid.has_expert_axes and grid.etp == grid.tp
+        assert grid.expert_groups("etp") == grid.groups("tp")
+        assert grid.expert_groups("edp") == grid.groups("dp_cp")
+        assert grid.expert_groups("emp") == grid.groups("mp")
+    assert str(RankGrid(8, tp=2, pp=2)) == "tp2.cp1.dp2.pp2 (world 8)"
+    assert str(RankGrid(8, tp=2, ep=2)) == "tp2.cp1.dp4.pp1.etp2.ep2.edp2 (world 8)"
+
+
+def test_bad_expert_sizes_fail_in_one_line():
+    assert_one_line_error(lambda: RankGrid(8, tp=2, ep=3), "2", "3", "6", "8")
+    assert_one_line_error(lambda: RankGrid(8, ep=4, pp=4), "16", "8")
+    assert_one_line_error(lambda: RankGrid(8, ep=0), "ep")
+    assert_one_line_error(lambda: RankGrid(8, etp=0), "etp")
+    assert_one_line_error(lambda: RankGrid(8, ep=2).expert_groups("xp"), "xp", "edp")
+
+
+def expert_members(ctx, layout):
+    """Every expert group kind of this rank, as the ranks answering an all-gather over it."""
+    state = ctx.parallel_state(**layout)
+    members = {}
+    for kind in RankGrid.EXPERT_GROUP_KINDS:
+        group = state.groups[kind]
+        if group is None:
+            members[kind] = None
+            continue
+        gathered = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, torch.tensor([ctx.rank]), group=group)
+        members[kind] = [int(t) for t in gathered]
+    return members, (state.etp_rank, state.ep_rank, state.edp_rank), state.groups["edp"] is state.groups["dp"]
+
+
+@pytest.mark.parametrize("name", ["tp2.ep2", "tp2.etp1.ep4", "pp2.ep2"])
+def test_process_groups_match_the_tables(rank_pools, name):
+    layout, table = TABLES[name]
+    grid = RankGrid(8, **layout)
+    for rank, (members, coords, _) in enumerate(rank_pools(8).run(expert_members, layout)):
+        for kind, groups in table.items():
+            assert members[kind] == next(g for g in groups if rank in g), (name, kind, rank)
+        c = grid.expert_coords(rank)
+        assert coords == (c.etp, c.ep, c.edp)
+
+
+def test_default_layout_builds_no_expert_group(rank_pools):
+    """ep 1: no new groups; ep_group is None, edp is the dp group itself."""
+    for rank, (members, coords, edp_is_dp) in enumerate(rank_pools(8).run(expert_members, dict(tp=2, pp=2))):
+        assert members["ep"] is None and edp_is_dp
+        assert members["etp"] == RankGrid(8, tp=2, pp=2).group_of("tp", rank)
