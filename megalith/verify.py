@@ -127,7 +127,9 @@ def plan(settings: VerifySettings, layout: Layout) -> StepPlan:
     """Check a layout against the model and the batch before any rank starts (one line if it
     fails), and plan its step as `megalith pretrain` plans one."""
     layout.check_implemented()
+    layout.check_expert_axes()
     config = layout.apply_to(settings.config)
+    layout.check_experts(getattr(config, "num_experts", None))  # the field is issue 21's MoE layer
     layout.check_model(config)
     size = settings.global_batch_size
     micro_batch_size = settings.micro_batch_size
@@ -254,7 +256,8 @@ def _train_on_rank(ctx, settings: VerifySettings, layout: Layout | None, referen
             return None
         settings = replace(settings, config=reference_config(settings.config))
         return train(settings, Layout(precision=layout.precision if layout else "fp32"))
-    state = ctx.parallel_state(tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=layout.dp)
+    state = ctx.parallel_state(tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=layout.dp, ep=layout.ep,
+                               etp=layout.etp)
     if state is None:
         return None  # outside this layout: idle
     result = train(settings, layout, state)

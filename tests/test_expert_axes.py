@@ -124,3 +124,54 @@ def test_default_layout_builds_no_expert_group(rank_pools):
     for rank, (members, coords, edp_is_dp) in enumerate(rank_pools(8).run(expert_members, dict(tp=2, pp=2))):
         assert members["ep"] is None and edp_is_dp
         assert members["etp"] == RankGrid(8, tp=2, pp=2).group_of("tp", rank)
+
+
+# --- flags, layout tokens, topology ------------------------------------------------------
+
+def test_layout_tokens_and_flags_reach_the_grid():
+    from megalith.config.layout import Layout, parse_layout
+
+    layout = parse_layout("tp2.ep4.etp1.dp4")
+    assert (layout.ep, layout.etp, layout.expert_tp) == (4, 1, 1)
+    assert parse_layout(str(layout)) == layout and str(layout) == "tp2.ep4.etp1.dp4"
+    grid = layout.grid()
+    assert (grid.etp, grid.ep, grid.edp) == (1, 4, 2)
+    assert parse_layout("tp2.dp4").etp is None and parse_layout("tp2.dp4").grid().etp == 2  # etp defaults to tp
+    assert Layout.over_world(8, tp=2, ep=2).grid().edp == 2
+
+
+def test_expert_input_refused_in_one_line():
+    from megalith.config.layout import Layout
+
+    assert_one_line_error(lambda: Layout.over_world(8, tp=2, ep=3), "--expert-model-parallel-size 3", "6", "8")
+    assert_one_line_error(lambda: Layout.over_world(8, pp=2, etp=4, ep=2), "16", "8")
+    layout = Layout.over_world(8, tp=2, ep=2)
+    assert_one_line_error(lambda: layout.check_experts(None), "--expert-model-parallel-size 2", "--num-experts")
+    assert_one_line_error(lambda: Layout.over_world(8, tp=2, etp=1).check_experts(0),
+                          "--expert-tensor-parallel-size 1", "--num-experts")
+    assert_one_line_error(lambda: layout.check_experts(3), "--num-experts 3", "--expert-model-parallel-size 2")
+    layout.check_experts(4)
+    Layout.over_world(8, tp=2).check_experts(None)  # no expert axes: a dense model is fine
+    Layout.over_world(8, tp=2, etp=2).check_experts(None)  # etp = tp is the default
+
+
+def test_pretrain_flags_are_real(monkeypatch):
+    from megalith.config.megatron.refused_moe import MOE_FLAGS
+    from megalith.config.parallel import DistributedConfig
+
+    assert not {"--expert-model-parallel-size", "--expert-tensor-parallel-size"} & {o for f in MOE_FLAGS for o in f.options}
+    config = DistributedConfig(expert_model_parallel_size=2, expert_tensor_parallel_size=1)
+    assert (config.expert_model_parallel_size, config.expert_tensor_parallel_size) == (2, 1)
+    with pytest.raises(ConfigError):
+        DistributedConfig(expert_model_parallel_size=0)
+
+
+def test_topology_prints_the_expert_factorisation(capsys):
+    from megalith.cli import main
+
+    assert main(["topology", "--world-size", "8", "--tp", "2", "--ep", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "experts etp2.ep2.edp2.pp1, order tp-cp-ep-dp-pp" in out
+    assert "   2    0  1   0  0  [0,2]  [2,3]  [2,6]  [0,1,2,3]  [0,1,2,3]" in out
+    assert main(["topology", "--world-size", "8", "--tp", "2"]) == 0
+    assert "experts" not in capsys.readouterr().out  # ep 1, etp = tp: the attention groups are the expert ones

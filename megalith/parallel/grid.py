@@ -100,13 +100,16 @@ class RankGrid:
         if self.etp is None:
             object.__setattr__(self, "etp", self.tp)
         _check_size("expert-tensor-parallel size (etp)", self.etp)
+        self._check_attention_sizes()
         expert = self.etp * self.ep * self.pp  # type: ignore[operator]
-        if self.world_size % expert:
+        if self.world_size % expert:  # after the attention sizes: their message comes first
             raise ConfigError(
                 f"expert-tensor-parallel size {self.etp} x expert-model-parallel {self.ep} x pipeline {self.pp} "
                 f"= {expert} does not divide world size {self.world_size}; "
                 "choose --expert-tensor-parallel-size and --expert-model-parallel-size whose product with pp divides it"
             )
+
+    def _check_attention_sizes(self) -> None:
         model = self.tp * self.pp * self.cp
         if self.dp is None:
             if self.world_size % model:
