@@ -175,3 +175,98 @@ def test_topology_prints_the_expert_factorisation(capsys):
     assert "   2    0  1   0  0  [0,2]  [2,3]  [2,6]  [0,1,2,3]  [0,1,2,3]" in out
     assert main(["topology", "--world-size", "8", "--tp", "2"]) == 0
     assert "experts" not in capsys.readouterr().out  # ep 1, etp = tp: the attention groups are the expert ones
+
+
+# --- gradient routing: expert gradients over edp, dense ones over dp ---------------------------
+
+ROUTING_LAYOUTS = {"tp2.ep2": dict(tp=2, ep=2), "tp2.etp1.ep4": dict(tp=2, etp=1, ep=4), "ep2": dict(ep=2),
+                   "pp2.ep2": dict(pp=2, ep=2)}
+
+
+def local_grads(grid, rank):
+    """The toy's per-rank gradients, small integers (so every sum is exact in fp32): the dense one
+    the same on tp replicas (it depends on the dp coordinate and the stage), the expert one this
+    rank's own (each rank holds a different expert shard)."""
+    c = grid.coords(rank)
+    dense = torch.randint(-4, 5, (8, 3), generator=torch.Generator().manual_seed(100 + c.dp + 10 * c.pp))
+    expert = torch.randint(-4, 5, (4, 3), generator=torch.Generator().manual_seed(1000 + rank))
+    return dense.float(), expert.float()
+
+
+class Toy(torch.nn.Module):
+    """One dense parameter and one expert shard (split over etp along dim 0, as a column-parallel weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = torch.nn.Parameter(torch.arange(24.0).view(8, 3))
+        self.expert = torch.nn.Parameter(torch.arange(12.0).view(4, 3) - 6)
+        self.expert.expert_parallel = True
+        self.expert.tensor_parallel_dim = 0
+
+
+def toy_step(ctx, layout, zero):
+    """Backward + finalize of the toy on this rank; with `zero`, a clipped SGD step too (ZeRO-1 over
+    dp for the dense part, over edp for the expert one)."""
+    from megalith.config.optimizer import OptimizerConfig
+    from megalith.parallel.data_parallel import split_by_experts
+    from megalith.training.optimizer import ParallelOptimizer
+
+    state = ctx.parallel_state(**layout)
+    model = Toy()
+    dense, experts = split_by_experts(model, state.dp_group, state.edp_group, shard=zero)
+    a, b = local_grads(state.grid, ctx.rank)
+    for buffer in (dense, experts):
+        buffer.set_last_microbatch(True)
+    ((model.dense * a).sum() + (model.expert * b).sum()).backward()
+    for buffer in (dense, experts):
+        buffer.finish()
+    if not zero:
+        return model.dense.main_grad.clone(), model.expert.main_grad.clone(), experts.dp_size
+    config = OptimizerConfig(optimizer="sgd", lr=1.0, sgd_momentum=0.0, weight_decay=0.0, clip_grad=1.0)
+    optimizer = ParallelOptimizer([dense, experts], config, tp_group=state.tp_group, mp_group=state.mp_group,
+                                  etp_group=state.etp_group, emp_group=state.emp_group)
+    outcome = optimizer.step(1.0)
+    return outcome.grad_norm, model.dense.detach().clone(), model.expert.detach().clone()
+
+
+def expected_grads(grid):
+    """Direct sums: the dense gradient over each rank's dp group, the expert one over its edp group."""
+    grads = [local_grads(grid, rank) for rank in range(grid.world_size)]
+    dense = [sum(grads[r][0] for r in grid.group_of("dp", rank)) for rank in range(grid.world_size)]
+    expert = [sum(grads[r][1] for r in grid.expert_group_of("edp", rank)) for rank in range(grid.world_size)]
+    return dense, expert
+
+
+@pytest.mark.parametrize("name", list(ROUTING_LAYOUTS))
+def test_expert_gradients_are_summed_over_edp_only(rank_pools, name):
+    layout = ROUTING_LAYOUTS[name]
+    grid = RankGrid(8, **layout)
+    dense, expert = expected_grads(grid)
+    for rank, (got_dense, got_expert, edp) in enumerate(rank_pools(8).run(toy_step, layout, False)):
+        assert edp == grid.edp
+        assert torch.equal(got_dense, dense[rank]), (name, rank)
+        assert torch.equal(got_expert, expert[rank]), (name, rank)
+        # a negative control: summing the expert over dp instead would differ
+        over_dp = sum(local_grads(grid, r)[1] for r in grid.group_of("dp", rank))
+        assert not torch.equal(got_expert, over_dp)
+
+
+@pytest.mark.parametrize("name", list(ROUTING_LAYOUTS))
+def test_zero1_over_edp_and_the_clipping_norm_count_every_shard_once(rank_pools, name):
+    """Norm^2 = the dense gradient of each stage once (tp replicas and dp not repeated) + each expert
+    shard (one per etp x ep x pp position) once, summed over edp; the clipped update is exact."""
+    layout = ROUTING_LAYOUTS[name]
+    grid = RankGrid(8, **layout)
+    dense, expert = expected_grads(grid)
+    stages = {grid.coords(r).pp: dense[r] for r in range(8)}
+    shards = {(grid.expert_coords(r).etp, grid.expert_coords(r).ep, grid.expert_coords(r).pp): expert[r]
+              for r in range(8)}
+    squares = sum(float(g.double().pow(2).sum()) for g in [*stages.values(), *shards.values()])
+    norm = squares ** 0.5
+    coefficient = 1.0 / (norm + 1e-6)
+    for rank, (got_norm, got_dense, got_expert) in enumerate(rank_pools(8).run(toy_step, layout, True)):
+        assert abs(got_norm - norm) / norm < 1e-6, (name, rank, got_norm, norm)
+        model = Toy()
+        torch.testing.assert_close(got_dense, model.dense.detach() - coefficient * dense[rank], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_expert, model.expert.detach() - coefficient * expert[rank], rtol=1e-6,
+                                   atol=1e-6)
