@@ -203,21 +203,25 @@ class Toy(torch.nn.Module):
         self.expert.expert_parallel = True
         self.expert.tensor_parallel_dim = 0
 
+    def forward(self, a, b):
+        return (self.dense * a).sum() + (self.expert * b).sum()
+
 
 def toy_step(ctx, layout, zero):
-    """Backward + finalize of the toy on this rank; with `zero`, a clipped SGD step too (ZeRO-1 over
-    dp for the dense part, over edp for the expert one)."""
+    """Backward + finalize of the toy on this rank; with a ZeRO stage, a clipped SGD step too (the
+    dense part sharded over dp, the expert one over edp)."""
     from megalith.config.optimizer import OptimizerConfig
     from megalith.parallel.data_parallel import split_by_experts
     from megalith.training.optimizer import ParallelOptimizer
 
     state = ctx.parallel_state(**layout)
     model = Toy()
-    dense, experts = split_by_experts(model, state.dp_group, state.edp_group, shard=zero)
+    dense, experts = split_by_experts(model, state.dp_group, state.edp_group, shard=zero >= 1,
+                                      shard_grads=zero >= 2, shard_params=zero >= 3)
     a, b = local_grads(state.grid, ctx.rank)
     for buffer in (dense, experts):
         buffer.set_last_microbatch(True)
-    ((model.dense * a).sum() + (model.expert * b).sum()).backward()
+    model(a, b).backward()
     for buffer in (dense, experts):
         buffer.finish()
     if not zero:
@@ -226,7 +230,8 @@ def toy_step(ctx, layout, zero):
     optimizer = ParallelOptimizer([dense, experts], config, tp_group=state.tp_group, mp_group=state.mp_group,
                                   etp_group=state.etp_group, emp_group=state.emp_group)
     outcome = optimizer.step(1.0)
-    return outcome.grad_norm, model.dense.detach().clone(), model.expert.detach().clone()
+    with dense.gathered_parameters(), experts.gathered_parameters():  # ZeRO-3: whole only in here
+        return outcome.grad_norm, model.dense.detach().clone(), model.expert.detach().clone()
 
 
 def expected_grads(grid):
@@ -242,7 +247,7 @@ def test_expert_gradients_are_summed_over_edp_only(rank_pools, name):
     layout = ROUTING_LAYOUTS[name]
     grid = RankGrid(8, **layout)
     dense, expert = expected_grads(grid)
-    for rank, (got_dense, got_expert, edp) in enumerate(rank_pools(8).run(toy_step, layout, False)):
+    for rank, (got_dense, got_expert, edp) in enumerate(rank_pools(8).run(toy_step, layout, 0)):
         assert edp == grid.edp
         assert torch.equal(got_dense, dense[rank]), (name, rank)
         assert torch.equal(got_expert, expert[rank]), (name, rank)
@@ -251,8 +256,9 @@ def test_expert_gradients_are_summed_over_edp_only(rank_pools, name):
         assert not torch.equal(got_expert, over_dp)
 
 
+@pytest.mark.parametrize("zero", [1, 2, 3])
 @pytest.mark.parametrize("name", list(ROUTING_LAYOUTS))
-def test_zero1_over_edp_and_the_clipping_norm_count_every_shard_once(rank_pools, name):
+def test_zero_over_edp_and_the_clipping_norm_count_every_shard_once(rank_pools, name, zero):
     """Norm^2 = the dense gradient of each stage once (tp replicas and dp not repeated) + each expert
     shard (one per etp x ep x pp position) once, summed over edp; the clipped update is exact."""
     layout = ROUTING_LAYOUTS[name]
@@ -264,7 +270,7 @@ def test_zero1_over_edp_and_the_clipping_norm_count_every_shard_once(rank_pools,
     squares = sum(float(g.double().pow(2).sum()) for g in [*stages.values(), *shards.values()])
     norm = squares ** 0.5
     coefficient = 1.0 / (norm + 1e-6)
-    for rank, (got_norm, got_dense, got_expert) in enumerate(rank_pools(8).run(toy_step, layout, True)):
+    for rank, (got_norm, got_dense, got_expert) in enumerate(rank_pools(8).run(toy_step, layout, zero)):
         assert abs(got_norm - norm) / norm < 1e-6, (name, rank, got_norm, norm)
         model = Toy()
         torch.testing.assert_close(got_dense, model.dense.detach() - coefficient * dense[rank], rtol=1e-6, atol=1e-6)
