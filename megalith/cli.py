@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--layouts", nargs="+", default=DEFAULT_VERIFY_LAYOUTS, metavar="LAYOUT",
                         help="dotted tokens: tpN, ppN, vppN, dpN, mbN (micro-batches per dp rank), sp, zero1 "
                         "(distributed optimizer), recompute-full, recompute-selective, bf16, fp16, a schedule name "
-                        "(1f1b, gpipe, interleaved-1f1b, no-pipelining); cpN, epN, etpN are parsed and refused until "
-                        "their layers exist (default: %(default)s)")
+                        "(1f1b, gpipe, interleaved-1f1b, no-pipelining), epN, etpN (expert parallelism; they need "
+                        "--num-experts); cpN is parsed and refused until its layer exists (default: %(default)s)")
     add_config_arguments(verify.add_argument_group("training"), VerifySettings)
     _add_model_arguments(verify, BUILTIN_MODELS["gpt"].defaults)
     verify.set_defaults(run=_verify)

@@ -98,14 +98,14 @@ def expert_members(ctx, layout):
     state = ctx.parallel_state(**layout)
     members = {}
     for kind in RankGrid.EXPERT_GROUP_KINDS:
-        group = state.groups[kind]
+        group = getattr(state, f"{kind}_group")
         if group is None:
             members[kind] = None
             continue
         gathered = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, torch.tensor([ctx.rank]), group=group)
         members[kind] = [int(t) for t in gathered]
-    return members, (state.etp_rank, state.ep_rank, state.edp_rank), state.groups["edp"] is state.groups["dp"]
+    return members, (state.etp_rank, state.ep_rank, state.edp_rank), (state.edp_group is state.dp_group and set(state.groups) == set(RankGrid.GROUP_KINDS))
 
 
 @pytest.mark.parametrize("name", ["tp2.ep2", "tp2.etp1.ep4", "pp2.ep2"])
@@ -120,7 +120,8 @@ def test_process_groups_match_the_tables(rank_pools, name):
 
 
 def test_default_layout_builds_no_expert_group(rank_pools):
-    """ep 1: no new groups; ep_group is None, edp is the dp group itself."""
+    """ep 1: no new groups (none in `groups`, so the comm ledger names each group once); ep_group is
+    None, edp is the dp group itself."""
     for rank, (members, coords, edp_is_dp) in enumerate(rank_pools(8).run(expert_members, dict(tp=2, pp=2))):
         assert members["ep"] is None and edp_is_dp
         assert members["etp"] == RankGrid(8, tp=2, pp=2).group_of("tp", rank)

@@ -45,20 +45,28 @@ def _build_groups(grid: RankGrid, rank: int, kinds: tuple[str, ...]) -> dict:
 _EXPERT_ALIAS = {"ep": None, "etp": "tp", "etp_ep": "tp", "emp": "mp"}
 
 
-def _expert_groups(grid: RankGrid, rank: int, attention: dict) -> dict:
-    """The expert groups holding `rank`: new ones (collective) only when the grid has expert axes."""
-    if grid.has_expert_axes:
-        built = {}
-        for kind in grid.EXPERT_GROUP_KINDS:
-            built[kind] = None
-            for ranks in grid.expert_groups(kind):
-                group = dist.new_group(ranks)  # every rank creates every group, in the same order
-                if rank in ranks:
-                    built[kind] = group
-        return built
-    mine = {kind: attention[alias] if alias else None for kind, alias in _EXPERT_ALIAS.items()}
-    mine["edp"] = attention["dp_cp"] if grid.cp > 1 else attention["dp"]  # edp = dp x cp
-    return mine
+def _expert_groups(grid: RankGrid, rank: int) -> dict:
+    """The expert groups holding `rank`, created (collectively) only when the grid has expert axes;
+    else none: the expert kinds then read the attention groups (`_expert_group`)."""
+    built: dict = {}
+    for kind in grid.EXPERT_GROUP_KINDS if grid.has_expert_axes else ():
+        built[kind] = None
+        for ranks in grid.expert_groups(kind):
+            group = dist.new_group(ranks)  # every rank creates every group, in the same order
+            if rank in ranks:
+                built[kind] = group
+    return built
+
+
+def _expert_group(kind: str) -> property:
+    def get(self):
+        if kind in self.groups:
+            return self.groups[kind]
+        if kind == "edp":  # edp = dp x cp
+            return self.groups["dp_cp"] if self.grid.cp > 1 else self.groups["dp"]
+        alias = _EXPERT_ALIAS[kind]
+        return self.groups[alias] if alias else None
+    return property(get, doc=f"this rank's expert {kind} group (an attention group when the axes are trivial)")
 
 
 def _grid_size(axis: str) -> property:
@@ -108,7 +116,7 @@ class ParallelState:
         backend = backend or dist.get_backend()
         rank = dist.get_rank()
         groups = _build_groups(grid, rank, RankGrid.GROUP_KINDS)
-        groups |= _expert_groups(grid, rank, groups)
+        groups |= _expert_groups(grid, rank)  # kept apart: one group object, one kind (the comm ledger)
         if rank >= grid.world_size:
             return None
         return cls(grid, rank, device or torch.device("cpu"), backend, groups)
@@ -161,7 +169,7 @@ class ParallelState:
     tp_group, pp_group, dp_group, cp_group, mp_group, dp_cp_group, embedding_group = (
         _group(kind) for kind in ("tp", "pp", "dp", "cp", "mp", "dp_cp", "embedding"))
     ep_group, etp_group, edp_group, etp_ep_group, emp_group = (
-        _group(kind) for kind in RankGrid.EXPERT_GROUP_KINDS)
+        _expert_group(kind) for kind in RankGrid.EXPERT_GROUP_KINDS)
     ep_size, etp_size, edp_size = (_grid_size(axis) for axis in ("ep", "etp", "edp"))
 
     @property
