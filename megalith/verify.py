@@ -218,8 +218,10 @@ def full_gradients(runner: StepRunner, vocab_size: int, tp_group) -> dict[str, t
     """The reduced gradients as one process would hold them, unscaled (collectives over dp and tp)."""
     scale = runner.optimizer.loss_scale
     full = {}
-    for chunk, buffer in zip(runner.chunks, runner.buffers):
-        grads = buffer.full_main_grads()
+    for index, chunk in enumerate(runner.chunks):
+        grads = {}
+        for buffer in runner.chunk_buffers(index):  # with experts: theirs too (gathered over edp)
+            grads |= buffer.full_main_grads()
         for name, param in chunk.named_parameters():
             tensor = gather_full_parameter(param, tp_group, grads[name]).float() / scale
             full[name] = tensor[:vocab_size] if name.endswith(PADDED_VOCAB_PARAMETERS) else tensor

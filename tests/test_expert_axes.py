@@ -277,3 +277,54 @@ def test_zero_over_edp_and_the_clipping_norm_count_every_shard_once(rank_pools, 
         torch.testing.assert_close(got_dense, model.dense.detach() - coefficient * dense[rank], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got_expert, model.expert.detach() - coefficient * expert[rank], rtol=1e-6,
                                    atol=1e-6)
+
+
+# --- through the step: a GPT whose MLPs are marked as experts, on trivial expert axes -------------
+
+def _marked_gpt_build(config, ctx, init_seed, stage):
+    """GPT with every MLP parameter marked expert_parallel: with ep 1 and etp = tp they are replicated
+    over edp = dp, so the run must equal one process exactly, through the second buffer."""
+    from megalith.models.registry import BUILTIN_MODELS
+
+    model = BUILTIN_MODELS["gpt"].build(config, ctx, init_seed, stage)
+    for name, param in model.named_parameters():
+        if ".mlp." in name:
+            param.expert_parallel = True
+    return model
+
+
+def _marked_spec():
+    from dataclasses import replace as replace_spec
+
+    from megalith.models.registry import BUILTIN_MODELS
+
+    return replace_spec(BUILTIN_MODELS["gpt"], name="gpt-marked-experts", build=_marked_gpt_build)
+
+
+MARKED_GPT = _marked_spec()
+MARKED_CONFIG = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=128,
+                     hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def _buffer_split(ctx, settings, layout):
+    from megalith.config.layout import parse_layout
+    from megalith.verify import build_runner
+
+    parsed = parse_layout(layout)
+    state = ctx.parallel_state(tp=parsed.tp, pp=parsed.pp, dp=parsed.dp)
+    runner = build_runner(settings, parsed, state)
+    return [(b.expert, len(b.params), b.dp_size) for b in runner.buffers]
+
+
+def test_marked_experts_get_their_own_buffer_and_train_as_one_process(rank_pools):
+    from megalith.config import ModelConfig
+    from megalith.config.layout import parse_layout
+    from megalith.verify import VerifySettings, run_verify
+
+    settings = VerifySettings("test_expert_axes:MARKED_GPT", ModelConfig(**MARKED_CONFIG), steps=2)
+    split = rank_pools(4).run(_buffer_split, settings, "tp2.dp2")[0]
+    assert [(expert, dp) for expert, _, dp in split] == [(False, 2), (True, 2)] and split[1][1] == 8  # 2 layers x 4
+    layouts = ["tp2.dp2", "dp2.zero1", "tp2.dp2.zero2", "dp2.zero3"]
+    results = run_verify(settings, [parse_layout(t) for t in layouts], pool=rank_pools(4))
+    for r in results:
+        assert r.passed and max(r.loss_error, r.norm_error, r.grad_error, r.param_error) < 1e-5, r

@@ -188,6 +188,10 @@ class StepRunner:
         self._schedule = schedule
         self._actions_by_count: dict[int, list[Action]] = {}
 
+    def chunk_buffers(self, chunk: int) -> list[DataParallelGrads]:
+        """Chunk `chunk`'s buffers: its dense one, then its experts' (over edp) when it has experts."""
+        return self._chunk_buffers[chunk]
+
     def actions_for(self, num_micro_batches: int | None) -> list[Action]:
         """The actions of a step of `num_micro_batches` micro-batches (None: the full batch's)."""
         if num_micro_batches is None:
@@ -200,7 +204,7 @@ class StepRunner:
         return self._actions_by_count[num_micro_batches]
 
     def _before_backward(self, chunk: int, last: bool) -> None:
-        for buffer in self._chunk_buffers[chunk]:
+        for buffer in self.chunk_buffers(chunk):
             buffer.set_last_microbatch(last)
 
     def finalize_grads(self) -> None:
