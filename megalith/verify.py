@@ -129,7 +129,9 @@ def plan(settings: VerifySettings, layout: Layout) -> StepPlan:
     layout.check_implemented()
     layout.check_expert_axes()
     config = layout.apply_to(settings.config)
-    layout.check_experts(getattr(config, "num_experts", None))  # the field is issue 21's MoE layer
+    ignored = layout.check_experts(getattr(config, "num_experts", None))  # the field is issue 21's MoE layer
+    if ignored:  # a layout token that changes nothing is a mistake in verify's own grammar
+        raise ConfigError(f"layout {layout}: {ignored.replace('; ignored', '')}; drop the etp token")
     layout.check_model(config)
     size = settings.global_batch_size
     micro_batch_size = settings.micro_batch_size

@@ -148,15 +148,29 @@ def test_expert_input_refused_in_one_line():
     assert_one_line_error(lambda: Layout.over_world(8, pp=2, etp=4, ep=2), "16", "8")
     layout = Layout.over_world(8, tp=2, ep=2)
     assert_one_line_error(lambda: layout.check_experts(None), "--expert-model-parallel-size 2", "--num-experts")
-    assert_one_line_error(lambda: Layout.over_world(8, tp=2, etp=1).check_experts(0),
-                          "--expert-tensor-parallel-size 1", "--num-experts")
+    notice = Layout.over_world(8, tp=2, etp=1).check_experts(0)  # Megatron ignores it: a notice here
+    assert notice.startswith("--expert-tensor-parallel-size 1 applies to experts only") and "ignored" in notice
     assert_one_line_error(lambda: layout.check_experts(3), "--num-experts 3", "--expert-model-parallel-size 2")
     layout.check_experts(4)
     Layout.over_world(8, tp=2).check_experts(None)  # no expert axes: a dense model is fine
-    Layout.over_world(8, tp=2, etp=2).check_experts(None)  # etp = tp is the default
+    assert Layout.over_world(8, tp=2, etp=2).check_experts(None) is None  # etp = tp is the default
 
 
-def test_pretrain_flags_are_real(monkeypatch):
+def test_pretrain_resolves_the_expert_flags():
+    from megalith.config.arguments import parse_pretrain_args
+
+    assert_one_line_error(lambda: parse_pretrain_args(["--mock-data", "--expert-model-parallel-size", "2"], 4),
+                          "--expert-model-parallel-size 2 needs a mixture-of-experts model")
+    assert_one_line_error(lambda: parse_pretrain_args(["--mock-data", "--expert-model-parallel-size", "3"], 4),
+                          "world size 4 is not divisible by --expert-tensor-parallel-size 1 x "
+                          "--expert-model-parallel-size 3")
+    config = parse_pretrain_args(["--mock-data", "--tensor-model-parallel-size", "2",
+                                  "--expert-tensor-parallel-size", "1"], 4)
+    assert config.layout.etp is None and not config.layout.grid().has_expert_axes
+    assert any(n.startswith("--expert-tensor-parallel-size 1 applies to experts only") for n in config.notices)
+
+
+def test_pretrain_flags_are_real():
     from megalith.config.megatron.refused_moe import MOE_FLAGS
     from megalith.config.parallel import DistributedConfig
 
@@ -328,3 +342,12 @@ def test_marked_experts_get_their_own_buffer_and_train_as_one_process(rank_pools
     results = run_verify(settings, [parse_layout(t) for t in layouts], pool=rank_pools(4))
     for r in results:
         assert r.passed and max(r.loss_error, r.norm_error, r.grad_error, r.param_error) < 1e-5, r
+
+
+def test_verify_refuses_expert_tokens_without_experts(capsys):
+    from megalith.cli import main
+
+    assert main(["verify", "--layouts", "tp2.etp1.dp2"]) == 2
+    assert "--expert-tensor-parallel-size 1 applies to experts only" in capsys.readouterr().err
+    assert main(["verify", "--layouts", "ep2.dp2"]) == 2
+    assert "--expert-model-parallel-size 2 needs a mixture-of-experts model" in capsys.readouterr().err

@@ -108,18 +108,21 @@ class Layout:
                 f"--expert-model-parallel-size {self.ep} x --pipeline-model-parallel-size {self.pp} = {expert}; "
                 f"choose expert sizes whose product with pp divides {self.world_size}")
 
-    def check_experts(self, num_experts: int | None) -> None:
-        """Expert axes need experts (Megatron refuses ep > 1 without --num-experts), and ep must split them."""
+    def check_experts(self, num_experts: int | None) -> str | None:
+        """Expert axes need experts, and ep must split them (Megatron's two checks); an etp other than
+        tp without experts changes nothing: the notice to print (Megatron ignores it silently)."""
         if not num_experts:
-            if self.ep > 1 or (self.etp is not None and self.etp != self.tp):
-                flag = "--expert-model-parallel-size" if self.ep > 1 else "--expert-tensor-parallel-size"
-                value = self.ep if self.ep > 1 else self.etp
-                raise ConfigError(f"{flag} {value} needs a mixture-of-experts model; add --num-experts or use "
-                                  f"{flag} {1 if self.ep > 1 else self.tp}")
-            return
+            if self.ep > 1:
+                raise ConfigError(f"--expert-model-parallel-size {self.ep} needs a mixture-of-experts model; add "
+                                  "--num-experts or use --expert-model-parallel-size 1")
+            if self.etp is not None and self.etp != self.tp:
+                return (f"--expert-tensor-parallel-size {self.etp} applies to experts only and this model has none "
+                        "(no --num-experts); ignored")
+            return None
         if num_experts % self.ep:
             raise ConfigError(f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size "
                               f"{self.ep}; every ep rank holds the same number of experts")
+        return None
 
     @property
     def world_size(self) -> int:

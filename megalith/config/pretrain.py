@@ -80,7 +80,10 @@ class PretrainConfig:
                                    ep=sections["distributed"].expert_model_parallel_size,
                                    etp=sections["distributed"].expert_tensor_parallel_size)
         layout.check_implemented()
-        layout.check_experts(getattr(sections["model"], "num_experts", None))  # the field is issue 21's MoE layer
+        ignored = layout.check_experts(getattr(sections["model"], "num_experts", None))  # issue 21's MoE field
+        if ignored:  # etp without experts: the grid keeps no expert axes
+            notices.append(ignored)
+            layout = replace(layout, etp=None)
         sections = _adjusted(sections, notices)
         dist, model, training = sections["distributed"], sections["model"], sections["training"]
         training.check_length()
