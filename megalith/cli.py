@@ -87,7 +87,8 @@ def _topology(args: argparse.Namespace) -> int:
     from megalith.config import Layout
 
     grid = Layout.over_world(args.world_size, tp=args.tensor_model_parallel_size,
-                             pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size).grid()
+                             pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size,
+                             ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size).grid()
     print(f"layout {grid}, order {grid.ORDER}")
     kinds = [kind for kind in grid.GROUP_KINDS if kind != "tp_cp"]
     print("rank  tp cp dp pp  " + "  ".join(kinds))
@@ -95,6 +96,14 @@ def _topology(args: argparse.Namespace) -> int:
         c = grid.coords(rank)
         groups = "  ".join(str(grid.group_of(kind, rank) or "-").replace(" ", "") for kind in kinds)
         print(f"{rank:>4}  {c.tp:>2} {c.cp:>2} {c.dp:>2} {c.pp:>2}  {groups}")
+    if grid.has_expert_axes:  # the experts' factorisation of the same ranks (ep 1, etp = tp: the groups above)
+        print(f"experts etp{grid.etp}.ep{grid.ep}.edp{grid.edp}.pp{grid.pp}, order {grid.EXPERT_ORDER}")
+        kinds = list(grid.EXPERT_GROUP_KINDS)
+        print("rank  etp ep edp pp  " + "  ".join(kinds))
+        for rank in range(grid.world_size):
+            e = grid.expert_coords(rank)
+            groups = "  ".join(str(grid.expert_group_of(kind, rank)).replace(" ", "") for kind in kinds)
+            print(f"{rank:>4}  {e.etp:>3} {e.ep:>2} {e.edp:>3} {e.pp:>2}  {groups}")
     return 0
 
 
@@ -152,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--layouts", nargs="+", default=DEFAULT_VERIFY_LAYOUTS, metavar="LAYOUT",
                         help="dotted tokens: tpN, ppN, vppN, dpN, mbN (micro-batches per dp rank), sp, zero1 "
                         "(distributed optimizer), recompute-full, recompute-selective, bf16, fp16, a schedule name "
-                        "(1f1b, gpipe, interleaved-1f1b, no-pipelining); cpN, epN, etpN are parsed and refused until "
-                        "their layers exist (default: %(default)s)")
+                        "(1f1b, gpipe, interleaved-1f1b, no-pipelining), epN, etpN (expert parallelism; they need "
+                        "--num-experts); cpN is parsed and refused until its layer exists (default: %(default)s)")
     add_config_arguments(verify.add_argument_group("training"), VerifySettings)
     _add_model_arguments(verify, BUILTIN_MODELS["gpt"].defaults)
     verify.set_defaults(run=_verify)
@@ -257,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     topology.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1)
     topology.add_argument("--pipeline-model-parallel-size", "--pp", type=int, default=1)
     topology.add_argument("--context-parallel-size", "--cp", type=int, default=1)
+    topology.add_argument("--expert-model-parallel-size", "--ep", type=int, default=1)
+    topology.add_argument("--expert-tensor-parallel-size", "--etp", type=int, default=None,
+                          help="tensor parallelism inside each expert (default: tp)")
     topology.set_defaults(run=_topology)
     return parser
 

@@ -59,7 +59,8 @@ def pretrain_on_rank(ctx, argv: list[str], world_size: int) -> list[str] | None:
 
     config = parse_pretrain_args(argv, world_size)
     layout = config.layout
-    state = ctx.parallel_state(tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=layout.dp)
+    state = ctx.parallel_state(tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=layout.dp, ep=layout.ep,
+                               etp=layout.etp)
     if state is None:
         return None
     lines: list[str] = []

@@ -127,7 +127,11 @@ def plan(settings: VerifySettings, layout: Layout) -> StepPlan:
     """Check a layout against the model and the batch before any rank starts (one line if it
     fails), and plan its step as `megalith pretrain` plans one."""
     layout.check_implemented()
+    layout.check_expert_axes()
     config = layout.apply_to(settings.config)
+    ignored = layout.check_experts(getattr(config, "num_experts", None))  # the field is issue 21's MoE layer
+    if ignored:  # a layout token that changes nothing is a mistake in verify's own grammar
+        raise ConfigError(f"layout {layout}: {ignored.replace('; ignored', '')}; drop the etp token")
     layout.check_model(config)
     size = settings.global_batch_size
     micro_batch_size = settings.micro_batch_size
@@ -216,8 +220,10 @@ def full_gradients(runner: StepRunner, vocab_size: int, tp_group) -> dict[str, t
     """The reduced gradients as one process would hold them, unscaled (collectives over dp and tp)."""
     scale = runner.optimizer.loss_scale
     full = {}
-    for chunk, buffer in zip(runner.chunks, runner.buffers):
-        grads = buffer.full_main_grads()
+    for index, chunk in enumerate(runner.chunks):
+        grads = {}
+        for buffer in runner.chunk_buffers(index):  # with experts: theirs too (gathered over edp)
+            grads |= buffer.full_main_grads()
         for name, param in chunk.named_parameters():
             tensor = gather_full_parameter(param, tp_group, grads[name]).float() / scale
             full[name] = tensor[:vocab_size] if name.endswith(PADDED_VOCAB_PARAMETERS) else tensor
@@ -254,7 +260,8 @@ def _train_on_rank(ctx, settings: VerifySettings, layout: Layout | None, referen
             return None
         settings = replace(settings, config=reference_config(settings.config))
         return train(settings, Layout(precision=layout.precision if layout else "fp32"))
-    state = ctx.parallel_state(tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=layout.dp)
+    state = ctx.parallel_state(tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=layout.dp, ep=layout.ep,
+                               etp=layout.etp)
     if state is None:
         return None  # outside this layout: idle
     result = train(settings, layout, state)

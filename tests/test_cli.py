@@ -21,7 +21,9 @@ def test_verify_runs_end_to_end():
 @pytest.mark.parametrize(
     "argv,fragment",
     [
-        (["verify", "--layouts", "tp2.ep2"], "--expert-model-parallel-size 2 is not supported yet"),
+        (["verify", "--layouts", "tp2.ep2.dp2"], "--expert-model-parallel-size 2 needs a mixture-of-experts model"),
+        (["verify", "--layouts", "tp2.ep2"], "world size 2 is not divisible by --expert-tensor-parallel-size 2 x"),
+        (["topology", "--world-size", "8", "--tp", "2", "--ep", "3"], "--expert-model-parallel-size 3 x "),
         (["verify", "--layouts", "tp2.xp2"], "unknown layout token 'xp2'"),
         (["verify", "--layouts", "tp2", "--params-dtype", "bf16"], "add the bf16 token to a layout (e.g. tp2.bf16)"),
         (["verify", "--layouts", "tp4.sp", "--seq-length", "30"], "sequence length 30 is not divisible by --tensor-model-parallel-size 4"),

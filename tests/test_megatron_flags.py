@@ -75,8 +75,8 @@ def test_a_refused_flag_away_from_its_default_is_one_line_naming_it_and_its_owne
 
 
 def test_refusal_comes_first_in_resolve():
-    with pytest.raises(ConfigError, match="^--expert-model-parallel-size is not supported yet"):
-        resolve_pretrain_config(_args("--expert-model-parallel-size 2 --tensor-model-parallel-size 3"), world_size=2)
+    with pytest.raises(ConfigError, match="^--num-experts is not supported yet"):
+        resolve_pretrain_config(_args("--num-experts 4 --tensor-model-parallel-size 3"), world_size=2)
 
 
 def test_accepted_flags_are_named_once_in_the_notices():
@@ -166,8 +166,8 @@ EXAMPLES = {
     "gpt3_175b": (GPT3_175B, [], []),
     "llama3_8b_fp8": (LLAMA3_8B_FP8, [], ["--use-mcore-models", "--tiktoken-pattern",
                                           "--no-create-attention-mask-in-dataloader"]),
-    "mixtral_8x7b": (MIXTRAL_8X7B, ["--num-experts", "--moe-aux-loss-coeff", "--moe-token-dispatcher-type",
-                                    "--expert-model-parallel-size"], ["--use-mcore-models"]),
+    "mixtral_8x7b": (MIXTRAL_8X7B, ["--num-experts", "--moe-aux-loss-coeff", "--moe-token-dispatcher-type"],
+                   ["--use-mcore-models"]),
     "bert_340m": (BERT_340M, [], []),
     "t5_220m": (T5_220M, [], []),
 }

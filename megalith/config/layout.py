@@ -20,9 +20,7 @@ from megalith.parallel.grid import RankGrid
 from megalith.parallel.pipeline.schedules import SCHEDULES, default_schedule
 ZERO_STAGES = (0, 1, 2, 3)  # Megatron's no_shard, optim, optim_grads, optim_grads_params
 # Axes the value already names but no layer implements yet: refused in one line until one does.
-_NOT_YET = {"cp": ("context parallelism", "--context-parallel-size"),
-            "ep": ("expert parallelism", "--expert-model-parallel-size"),
-            "etp": ("expert tensor parallelism", "--expert-tensor-parallel-size")}
+_NOT_YET = {"cp": ("context parallelism", "--context-parallel-size")}
 
 _NUMBERED_TOKENS = {"tp": "tp", "pp": "pp", "vpp": "vpp", "cp": "cp", "ep": "ep", "etp": "etp", "dp": "dp",
                     "mb": "microbatches", "zero": "zero"}
@@ -49,9 +47,10 @@ class Layout:
     dp: int = 1
     pp: int = 1
     # virtual stages per pipeline rank; the experts' second factorisation of the same ranks
+    # (etp x ep x edp x pp, edp = world / (etp x ep x pp); etp None: etp = tp)
     vpp: int = 1
     ep: int = 1
-    etp: int = 1
+    etp: int | None = None
     # what each rank runs under the axes
     sequence_parallel: bool = False
     zero: int = 0
@@ -61,8 +60,9 @@ class Layout:
     microbatches: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "vpp", "cp", "ep", "etp", "dp"):
+        for name in ("tp", "pp", "vpp", "cp", "ep", "dp"):
             check_int(name, getattr(self, name))
+        check_int("etp", self.etp, optional=True)
         check_int("microbatches", self.microbatches, optional=True)
         check_choice("zero", self.zero, ZERO_STAGES, optional=False)
         check_choice("recompute", self.recompute, RECOMPUTE_GRANULARITIES)
@@ -90,7 +90,39 @@ class Layout:
                 f"--pipeline-model-parallel-size {layout.pp} x --context-parallel-size {layout.cp} = {model_parallel}; "
                 f"launch a multiple of {model_parallel} processes or choose sizes whose product divides {world_size}"
             )
-        return replace(layout, dp=world_size // model_parallel)
+        layout = replace(layout, dp=world_size // model_parallel)
+        layout.check_expert_axes()
+        return layout
+
+    @property
+    def expert_tp(self) -> int:
+        """etp, defaulting to tp (Megatron's --expert-tensor-parallel-size None)."""
+        return self.tp if self.etp is None else self.etp
+
+    def check_expert_axes(self) -> None:
+        """etp x ep x pp must divide the world (the experts' data parallelism takes the rest)."""
+        expert = self.expert_tp * self.ep * self.pp
+        if self.world_size % expert:
+            raise ConfigError(
+                f"world size {self.world_size} is not divisible by --expert-tensor-parallel-size {self.expert_tp} x "
+                f"--expert-model-parallel-size {self.ep} x --pipeline-model-parallel-size {self.pp} = {expert}; "
+                f"choose expert sizes whose product with pp divides {self.world_size}")
+
+    def check_experts(self, num_experts: int | None) -> str | None:
+        """Expert axes need experts, and ep must split them (Megatron's two checks); an etp other than
+        tp without experts changes nothing: the notice to print (Megatron ignores it silently)."""
+        if not num_experts:
+            if self.ep > 1:
+                raise ConfigError(f"--expert-model-parallel-size {self.ep} needs a mixture-of-experts model; add "
+                                  "--num-experts or use --expert-model-parallel-size 1")
+            if self.etp is not None and self.etp != self.tp:
+                return (f"--expert-tensor-parallel-size {self.etp} applies to experts only and this model has none "
+                        "(no --num-experts); ignored")
+            return None
+        if num_experts % self.ep:
+            raise ConfigError(f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size "
+                              f"{self.ep}; every ep rank holds the same number of experts")
+        return None
 
     @property
     def world_size(self) -> int:
@@ -119,7 +151,7 @@ class Layout:
     def grid(self, world_size: int | None = None) -> RankGrid:
         """The rank grid of this layout (over `world_size` ranks, which must equal the layout's)."""
         return RankGrid(self.world_size if world_size is None else world_size, tp=self.tp, pp=self.pp, cp=self.cp,
-                        dp=self.dp)
+                        dp=self.dp, ep=self.ep, etp=self.etp)
 
     def check_model(self, config: ModelConfig) -> None:
         """Every shape that tensor (and sequence) parallelism splits must split evenly."""
@@ -151,8 +183,9 @@ class Layout:
 
     def __str__(self) -> str:
         tokens = [f"tp{self.tp}"] if self.tp > 1 or (self.pp == 1 and self.dp == 1 and self.cp == 1) else []
-        for axis in ("pp", "vpp", "cp", "ep", "etp", "dp"):
+        for axis in ("pp", "vpp", "cp", "ep", "dp"):
             tokens += [f"{axis}{getattr(self, axis)}"] if getattr(self, axis) > 1 else []
+            tokens += [f"etp{self.etp}"] if axis == "ep" and self.etp is not None else []
         tokens += [f"mb{self.microbatches}"] if self.microbatches else []
         tokens += ["sp"] if self.sequence_parallel else []
         tokens += [f"zero{self.zero}"] if self.zero else []

@@ -33,6 +33,10 @@ class DistributedConfig:
         None, "layers per virtual pipeline stage; vpp = num layers / (pp x this) (None: no interleaving)")
     context_parallel_size: int = flag_field(1, "context-parallel size (cp; only 1 is supported yet)",
                                             status="(a) for 1; larger sizes are issue 22")
+    expert_model_parallel_size: int = flag_field(1, "expert-parallel size (ep): experts split over ep ranks; "
+                                                 "needs --num-experts")
+    expert_tensor_parallel_size: int | None = flag_field(
+        None, "tensor-parallel size inside each expert (etp; None: tp); edp = world / (etp x ep x pp)")
     sequence_parallel: bool = flag_field(False, "split norms, dropout and residuals along the sequence over tp")
     decoder_first_pipeline_num_layers: int | None = flag_field(None, "layers of the first pipeline stage (None: even)")
     decoder_last_pipeline_num_layers: int | None = flag_field(None, "layers of the last pipeline stage (None: even)")
@@ -57,9 +61,10 @@ class DistributedConfig:
         None, "timeout of collectives in minutes (None: 1 under gloo, 10 under nccl)")
 
     def __post_init__(self) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "expert_model_parallel_size"):
             check_int(name, getattr(self, name))
-        for name in ("num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
+        for name in ("expert_tensor_parallel_size", "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
                      "decoder_last_pipeline_num_layers", "ddp_bucket_size"):
             check_int(name, getattr(self, name), optional=True)
         check_choices(self)

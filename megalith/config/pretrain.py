@@ -76,8 +76,14 @@ class PretrainConfig:
         notices: list[str] = []
         layout = Layout.over_world(world_size, tp=sections["distributed"].tensor_model_parallel_size,
                                    pp=sections["distributed"].pipeline_model_parallel_size,
-                                   cp=sections["distributed"].context_parallel_size)
+                                   cp=sections["distributed"].context_parallel_size,
+                                   ep=sections["distributed"].expert_model_parallel_size,
+                                   etp=sections["distributed"].expert_tensor_parallel_size)
         layout.check_implemented()
+        ignored = layout.check_experts(getattr(sections["model"], "num_experts", None))  # issue 21's MoE field
+        if ignored:  # etp without experts: the grid keeps no expert axes
+            notices.append(ignored)
+            layout = replace(layout, etp=None)
         sections = _adjusted(sections, notices)
         dist, model, training = sections["distributed"], sections["model"], sections["training"]
         training.check_length()
@@ -90,7 +96,7 @@ class PretrainConfig:
         batches = BatchSchedule(training.global_batch_size or training.micro_batch_size * dp,
                                 training.micro_batch_size, dp, training.rampup_batch_size)
         batch = BatchPlan(batches.global_batch_size, batches.micro_batch_size, dp)  # the full batch
-        layout = Layout(tp=layout.tp, pp=layout.pp, vpp=vpp, cp=layout.cp, dp=dp,
+        layout = Layout(tp=layout.tp, pp=layout.pp, vpp=vpp, cp=layout.cp, dp=dp, ep=layout.ep, etp=layout.etp,
                         sequence_parallel=dist.sequence_parallel, zero=dist.zero_stage,
                         recompute=model.recompute_granularity, precision=model.params_dtype,
                         schedule=_schedule(dist.pipeline_schedule, layout.pp, vpp, batches))

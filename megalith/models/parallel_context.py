@@ -22,6 +22,25 @@ class ParallelContext:
     embedding_group: object = None  # first + last pipeline stage: sums the tied embedding's gradients
     pipeline_group: object = None  # every stage (T5 sums its tables shared between stages over it)
     kernels: object = None  # megalith.kernel_choice.KernelChoice (None: resolved from the config for `device`)
+    ep_group: object = None  # expert parallelism: ranks holding different experts (None: ep 1)
+    etp_group: object = None  # tensor parallelism inside an expert (None: one rank; = tp_group unless etp is set)
+    edp_group: object = None  # the experts' data parallelism (their gradients are summed over it)
+
+    @property
+    def ep_size(self) -> int:
+        return comm.group_size(self.ep_group)
+
+    @property
+    def ep_rank(self) -> int:
+        return comm.group_rank(self.ep_group)
+
+    @property
+    def etp_size(self) -> int:
+        return comm.group_size(self.etp_group)
+
+    @property
+    def etp_rank(self) -> int:
+        return comm.group_rank(self.etp_group)
 
     @property
     def tp_size(self) -> int:

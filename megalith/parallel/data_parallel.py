@@ -52,6 +52,11 @@ parameters outside forward uses `gathered_parameters()`.
 Parameters marked `shared_embedding` (a tied embedding split over pipeline stages) get a bucket
 of their own, so their slice boundaries are the same on the first and the last stage and the
 embedding-group sum after the reduce-scatter adds matching elements (Megatron bug #844).
+
+Expert parameters (`param.expert_parallel = True`, issue 21) are replicated over the experts'
+data parallelism (edp), not over dp: a chunk holding some gets two buffers, `experts=False`
+over dp and `experts=True` over edp (`split_by_experts`), each with its own buckets and, when
+sharded, its own slices; a chunk without any keeps its one buffer, exactly as before.
 """
 
 from __future__ import annotations
@@ -75,6 +80,20 @@ MAX_REDUCTIONS_IN_FLIGHT = 2  # ZeRO-2/3: older reductions are waited for when a
 
 def default_bucket_size(dp_size: int) -> int:
     return max(DEFAULT_BUCKET_ELEMENTS, 1_000_000 * dp_size)
+
+
+def is_expert(param: nn.Parameter) -> bool:
+    """An expert's parameter: its gradient is summed over the experts' data parallelism only."""
+    return bool(getattr(param, "expert_parallel", False))
+
+
+def split_by_experts(module: nn.Module, dp_group, edp_group, **options) -> tuple["DataParallelGrads", "DataParallelGrads | None"]:
+    """The chunk's buffer over dp and, when it holds expert parameters, theirs over edp (else None:
+    the one buffer of before, every parameter in it)."""
+    if not any(is_expert(p) for p in module.parameters() if p.requires_grad):
+        return DataParallelGrads(module, dp_group, **options), None
+    return (DataParallelGrads(module, dp_group, experts=False, **options),
+            DataParallelGrads(module, edp_group, experts=True, **options))
 
 
 @dataclass(eq=False)
@@ -133,8 +152,13 @@ class DataParallelGrads:
         shard_grads: bool = False,
         shard_params: bool = False,
         overlap_param_gather: bool = False,
+        experts: bool | None = None,
     ) -> None:
-        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        """`experts`: None every trainable parameter, True only the expert ones (`dp_group` is then
+        the experts' data-parallel group), False all others."""
+        named = [(name, p) for name, p in module.named_parameters()
+                 if p.requires_grad and (experts is None or is_expert(p) == experts)]
+        self.expert = bool(experts)
         if not named:
             raise ConfigError("a model chunk without trainable parameters cannot be data-parallel; check the stage split")
         dtypes = {p.dtype for _, p in named}

@@ -6,6 +6,15 @@ order with tp varying fastest, so a tensor-parallel group is a block of neighbou
 (one node, fast links):
 
     rank = tp_i + tp * (cp_i + cp * (dp_i + dp * pp_i))
+
+The experts factor the same ranks a second time, as Megatron-Core does (its expert rank
+generator, order ``tp-cp-ep-dp-pp`` with cp folded into data parallelism): expert tensor
+parallelism etp fastest, then expert parallelism ep, then expert data parallelism
+edp = world / (etp * ep * pp), then the same pp, so both factorisations agree on the stage:
+
+    rank = etp_i + etp * (ep_i + ep * (edp_i + edp * pp_i))
+
+With ep 1 and etp = tp the expert groups are the attention ones (etp = tp, edp = dp x cp).
 """
 
 from __future__ import annotations
@@ -27,6 +36,15 @@ _VARIED: dict[str, tuple[str, ...]] = {
     "tp_cp": ("tp", "cp"),
 }
 _DIMS = ("tp", "cp", "dp", "pp")
+# The expert factorisation: etp (tensor inside an expert), ep, edp (the experts' data parallelism), pp.
+_EXPERT_VARIED: dict[str, tuple[str, ...]] = {
+    "ep": ("ep",),
+    "etp": ("etp",),
+    "edp": ("edp",),
+    "etp_ep": ("etp", "ep"),  # Megatron's expert tensor-and-model-parallel group
+    "emp": ("etp", "ep", "pp"),  # expert model parallel: every rank holding a different expert shard
+}
+_EXPERT_DIMS = ("etp", "ep", "edp", "pp")
 
 
 @dataclass(frozen=True)
@@ -39,6 +57,16 @@ class RankCoords:
     pp: int
 
 
+@dataclass(frozen=True)
+class ExpertCoords:
+    """Where one rank sits on the experts' axes."""
+
+    etp: int
+    ep: int
+    edp: int
+    pp: int
+
+
 def _check_size(name: str, value: object, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; pass a positive whole number")
@@ -46,22 +74,42 @@ def _check_size(name: str, value: object, minimum: int = 1) -> None:
 
 @dataclass(frozen=True)
 class RankGrid:
-    """A world of ranks laid out as tp x cp x dp x pp; ``dp=None`` takes the rest of the world."""
+    """A world of ranks laid out as tp x cp x dp x pp; ``dp=None`` takes the rest of the world.
+
+    For experts the same ranks are also etp x ep x edp x pp (``etp=None``: etp = tp)."""
 
     world_size: int
     tp: int = 1
     pp: int = 1
     cp: int = 1
     dp: int | None = None
+    ep: int = 1
+    etp: int | None = None
 
     ORDER: ClassVar[str] = "tp-cp-dp-pp"
+    EXPERT_ORDER: ClassVar[str] = "tp-cp-ep-dp-pp"  # Megatron's name; cp is 1 on the expert side
     GROUP_KINDS: ClassVar[tuple[str, ...]] = ("tp", "cp", "dp", "pp", "mp", "dp_cp", "tp_cp", "embedding")
+    EXPERT_GROUP_KINDS: ClassVar[tuple[str, ...]] = tuple(_EXPERT_VARIED)
 
     def __post_init__(self) -> None:
         _check_size("world_size", self.world_size)
         _check_size("tensor-model-parallel size (tp)", self.tp)
         _check_size("pipeline-model-parallel size (pp)", self.pp)
         _check_size("context-parallel size (cp)", self.cp)
+        _check_size("expert-model-parallel size (ep)", self.ep)
+        if self.etp is None:
+            object.__setattr__(self, "etp", self.tp)
+        _check_size("expert-tensor-parallel size (etp)", self.etp)
+        self._check_attention_sizes()
+        expert = self.etp * self.ep * self.pp  # type: ignore[operator]
+        if self.world_size % expert:  # after the attention sizes: their message comes first
+            raise ConfigError(
+                f"expert-tensor-parallel size {self.etp} x expert-model-parallel {self.ep} x pipeline {self.pp} "
+                f"= {expert} does not divide world size {self.world_size}; "
+                "choose --expert-tensor-parallel-size and --expert-model-parallel-size whose product with pp divides it"
+            )
+
+    def _check_attention_sizes(self) -> None:
         model = self.tp * self.pp * self.cp
         if self.dp is None:
             if self.world_size % model:
@@ -82,7 +130,62 @@ class RankGrid:
             )
 
     def __str__(self) -> str:
-        return f"tp{self.tp}.cp{self.cp}.dp{self.dp}.pp{self.pp} (world {self.world_size})"
+        experts = f".etp{self.etp}.ep{self.ep}.edp{self.edp}" if self.has_expert_axes else ""
+        return f"tp{self.tp}.cp{self.cp}.dp{self.dp}.pp{self.pp}{experts} (world {self.world_size})"
+
+    @property
+    def edp(self) -> int:
+        """The experts' data-parallel size: world / (etp x ep x pp)."""
+        return self.world_size // (self.etp * self.ep * self.pp)  # type: ignore[operator]
+
+    @property
+    def has_expert_axes(self) -> bool:
+        """False when the expert groups are the attention ones (ep 1, etp = tp): nothing new to build."""
+        return self.ep > 1 or self.etp != self.tp
+
+    def _expert_sizes(self) -> dict[str, int]:
+        return {"etp": self.etp, "ep": self.ep, "edp": self.edp, "pp": self.pp}  # type: ignore[dict-item]
+
+    def expert_coords(self, rank: int) -> ExpertCoords:
+        """The (etp, ep, edp, pp) coordinates of a global rank; pp is the same as in `coords`."""
+        self.coords(rank)  # checks the rank
+        etp_i, rest = rank % self.etp, rank // self.etp  # type: ignore[operator]
+        ep_i, rest = rest % self.ep, rest // self.ep
+        return ExpertCoords(etp=etp_i, ep=ep_i, edp=rest % self.edp, pp=rest // self.edp)
+
+    def expert_rank_of(self, *, etp: int = 0, ep: int = 0, edp: int = 0, pp: int = 0) -> int:
+        """The global rank at the given expert coordinates (the inverse of `expert_coords`)."""
+        sizes = self._expert_sizes()
+        for name, value in (("etp", etp), ("ep", ep), ("edp", edp), ("pp", pp)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < sizes[name]:
+                raise ConfigError(f"{name} coordinate {value!r} is outside {name} size {sizes[name]} of grid {self}; "
+                                  f"use 0..{sizes[name] - 1}")
+        return etp + self.etp * (ep + self.ep * (edp + self.edp * pp))  # type: ignore[operator]
+
+    def expert_groups(self, kind: str) -> list[list[int]]:
+        """Every expert group of that kind (ep, etp, edp, etp_ep, emp), sorted, ordered by first rank."""
+        self._check_expert_kind(kind)
+        fixed = [d for d in _EXPERT_DIMS if d not in _EXPERT_VARIED[kind]]
+        buckets: dict[tuple[int, ...], list[int]] = {}
+        for rank in range(self.world_size):
+            c = self.expert_coords(rank)
+            buckets.setdefault(tuple(getattr(c, d) for d in fixed), []).append(rank)
+        return list(buckets.values())
+
+    def expert_group_of(self, kind: str, rank: int) -> list[int]:
+        """The expert group of that kind holding rank."""
+        self._check_expert_kind(kind)
+        c = self.expert_coords(rank)
+        sizes, varied = self._expert_sizes(), _EXPERT_VARIED[kind]
+        members = []
+        for values in product(*(range(sizes[d]) for d in varied)):
+            at = {d: getattr(c, d) for d in _EXPERT_DIMS} | dict(zip(varied, values))
+            members.append(self.expert_rank_of(**at))
+        return sorted(members)
+
+    def _check_expert_kind(self, kind: str) -> None:
+        if kind not in self.EXPERT_GROUP_KINDS:
+            raise ConfigError(f"unknown expert group kind {kind!r}; use one of {', '.join(self.EXPERT_GROUP_KINDS)}")
 
     def _sizes(self) -> dict[str, int]:
         return {"tp": self.tp, "cp": self.cp, "dp": self.dp, "pp": self.pp}  # type: ignore[dict-item]

@@ -55,7 +55,8 @@ class RankContext:
     master_port: int
     _states: dict = field(default_factory=dict, repr=False)
 
-    def parallel_state(self, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None):
+    def parallel_state(self, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None, ep: int = 1,
+                       etp: int | None = None):
         """The ParallelState for this layout, built once and reused. Without dp the layout takes
         the whole pool; with dp it takes the first tp x cp x dp x pp ranks and the others get
         None (they idle while the layout runs).
@@ -65,12 +66,12 @@ class RankContext:
         from megalith.parallel.grid import RankGrid
         from megalith.parallel.state import ParallelState
 
-        key = (tp, pp, cp, dp)
+        key = (tp, pp, cp, dp) if (ep, etp) == (1, None) else (tp, pp, cp, dp, ep, etp)
         if key not in self._states:
             size = self.world_size if dp is None else tp * pp * cp * dp
             if size > self.world_size:
                 raise ConfigError(f"layout tp{tp}.cp{cp}.dp{dp}.pp{pp} needs {size} ranks; the pool has {self.world_size}")
-            grid = RankGrid(size, tp=tp, pp=pp, cp=cp, dp=dp)
+            grid = RankGrid(size, tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, etp=etp)
             self._states[key] = ParallelState.from_grid(grid, backend="gloo", idle_ranks=True)
         return self._states[key]
 

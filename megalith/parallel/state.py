@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megalith import device as device_helper
 from megalith.errors import ConfigError
-from megalith.parallel.grid import RankCoords, RankGrid
+from megalith.parallel.grid import ExpertCoords, RankCoords, RankGrid
 from megalith.parallel.launch_env import LaunchEnv, read_launch_env
 
 DEFAULT_GLOO_TIMEOUT_S = 60.0
@@ -41,6 +41,34 @@ def _build_groups(grid: RankGrid, rank: int, kinds: tuple[str, ...]) -> dict:
     return mine
 
 
+# With trivial expert axes (ep 1, etp = tp) each expert group is an attention group: reuse it.
+_EXPERT_ALIAS = {"ep": None, "etp": "tp", "etp_ep": "tp", "emp": "mp"}
+
+
+def _expert_groups(grid: RankGrid, rank: int) -> dict:
+    """The expert groups holding `rank`, created (collectively) only when the grid has expert axes;
+    else none: the expert kinds then read the attention groups (`_expert_group`)."""
+    built: dict = {}
+    for kind in grid.EXPERT_GROUP_KINDS if grid.has_expert_axes else ():
+        built[kind] = None
+        for ranks in grid.expert_groups(kind):
+            group = dist.new_group(ranks)  # every rank creates every group, in the same order
+            if rank in ranks:
+                built[kind] = group
+    return built
+
+
+def _expert_group(kind: str) -> property:
+    def get(self):
+        if kind in self.groups:
+            return self.groups[kind]
+        if kind == "edp":  # edp = dp x cp
+            return self.groups["dp_cp"] if self.grid.cp > 1 else self.groups["dp"]
+        alias = _EXPERT_ALIAS[kind]
+        return self.groups[alias] if alias else None
+    return property(get, doc=f"this rank's expert {kind} group (an attention group when the axes are trivial)")
+
+
 def _grid_size(axis: str) -> property:
     return property(lambda self: getattr(self.grid, axis), doc=f"ranks along {axis}")
 
@@ -58,7 +86,8 @@ class ParallelState:
     """This rank's place in the layout and its process groups.
 
     Group attributes: tp_group, pp_group, dp_group, cp_group, mp_group (tp x pp), dp_cp_group,
-    embedding_group (None on ranks that hold no embedding).
+    embedding_group (None on ranks that hold no embedding); for experts ep_group (None with ep 1),
+    etp_group, edp_group, etp_ep_group and emp_group (etp x ep x pp, the expert gradient norm's).
     """
 
     grid: RankGrid
@@ -87,6 +116,7 @@ class ParallelState:
         backend = backend or dist.get_backend()
         rank = dist.get_rank()
         groups = _build_groups(grid, rank, RankGrid.GROUP_KINDS)
+        groups |= _expert_groups(grid, rank)  # kept apart: one group object, one kind (the comm ledger)
         if rank >= grid.world_size:
             return None
         return cls(grid, rank, device or torch.device("cpu"), backend, groups)
@@ -98,6 +128,8 @@ class ParallelState:
         pp: int = 1,
         cp: int = 1,
         dp: int | None = None,
+        ep: int = 1,
+        etp: int | None = None,
         *,
         backend: str | None = None,
         timeout_s: float | None = None,
@@ -108,7 +140,7 @@ class ParallelState:
         Every argument is checked before any process group is touched.
         """
         launch = read_launch_env(os.environ if env is None else env)
-        grid = RankGrid(launch.world_size, tp=tp, pp=pp, cp=cp, dp=dp)
+        grid = RankGrid(launch.world_size, tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, etp=etp)
         backend = device_helper.check_backend(backend or device_helper.default_backend())
         if timeout_s is not None and timeout_s <= 0:
             raise ConfigError(f"communication timeout must be positive, got {timeout_s} s")
@@ -136,6 +168,25 @@ class ParallelState:
     tp_rank, pp_rank, dp_rank, cp_rank = (_coordinate(axis) for axis in ("tp", "pp", "dp", "cp"))
     tp_group, pp_group, dp_group, cp_group, mp_group, dp_cp_group, embedding_group = (
         _group(kind) for kind in ("tp", "pp", "dp", "cp", "mp", "dp_cp", "embedding"))
+    ep_group, etp_group, edp_group, etp_ep_group, emp_group = (
+        _expert_group(kind) for kind in RankGrid.EXPERT_GROUP_KINDS)
+    ep_size, etp_size, edp_size = (_grid_size(axis) for axis in ("ep", "etp", "edp"))
+
+    @property
+    def expert_coords(self) -> ExpertCoords:
+        return self.grid.expert_coords(self.rank)
+
+    @property
+    def ep_rank(self) -> int:
+        return self.expert_coords.ep
+
+    @property
+    def etp_rank(self) -> int:
+        return self.expert_coords.etp
+
+    @property
+    def edp_rank(self) -> int:
+        return self.expert_coords.edp
 
     @property
     def coords(self) -> RankCoords:

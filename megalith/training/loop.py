@@ -312,7 +312,7 @@ def run_pretrain(config: PretrainConfig) -> NoReturn:
     if config.checkpointing.exit_signal_handler:
         block_sigterm_in_new_threads()
     layout = config.layout
-    state = ParallelState.initialize(layout.tp, layout.pp, layout.cp, layout.dp, backend=config.distributed_backend,
+    state = ParallelState.initialize(layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, backend=config.distributed_backend,
                                      timeout_s=timeout * 60 if timeout else None)
     try:
         trainer = Trainer(config, state)

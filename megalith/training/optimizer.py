@@ -22,6 +22,12 @@ fragment on the one dp rank that owns it. Its square is summed over dp (sharded)
 model-parallel group, together with the squares of the gradients not counted (so that every
 gradient is checked): a non-finite sum is an overflow, agreed by every rank, and skips the step.
 
+Expert parameters (buffers with `expert`, reduced over edp) are counted the same way on the
+experts' axes: a replicated one only on expert-tp rank 0, a sharded fragment on the one edp
+rank that owns it; their squares are summed over edp (sharded) and the expert model-parallel
+group (etp x ep x pp), which holds each (etp, ep, pp) position once for one edp index, so every
+expert shard enters the norm exactly once; the two sums are then added.
+
 With `--decoupled-lr` the word embedding and the output layer (the tied head copy included,
 position embeddings not: Megatron's `is_embedding_or_output_parameter`) form groups of their
 own whose rate follows the same warm-up and decay from `--decoupled-lr` to `--decoupled-min-lr`
@@ -58,6 +64,7 @@ class Fragment:
     offset: int = 0  # where [start, end) begins inside the flattened parameter
     decoupled: bool = False  # in the --decoupled-lr groups (word embedding, output layer)
     offloaded: bool = False  # main (and state) in host memory (--optimizer-cpu-offload): see offload.py
+    expert: bool = False  # an expert parameter's (reduced over edp; its norm sums over the expert groups)
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,9 @@ class ParallelOptimizer:
     """AdamW or SGD over the fragments of every chunk's buffer, with unscale, skip, clip, write back."""
 
     def __init__(self, buffers: list[DataParallelGrads], config, *, tp_group=None, mp_group=None,
-                 loss_scaler=None) -> None:
+                 loss_scaler=None, etp_group=None, emp_group=None) -> None:
+        """`etp_group`, `emp_group` (expert tensor, expert model parallel): for the buffers of expert
+        parameters, which count in the norm as `tp_group`, `mp_group` do for the others."""
         if config.optimizer not in OPTIMIZER_NAMES:
             raise ConfigError(f"--optimizer {config.optimizer!r} is not one of {', '.join(OPTIMIZER_NAMES)}")
         if config.clip_grad < 0:
@@ -123,11 +132,18 @@ class ParallelOptimizer:
         self.buffers, self.config, self.loss_scaler = buffers, config, loss_scaler
         self.mp_group = mp_group
         self.sharded = any(b.shard for b in buffers)
-        self.dp_group = buffers[0].dp_group if self.sharded else None
-        tp_rank = group_rank(tp_group)
-        self.fragments = [f for b in buffers for f in self._fragments(b, tp_rank)]
+        dense = [b for b in buffers if not b.expert]
+        self.dp_group = dense[0].dp_group if self.sharded and dense else None
+        experts = [b for b in buffers if b.expert]
+        self.emp_group = emp_group
+        self.edp_group = experts[0].dp_group if self.sharded and experts else None
+        self.has_experts = bool(experts)
+        tp_rank, etp_rank = group_rank(tp_group), group_rank(etp_group)
+        self.fragments = [f for b in buffers for f in self._fragments(b, etp_rank if b.expert else tp_rank)]
         self._counted = torch.tensor([f.counted for f in self.fragments], dtype=torch.bool,
                                      device=buffers[0].grad_data.device)
+        self._expert = torch.tensor([f.expert for f in self.fragments], dtype=torch.bool,
+                                    device=buffers[0].grad_data.device)
         device = buffers[0].grad_data.device
         self.offload = (HostOffload(self.fragments, config.optimizer_offload_fraction, device)
                         if config.optimizer_cpu_offload else None)
@@ -162,7 +178,7 @@ class ParallelOptimizer:
                 fragments.append(Fragment(main, None if fp32 else flat, buffer.grad_slice(a, b),
                                           decay=not _no_weight_decay(name, param),
                                           counted=_counted_in_norm(param, tp_rank), name=name, offset=a - start,
-                                          decoupled=is_embedding_or_output(name, param)))
+                                          decoupled=is_embedding_or_output(name, param), expert=buffer.expert))
         return fragments
 
     @property
@@ -173,21 +189,35 @@ class ParallelOptimizer:
         for buffer in self.buffers:
             buffer.zero_grad()
 
-    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        for group in (self.dp_group, self.mp_group):
+    def _sum_over_ranks(self, value: torch.Tensor, groups: tuple | None = None) -> torch.Tensor:
+        for group in groups or (self.dp_group, self.mp_group):
             if group_size(group) > 1:
                 all_reduce(value, group)
         return value
 
-    def _squares(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """[squares counted in the global norm, squares of the others] on this rank, float64.
+    def _squares(self, grads: list[torch.Tensor], expert: bool | None = None) -> torch.Tensor:
+        """[squares counted in the global norm, squares of the others] on this rank, float64
+        (`expert` None: every fragment; True / False: the expert fragments or the others).
         Every gradient takes part in the overflow check (Megatron checks all main grads), so
         an inf in a gradient this rank does not count in the norm still skips the step."""
         squares = torch.zeros(2, dtype=torch.float64, device=self.buffers[0].grad_data.device)
         if grads:
             per_fragment = torch.stack(torch._foreach_norm(grads)).double().pow(2)
-            squares = torch.stack([per_fragment[self._counted].sum(), per_fragment[~self._counted].sum()])
+            counted = self._counted
+            if expert is not None:
+                mine = self._expert if expert else ~self._expert
+                per_fragment, counted = per_fragment[mine], counted[mine]
+            squares = torch.stack([per_fragment[counted].sum(), per_fragment[~counted].sum()])
         return squares
+
+    def _global_squares(self, grads: list[torch.Tensor]) -> list[float]:
+        """[counted, other] squares over every rank: the dense ones over dp (sharded) and mp, the
+        expert ones over edp (sharded) and the expert model-parallel group."""
+        if not self.has_experts:
+            return self._sum_over_ranks(self._squares(grads)).tolist()
+        dense = self._sum_over_ranks(self._squares(grads, expert=False))
+        experts = self._sum_over_ranks(self._squares(grads, expert=True), (self.edp_group, self.emp_group))
+        return (dense + experts).tolist()
 
     def step(self, lr: float | LearningRates) -> StepOutcome:
         """One update from the reduced gradients (call after the gradients are finalised); `lr` a
@@ -207,7 +237,7 @@ class ParallelOptimizer:
         scale = self.loss_scale
         if scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / scale)
-        counted_squares, other_squares = self._sum_over_ranks(self._squares(grads)).tolist()
+        counted_squares, other_squares = self._global_squares(grads)
         finite = math.isfinite(counted_squares + other_squares)
         if self.loss_scaler is not None:
             self.loss_scaler.update(not finite)

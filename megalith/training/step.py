@@ -24,7 +24,7 @@ from megalith.config.pretrain import PretrainConfig
 from megalith.models.parallel_context import ParallelContext, StageSpec
 from megalith.models.registry import ModelSpec, get_model_spec
 from megalith.parallel.comm import all_reduce, gradient_of, group_size
-from megalith.parallel.data_parallel import DataParallelGrads
+from megalith.parallel.data_parallel import DataParallelGrads, split_by_experts
 from megalith.parallel.pipeline.actions import Action, Kind, stage_of
 from megalith.parallel.pipeline.engine import PipelineEngine, StepResult
 from megalith.parallel.pipeline.schedules import build_schedule, placement_of
@@ -93,7 +93,8 @@ def parallel_context(state, layout: Layout, seed: int) -> ParallelContext:
         return ParallelContext(None, layout.sequence_parallel, model_parallel_rng_tracker(seed, 0))
     return ParallelContext(state.tp_group, layout.sequence_parallel,
                            model_parallel_rng_tracker(seed, state.tp_rank, state.device, state.pp_rank),
-                           device=state.device, embedding_group=state.embedding_group, pipeline_group=state.pp_group)
+                           device=state.device, embedding_group=state.embedding_group, pipeline_group=state.pp_group,
+                           ep_group=state.ep_group, etp_group=state.etp_group, edp_group=state.edp_group)
 
 
 def build_chunks(plan: StepPlan, ctx: ParallelContext, pp_rank: int) -> list[nn.Module]:
@@ -125,13 +126,16 @@ def assemble_runner(plan: StepPlan, state, optimizer_config, loss_scaler, record
     layout, ctx = plan.layout, parallel_context(state, plan.layout, plan.seed)
     pp_rank = state.pp_rank if state is not None else 0
     chunks = build_chunks(plan, ctx, pp_rank)
-    buffers = [DataParallelGrads(chunk, group("dp_group"), bucket_size=plan.bucket_size, overlap=plan.overlap,
-                                 accumulate_in_fp32=plan.accumulate_in_fp32, shard=layout.distributed_optimizer,
-                                 shard_grads=layout.sharded_gradients, shard_params=layout.sharded_parameters,
-                                 overlap_param_gather=plan.overlap_param_gather)
-               for chunk in chunks]
-    optimizer = ParallelOptimizer(buffers, optimizer_config, tp_group=group("tp_group"), mp_group=group("mp_group"),
-                                  loss_scaler=loss_scaler)
+    # expert parameters get a buffer of their own over edp (split_by_experts); other chunks one, as before
+    pairs = [split_by_experts(chunk, group("dp_group"), group("edp_group"), bucket_size=plan.bucket_size,
+                              overlap=plan.overlap, accumulate_in_fp32=plan.accumulate_in_fp32,
+                              shard=layout.distributed_optimizer, shard_grads=layout.sharded_gradients,
+                              shard_params=layout.sharded_parameters, overlap_param_gather=plan.overlap_param_gather)
+             for chunk in chunks]
+    buffers, expert_buffers = [dense for dense, _ in pairs], [experts for _, experts in pairs]
+    optimizer = ParallelOptimizer(buffers + [b for b in expert_buffers if b is not None], optimizer_config,
+                                  tp_group=group("tp_group"), mp_group=group("mp_group"), loss_scaler=loss_scaler,
+                                  etp_group=group("etp_group"), emp_group=group("emp_group"))
     placement = placement_of(layout.pipeline_schedule)
     tied = local_tied_copies(chunks) if placement == "v" else []  # after the buffers: each copy keeps its bucket
     engine = PipelineEngine(chunks, rank=pp_rank, pp=layout.pp, pp_group=group("pp_group"),
@@ -145,7 +149,7 @@ def assemble_runner(plan: StepPlan, state, optimizer_config, loss_scaler, record
                       per_token_loss=plan.calculate_per_token_loss, local_tied=tied,
                       # the sums after the reduction (over tp, the embedding group, pp for T5) need whole
                       # gradients under ZeRO-2/3; with neither tp nor pp there is nothing to sum
-                      lend_full_grads=layout.tp > 1 or layout.pp > 1)
+                      lend_full_grads=layout.tp > 1 or layout.pp > 1, expert_buffers=expert_buffers)
 
 
 @dataclass(frozen=True)
@@ -166,9 +170,16 @@ class StepRunner:
     def __init__(self, chunks: list[nn.Module], buffers: list[DataParallelGrads], engine: PipelineEngine,
                  actions: list[Action], optimizer: ParallelOptimizer, dp_group=None,
                  schedule: Callable[[int], list[Action]] | None = None, pp_group=None,
-                 per_token_loss: bool = False, local_tied: list | None = None, lend_full_grads: bool = True) -> None:
+                 per_token_loss: bool = False, local_tied: list | None = None, lend_full_grads: bool = True,
+                 expert_buffers: list | None = None) -> None:
         """`actions`: the step of the full global batch; `schedule(n)`: this rank's actions for a step of
-        n micro-batches (a batch-size ramp-up changes n), built once per count."""
+        n micro-batches (a batch-size ramp-up changes n), built once per count. `buffers`: one per
+        chunk; `expert_buffers`: per chunk, its expert parameters' buffer over edp, or None.
+        `self.buffers` lists every buffer, the chunks' first (in chunk order)."""
+        experts = expert_buffers or [None] * len(buffers)
+        self._chunk_buffers = [[dense] + ([expert] if expert is not None else []) for dense, expert in
+                               zip(buffers, experts)]
+        buffers = list(buffers) + [b for b in experts if b is not None]
         self.chunks, self.buffers, self.engine = chunks, buffers, engine
         self.actions, self.optimizer, self.dp_group = actions, optimizer, dp_group
         self.pp_group, self.per_token_loss = pp_group, per_token_loss
@@ -176,6 +187,10 @@ class StepRunner:
         self.lend_full_grads = lend_full_grads
         self._schedule = schedule
         self._actions_by_count: dict[int, list[Action]] = {}
+
+    def chunk_buffers(self, chunk: int) -> list[DataParallelGrads]:
+        """Chunk `chunk`'s buffers: its dense one, then its experts' (over edp) when it has experts."""
+        return self._chunk_buffers[chunk]
 
     def actions_for(self, num_micro_batches: int | None) -> list[Action]:
         """The actions of a step of `num_micro_batches` micro-batches (None: the full batch's)."""
@@ -189,7 +204,8 @@ class StepRunner:
         return self._actions_by_count[num_micro_batches]
 
     def _before_backward(self, chunk: int, last: bool) -> None:
-        self.buffers[chunk].set_last_microbatch(last)
+        for buffer in self.chunk_buffers(chunk):
+            buffer.set_last_microbatch(last)
 
     def finalize_grads(self) -> None:
         """dp reduction, then SP norms over tp and the tied embedding over its group (Megatron's order)."""

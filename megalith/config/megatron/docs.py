@@ -27,7 +27,7 @@ Every Megatron-LM flag lands in one of three cases:
 - **(a)** implemented with Megatron's meaning and default (a few defaults of the model's shape come
   from `--model`'s registry entry), or another spelling of such a flag;
 - **(b)** refused: owned by another open issue, or not planned. A refused flag may still be given
-  at Megatron's default (`--num-experts 0`, `--expert-model-parallel-size 1`); any other value stops
+  at Megatron's default (`--num-experts 0`, `--moe-router-topk 2`); any other value stops
   the run at start-up with one line, e.g. `--num-experts is not supported yet: mixture of experts is
   issue 21; drop the flag`;
 - **(c)** accepted and ignored: a GPU tuning knob or a log-only switch that changes no number

@@ -9,8 +9,6 @@ _MLA = not_planned("multi-latent attention (DeepSeek's MLA)")
 _INFERENCE = not_planned("Megatron's inference engine")
 
 MOE_FLAGS = (
-    flag("--expert-model-parallel-size", "int", 1, "expert-parallel size (ep)", MOE),
-    flag("--expert-tensor-parallel-size", "int", None, "tensor-parallel size inside the experts (None: tp)", MOE),
     flag("--num-experts", "int", None, "experts per MoE layer (None or 0: a dense model)", MOE, (0,)),
     flag("--moe-layer-freq", "str", 1, "which layers are MoE: every Nth, or a 0/1 pattern", MOE, ("1",)),
     flag("--moe-ffn-hidden-size", "int", None, "hidden size of each expert's MLP (None: --ffn-hidden-size)", MOE),
