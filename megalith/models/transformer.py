@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalith.config import ModelConfig
+from megalith.errors import ConfigError
 from megalith.kernel_choice import KernelChoice, kernels_of
 from megalith.models.norms import build_norm
 from megalith.models.parallel_context import ParallelContext
@@ -304,18 +305,32 @@ class MLP(nn.Module):
         return self.linear_fc2(h)
 
 
+def mlp_class(config: ModelConfig, layer_index: int | None):
+    """The dense MLP, or the MoE MLP where --num-experts and --moe-layer-freq make global layer `layer_index` MoE.
+    A model whose layers do not know their index (T5 so far) refuses --num-experts in one line."""
+    if config.num_experts is None:
+        return MLP
+    from megalith.models.moe import MoELayer, moe_layer_pattern
+
+    if layer_index is None:
+        raise ConfigError("--num-experts is built for GPT and BERT layers only so far (issue 21); drop it here")
+    return MoELayer if moe_layer_pattern(config)[layer_index] else MLP
+
+
 class TransformerLayer(nn.Module):
     """Pre-norm: x + dropout(attention(norm(x))), then + dropout(mlp(norm(x))).
 
     With `config.post_layer_norm` (the original BERT, Hugging Face's BertModel) the norms follow
     the residual sums instead: norm(x + dropout(attention(x))), then norm(x + dropout(mlp(x)));
     they are then named `post_self_attn_layernorm` and `post_mlp_layernorm` (Megatron-Core's names).
+    `layer_index` (global) picks an MoE MLP for the layers --moe-layer-freq names (megalith.models.moe).
     """
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod,
-                 causal: bool = True, softmax_scale: float | None = None) -> None:
+                 causal: bool = True, softmax_scale: float | None = None, layer_index: int | None = None) -> None:
         super().__init__()
         self.config, self.ctx = config, ctx
+        MLP = mlp_class(config, layer_index)
         if config.post_layer_norm:
             self.self_attention = SelfAttention(config, ctx, init, output_init, causal, softmax_scale)
             self.post_self_attn_layernorm = build_norm(config, ctx)

@@ -1,0 +1,107 @@
+"""Token dispatch: tokens to their experts' rows and the experts' outputs back, weighted by the routing
+probabilities. Both of Megatron's dispatchers are here; at expert-parallel size 1 each is a local permutation
+(expert-major, tokens in order within an expert), so they give bitwise-equal results.
+
+allgather: gathers every token over tp x ep and keeps the rows of this rank's experts (Megatron's
+MoEAllGatherTokenDispatcher). alltoall: sends each token to the ep rank of its expert and sorts what arrives
+by local expert (MoEAlltoAllTokenDispatcher); the one that supports capacity and padding. Expert parallelism
+(ctx.ep_group of size > 1) is refused until the expert-parallel axes land (issue 21)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from megalith.errors import ConfigError
+from megalith.models.moe.config import expert_capacity
+
+
+class Permutation(NamedTuple):
+    """Where each dispatched row came from: `tokens` [N] and `experts` [N]; `slots` [N] (row of each pair in
+    the expert input; None: rows are the pairs in order) and the rows per expert `counts`."""
+
+    tokens: torch.Tensor
+    experts: torch.Tensor
+    slots: torch.Tensor | None
+    counts: list[int]
+
+
+def group_size(group) -> int:
+    return 1 if group is None else torch.distributed.get_world_size(group)
+
+
+def permute(x: torch.Tensor, routing_map: torch.Tensor, capacity: int | None = None):
+    """Rows of x for each (token, expert) pair, expert-major; with `capacity` each expert gets exactly that
+    many rows, zero-padded."""
+    experts, tokens = routing_map.t().nonzero(as_tuple=True)
+    per_expert = routing_map.sum(0)
+    if capacity is None:
+        return x[tokens], Permutation(tokens, experts, None, per_expert.tolist())
+    starts = torch.cumsum(per_expert, 0) - per_expert
+    slots = experts * capacity + torch.arange(tokens.numel(), device=x.device) - starts[experts]
+    rows = x.new_zeros(routing_map.shape[1] * capacity, x.shape[1]).index_copy(0, slots, x[tokens])
+    return rows, Permutation(tokens, experts, slots, [capacity] * routing_map.shape[1])
+
+
+def unpermute(y: torch.Tensor, probs: torch.Tensor, perm: Permutation, num_tokens: int) -> torch.Tensor:
+    """Sum each token's expert outputs weighted by their probabilities (pairs in expert-major order)."""
+    rows = y if perm.slots is None else y.index_select(0, perm.slots)
+    weights = probs[perm.tokens, perm.experts].to(rows.dtype).unsqueeze(-1)
+    return y.new_zeros(num_tokens, y.shape[1]).index_add(0, perm.tokens, rows * weights)
+
+
+class AllGatherDispatcher:
+    """Megatron's allgather dispatcher at ep = 1 and tp = 1: nothing to gather, a local permutation."""
+
+    supports_capacity = False
+
+    def __init__(self, config, ctx) -> None:
+        self.config = config
+        refuse_expert_parallel(ctx, "allgather")
+
+    def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
+        rows, perm = permute(x, routing_map)
+        return rows, perm.counts, (perm, probs, x.shape[0])
+
+    def combine(self, y: torch.Tensor, state) -> torch.Tensor:
+        perm, probs, tokens = state
+        return unpermute(y, probs, perm, tokens)
+
+
+class AllToAllDispatcher:
+    """Megatron's alltoall dispatcher at ep = 1: the expert-major permutation (with capacity padding when
+    asked), an all-to-all over one rank (nothing) and the sort by local expert (the identity)."""
+
+    supports_capacity = True
+
+    def __init__(self, config, ctx) -> None:
+        self.config = config
+        refuse_expert_parallel(ctx, "alltoall")
+
+    def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
+        config, capacity = self.config, None
+        if config.moe_pad_expert_input_to_capacity:
+            capacity = expert_capacity(x.shape[0], config.num_experts, config.moe_router_topk,
+                                       config.moe_expert_capacity_factor)
+        rows, perm = permute(x, routing_map, capacity)
+        return rows, perm.counts, (perm, probs, x.shape[0])
+
+    def combine(self, y: torch.Tensor, state) -> torch.Tensor:
+        perm, probs, tokens = state
+        return unpermute(y, probs, perm, tokens)
+
+
+DISPATCHERS = {"allgather": AllGatherDispatcher, "alltoall": AllToAllDispatcher}
+
+
+def refuse_expert_parallel(ctx, name: str) -> None:
+    """One line while the expert-parallel axes are not wired into the MoE layer."""
+    size = group_size(getattr(ctx, "ep_group", None))
+    if size > 1:
+        raise ConfigError(f"the {name} dispatcher does not run expert parallelism yet (--expert-model-parallel-size "
+                          f"{size}); issue 21 wires it in after the expert-parallel axes; use size 1")
+
+
+def build_dispatcher(config, ctx):
+    return DISPATCHERS[config.moe_token_dispatcher_type](config, ctx)
