@@ -26,7 +26,7 @@ BASE = ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidd
 def build(config, seed=0):
     generator = torch.Generator().manual_seed(seed)
     init = normal_init(0.2, generator)  # large enough that routing is far from ties
-    return MoELayer(config, ParallelContext(), init, init)
+    return MoELayer(config, ParallelContext(), init, init, shared_mlp=MLP)
 
 
 def expert_mlp(config, layer, e, x):

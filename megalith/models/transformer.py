@@ -8,6 +8,7 @@ parallelism). Parameter names follow Megatron-Core (`self_attention.linear_qkv`,
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -314,7 +315,7 @@ def mlp_class(config: ModelConfig, layer_index: int | None):
 
     if layer_index is None:
         raise ConfigError("--num-experts is built for GPT and BERT layers only so far (issue 21); drop it here")
-    return MoELayer if moe_layer_pattern(config)[layer_index] else MLP
+    return functools.partial(MoELayer, shared_mlp=MLP) if moe_layer_pattern(config)[layer_index] else MLP
 
 
 class TransformerLayer(nn.Module):

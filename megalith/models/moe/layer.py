@@ -41,7 +41,8 @@ class MoELayer(nn.Module):
     `last_stats` keeps the latest forward's detached numbers (tokens per expert, dropped pairs, the weighted
     balancing loss) for the logs that issue 21 adds later."""
 
-    def __init__(self, config, ctx, init, output_init) -> None:
+    def __init__(self, config, ctx, init, output_init, shared_mlp=None) -> None:
+        """`shared_mlp`: the dense MLP class (megalith.models.transformer.MLP), which builds the shared expert."""
         super().__init__()
         if ctx.tp_size > 1:
             raise ConfigError(f"MoE layers do not run tensor parallelism yet (--tensor-model-parallel-size "
@@ -51,10 +52,8 @@ class MoELayer(nn.Module):
         self.experts = Experts(config, ctx, init, output_init)
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size is not None:
-            from megalith.models.transformer import MLP
-
             shared = replace(config, ffn_hidden_size=config.moe_shared_expert_intermediate_size)
-            self.shared_experts = MLP(shared, ctx, init, output_init)
+            self.shared_experts = shared_mlp(shared, ctx, init, output_init)
         self.dispatcher = build_dispatcher(config, ctx)
         self.aux_loss_scale = 1.0
         self.last_stats: dict = {}
