@@ -247,3 +247,21 @@ def test_dense_layers_stay_dense_and_a_gpt_with_experts_trains():
     reference = GPTModel(ModelConfig(**{**BASE.__dict__, "num_experts": None}), init_seed=7)
     for a, b in zip(dense.parameters(), reference.parameters()):
         assert torch.equal(a, b)
+
+
+def test_tp2_with_sequence_parallelism_equals_one_process(rank_pools):
+    """Router replicated (its gradient summed over tp under SP), experts split over tp as the dense MLP."""
+    from megalith.config import parse_layout
+    from megalith.models.registry import BUILTIN_MODELS
+    from megalith.verify import VerifySettings, run_verify
+
+    config = replace(ModelConfig(**BUILTIN_MODELS["gpt"].defaults), num_layers=3, num_experts=4, moe_router_topk=2,
+                     moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001, moe_shared_expert_intermediate_size=32,
+                     moe_layer_freq="[1,0,1]", swiglu=True)
+    settings = VerifySettings("gpt", config, steps=2)
+    (result,) = run_verify(settings, [parse_layout("tp2.sp")], pool=rank_pools(2))
+    assert result.passed, result
+    assert result.losses[-1] < result.losses[0]
+    # refused when the layer is built (on the ranks); Layout.check_model is where it moves with the ep axes
+    with pytest.raises(Exception, match="need --sequence-parallel"):
+        run_verify(settings, [parse_layout("tp2")], pool=rank_pools(2))

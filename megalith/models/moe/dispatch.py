@@ -15,6 +15,7 @@ import torch
 
 from megalith.errors import ConfigError
 from megalith.models.moe.config import expert_capacity
+from megalith.parallel import comm
 
 
 class Permutation(NamedTuple):
@@ -51,35 +52,56 @@ def unpermute(y: torch.Tensor, probs: torch.Tensor, perm: Permutation, num_token
     return y.new_zeros(num_tokens, y.shape[1]).index_add(0, perm.tokens, rows * weights)
 
 
+def gather_tokens(ctx, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
+    """Under SP (tp > 1): every tp rank's tokens, probabilities and routing (dim 0, in rank order), so each
+    rank runs its tp slice of the experts on all of them; gradients come back reduce-scattered."""
+    if ctx.tp_size == 1:
+        return x, probs, routing_map
+    group = ctx.tp_group
+    gathered = torch.empty((ctx.tp_size,) + tuple(routing_map.shape), dtype=torch.uint8, device=routing_map.device)
+    comm.all_gather_into(gathered.view(-1), routing_map.to(torch.uint8).contiguous().view(-1), group)
+    return (comm.gather_from_sequence_parallel(x, group), comm.gather_from_sequence_parallel(probs, group),
+            gathered.flatten(0, 1).bool())
+
+
+def scatter_output(ctx, out: torch.Tensor) -> torch.Tensor:
+    """Sum the experts' partial outputs over tp, each rank keeping its tokens (the inverse of gather_tokens)."""
+    return out if ctx.tp_size == 1 else comm.reduce_scatter_to_sequence_parallel(out, ctx.tp_group)
+
+
 class AllGatherDispatcher:
-    """Megatron's allgather dispatcher at ep = 1 and tp = 1: nothing to gather, a local permutation."""
+    """Megatron's allgather dispatcher at ep = 1: the tokens gathered over tp (under SP; nothing at tp = 1),
+    then a local permutation."""
 
     supports_capacity = False
 
     def __init__(self, config, ctx) -> None:
-        self.config = config
+        self.config, self.ctx = config, ctx
         refuse_expert_parallel(ctx, "allgather")
 
     def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
+        x, probs, routing_map = gather_tokens(self.ctx, x, probs, routing_map)
         rows, perm = permute(x, routing_map)
         return rows, perm.counts, (perm, probs, x.shape[0])
 
     def combine(self, y: torch.Tensor, state) -> torch.Tensor:
         perm, probs, tokens = state
-        return unpermute(y, probs, perm, tokens)
+        return scatter_output(self.ctx, unpermute(y, probs, perm, tokens))
 
 
 class AllToAllDispatcher:
     """Megatron's alltoall dispatcher at ep = 1: the expert-major permutation (with capacity padding when
-    asked), an all-to-all over one rank (nothing) and the sort by local expert (the identity)."""
+    asked), an all-to-all over one rank (nothing), the gather over the expert-tp group (tp, under SP) and the
+    sort by local expert (the identity)."""
 
     supports_capacity = True
 
     def __init__(self, config, ctx) -> None:
-        self.config = config
+        self.config, self.ctx = config, ctx
         refuse_expert_parallel(ctx, "alltoall")
 
     def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
+        x, probs, routing_map = gather_tokens(self.ctx, x, probs, routing_map)
         config, capacity = self.config, None
         if config.moe_pad_expert_input_to_capacity:
             capacity = expert_capacity(x.shape[0], config.num_experts, config.moe_router_topk,
@@ -89,7 +111,7 @@ class AllToAllDispatcher:
 
     def combine(self, y: torch.Tensor, state) -> torch.Tensor:
         perm, probs, tokens = state
-        return unpermute(y, probs, perm, tokens)
+        return scatter_output(self.ctx, unpermute(y, probs, perm, tokens))
 
 
 DISPATCHERS = {"allgather": AllGatherDispatcher, "alltoall": AllToAllDispatcher}

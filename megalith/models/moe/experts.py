@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megalith.parallel.layers import _check_split, _slice
+
 
 def activation(config, h: torch.Tensor) -> torch.Tensor:
     """The model's MLP activation (SwiGLU on [gate; up], ReLU, or GELU), as the dense MLP applies it."""
@@ -20,9 +22,13 @@ def activation(config, h: torch.Tensor) -> torch.Tensor:
     return F.gelu(h, approximate="tanh" if config.openai_gelu else "none")
 
 
-def _expert_parameter(full: torch.Tensor, dtype, device) -> nn.Parameter:
-    param = nn.Parameter(full.to(dtype=dtype, device=device).contiguous())
+def _expert_parameter(full: torch.Tensor, dtype, device, group=None, dim: int | None = None,
+                      stride: int = 1) -> nn.Parameter:
+    """This rank's slice of `full` along `dim` (split over tp, as the dense MLP's linears), marked expert-parallel."""
+    kept = full if dim is None else _slice(full, dim, stride, group)
+    param = nn.Parameter(kept.to(dtype=dtype, device=device).contiguous())
     param.expert_parallel = True
+    param.tensor_parallel_dim, param.tensor_parallel_stride = dim, stride
     return param
 
 
@@ -47,7 +53,9 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int], grouped: b
 
 
 class Experts(nn.Module):
-    """This rank's experts (all E at ep = 1), each an MLP of --moe-ffn-hidden-size with the model's activation.
+    """This rank's experts (all E at ep = 1), each an MLP of --moe-ffn-hidden-size with the model's activation,
+    split over tp as the dense MLP is (fc1's outputs, fc2's inputs; etp = tp): the output is a partial sum
+    over tp, without fc2's bias, which MoELayer adds once per token as sum_e p_e x bias2[e].
 
     Initialised as one process would: expert e's fc1 drawn with the layer's init, then its fc2 with the output
     init, expert by expert."""
@@ -62,23 +70,21 @@ class Experts(nn.Module):
         for e in range(experts):
             init(fc1[e])
             output_init(fc2[e])
-        dtype, device = config.torch_dtype, ctx.device
-        self.weight1 = _expert_parameter(fc1, dtype, device)
-        self.weight2 = _expert_parameter(fc2, dtype, device)
+        _check_split(ffn, ctx.tp_size, "--moe-ffn-hidden-size")
+        dtype, device, tp = config.torch_dtype, ctx.device, ctx.tp_group
+        self.weight1 = _expert_parameter(fc1, dtype, device, tp, 1, parts)
+        self.weight2 = _expert_parameter(fc2, dtype, device, tp, 2)
         self.bias1 = self.bias2 = None
         if config.add_bias_linear:
-            self.bias1 = _expert_parameter(torch.zeros(experts, parts * ffn), dtype, device)
+            self.bias1 = _expert_parameter(torch.zeros(experts, parts * ffn), dtype, device, tp, 1, parts)
             self.bias2 = _expert_parameter(torch.zeros(experts, h), dtype, device)
+            self.bias2.sequence_parallel = ctx.sequence_parallel and ctx.tp_size > 1  # added on local tokens
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x [N, h]: `counts[e]` consecutive rows for expert e -> [N, h]."""
+        """x [N, h]: `counts[e]` consecutive rows for expert e -> [N, h] (a partial sum over tp, no fc2 bias)."""
         grouped = self.config.moe_grouped_gemm
         h = _matmul(x, self.weight1, counts, grouped)
         if self.bias1 is not None:
             h = h + torch.repeat_interleave(self.bias1, torch.tensor(counts, device=x.device), dim=0,
                                             output_size=x.shape[0])
-        out = _matmul(activation(self.config, h), self.weight2, counts, grouped)
-        if self.bias2 is not None:
-            out = out + torch.repeat_interleave(self.bias2, torch.tensor(counts, device=x.device), dim=0,
-                                                output_size=x.shape[0])
-        return out
+        return _matmul(activation(self.config, h), self.weight2, counts, grouped)

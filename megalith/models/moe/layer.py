@@ -44,9 +44,7 @@ class MoELayer(nn.Module):
     def __init__(self, config, ctx, init, output_init, shared_mlp=None) -> None:
         """`shared_mlp`: the dense MLP class (megalith.models.transformer.MLP), which builds the shared expert."""
         super().__init__()
-        if ctx.tp_size > 1:
-            raise ConfigError(f"MoE layers do not run tensor parallelism yet (--tensor-model-parallel-size "
-                              f"{ctx.tp_size}); issue 21 adds it with the expert-parallel axes; use tp 1")
+        refuse_tensor_parallel(config, ctx)
         self.config, self.ctx = config, ctx
         self.router = TopKRouter(config, ctx, init)
         self.experts = Experts(config, ctx, init, output_init)
@@ -63,13 +61,30 @@ class MoELayer(nn.Module):
         tokens = x.reshape(s * b, h)
         routing = self.router(tokens, b)
         rows, counts, state = self.dispatcher.dispatch(tokens, routing.probs, routing.routing_map)
-        out = self.dispatcher.combine(self.experts(rows, counts), state).reshape(s, b, h)
+        out = self.dispatcher.combine(self.experts(rows, counts), state)
+        if self.experts.bias2 is not None:  # fc2's bias once per token: sum_e p_e x bias2[e], this rank's tokens
+            out = out + routing.probs.to(out.dtype) @ self.experts.bias2
+        out = out.reshape(s, b, h)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         self.last_stats = routing.stats
         if routing.loss is not None and torch.is_grad_enabled():
             out = AuxLossSideChannel.apply(out, routing.loss, self.aux_loss_scale)
         return out
+
+
+def refuse_tensor_parallel(config, ctx) -> None:
+    """tp > 1 runs with SP only (as Megatron requires), dropless, with the whole-batch balancing loss."""
+    if ctx.tp_size == 1:
+        return
+    size = f"--tensor-model-parallel-size {ctx.tp_size}"
+    if not ctx.sequence_parallel:
+        raise ConfigError(f"MoE layers with {size} need --sequence-parallel (as Megatron); add it")
+    if config.moe_expert_capacity_factor is not None:
+        raise ConfigError(f"--moe-expert-capacity-factor with {size} is not built yet (issue 21); drop one of them")
+    if config.moe_router_load_balancing_type == "seq_aux_loss" and config.moe_aux_loss_coeff > 0:
+        raise ConfigError(f"--moe-router-load-balancing-type seq_aux_loss with {size} is not built yet (issue 21); "
+                          "use aux_loss")
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from megalith.models.moe.config import expert_capacity
+from megalith.parallel import comm
 
 ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
@@ -79,7 +80,9 @@ def capacity_mask(config, probs: torch.Tensor, routing_map: torch.Tensor) -> tor
 
 
 class TopKRouter(nn.Module):
-    """Replicated over tp (each rank routes the tokens it holds); `weight` [E, h] drawn with the layer's init.
+    """Replicated over tp (each rank routes the tokens it holds; under SP its gradient is summed over tp);
+    `weight` [E, h] drawn with the layer's init. Under SP the balancing loss is each rank's share (token counts
+    summed over tp, T = local tokens x tp) and the z-loss coefficient is divided by tp, as Megatron does.
 
     With --moe-router-enable-expert-bias a buffer `expert_bias` [E] joins the choice only (never the
     probabilities), and `tokens_per_expert` counts the tokens routed since the last update_expert_biases."""
@@ -90,6 +93,7 @@ class TopKRouter(nn.Module):
         full = torch.zeros(config.num_experts, config.hidden_size, dtype=torch.float32)
         init(full)
         self.weight = nn.Parameter(full.to(dtype=config.torch_dtype, device=ctx.device))
+        self.weight.sequence_parallel = ctx.sequence_parallel and ctx.tp_size > 1
         self.dtype = ROUTER_DTYPES.get(config.moe_router_dtype)
         if config.moe_router_enable_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32, device=ctx.device))
@@ -133,12 +137,14 @@ class TopKRouter(nn.Module):
             chosen = torch.topk(scores, config.moe_router_topk, dim=-1).indices
             routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, chosen, True)
             if kind == "aux_loss":
-                total = aux_loss(scores, routing_map.sum(0, dtype=scores.dtype), scores.shape[0],
-                                 config.moe_router_topk, coeff)
+                counts = routing_map.sum(0, dtype=scores.dtype)
+                if self.ctx.tp_size > 1:
+                    comm.all_reduce(counts, self.ctx.tp_group)
+                total = aux_loss(scores, counts, scores.shape[0] * self.ctx.tp_size, config.moe_router_topk, coeff)
             else:
                 total = seq_aux_loss(scores, routing_map, batch, config.moe_router_topk, coeff)
         if config.moe_z_loss_coeff:
-            z = z_loss(logits, config.moe_z_loss_coeff)
+            z = z_loss(logits, config.moe_z_loss_coeff / self.ctx.tp_size)
             total = z if total is None else total + z
         return total
 
