@@ -265,3 +265,13 @@ def test_tp2_with_sequence_parallelism_equals_one_process(rank_pools):
     # refused when the layer is built (on the ranks); Layout.check_model is where it moves with the ep axes
     with pytest.raises(Exception, match="need --sequence-parallel"):
         run_verify(settings, [parse_layout("tp2")], pool=rank_pools(2))
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_the_alltoall_dispatcher_over_an_ep_group_equals_one_process(rank_pools, ep):
+    import moe_checks
+
+    options = {"swiglu": True, "moe_grouped_gemm": ep == 4}
+    for result in rank_pools(4).run(moe_checks.expert_parallel_checks, ep, options)[:ep]:
+        assert result.pop("local experts") == 4 // ep
+        assert all(error < 1e-5 for error in result.values()), result

@@ -4,14 +4,15 @@ probabilities. Both of Megatron's dispatchers are here; at expert-parallel size 
 
 allgather: gathers every token over tp x ep and keeps the rows of this rank's experts (Megatron's
 MoEAllGatherTokenDispatcher). alltoall: sends each token to the ep rank of its expert and sorts what arrives
-by local expert (MoEAlltoAllTokenDispatcher); the one that supports capacity and padding. Expert parallelism
-(ctx.ep_group of size > 1) is refused until the expert-parallel axes land (issue 21)."""
+by local expert (MoEAlltoAllTokenDispatcher); the one that supports capacity and padding, and the one that
+runs expert parallelism (ctx.ep_group of size > 1, dropless) so far."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from megalith.errors import ConfigError
 from megalith.models.moe.config import expert_capacity
@@ -77,7 +78,6 @@ class AllGatherDispatcher:
 
     def __init__(self, config, ctx) -> None:
         self.config, self.ctx = config, ctx
-        refuse_expert_parallel(ctx, "allgather")
 
     def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
         x, probs, routing_map = gather_tokens(self.ctx, x, probs, routing_map)
@@ -89,16 +89,45 @@ class AllGatherDispatcher:
         return scatter_output(self.ctx, unpermute(y, probs, perm, tokens))
 
 
+class _AllToAll(torch.autograd.Function):
+    """Rows to the ep ranks (`send` rows to each, `receive` from each); backward sends the gradients back."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, group, receive: list[int], send: list[int]) -> torch.Tensor:
+        ctx.group, ctx.receive, ctx.send = group, receive, send
+        return _exchange(rows, group, receive, send)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _exchange(grad, ctx.group, ctx.send, ctx.receive), None, None, None
+
+
+def _exchange(rows: torch.Tensor, group, receive: list[int], send: list[int]) -> torch.Tensor:
+    out = rows.new_empty((sum(receive),) + tuple(rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), receive, send, group=group)
+    return out
+
+
+def _reorder(rows: torch.Tensor, sizes: list[int], order: list[int]) -> torch.Tensor:
+    chunks = torch.split(rows, sizes)
+    return torch.cat([chunks[i] for i in order], dim=0)
+
+
 class AllToAllDispatcher:
-    """Megatron's alltoall dispatcher at ep = 1: the expert-major permutation (with capacity padding when
-    asked), an all-to-all over one rank (nothing), the gather over the expert-tp group (tp, under SP) and the
-    sort by local expert (the identity)."""
+    """Megatron's alltoall dispatcher: the expert-major permutation (with capacity padding when asked), an
+    all-to-all over the ep group (each rank's rows to the rank of their experts; nothing at ep = 1), the
+    gather over the expert-tp group (tp, under SP) and the sort of what arrives from [source rank][local
+    expert] to [local expert][source rank] (the identity at ep = 1)."""
 
     supports_capacity = True
 
     def __init__(self, config, ctx) -> None:
         self.config, self.ctx = config, ctx
-        refuse_expert_parallel(ctx, "alltoall")
+        self.ep_group = getattr(ctx, "ep_group", None)
+        self.ep = group_size(self.ep_group)
+        if self.ep > 1 and ctx.tp_size > 1:
+            raise ConfigError("expert parallelism together with tensor parallelism is not built yet (issue 21); "
+                              "use --tensor-model-parallel-size 1 with --expert-model-parallel-size > 1")
 
     def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
         x, probs, routing_map = gather_tokens(self.ctx, x, probs, routing_map)
@@ -107,23 +136,47 @@ class AllToAllDispatcher:
             capacity = expert_capacity(x.shape[0], config.num_experts, config.moe_router_topk,
                                        config.moe_expert_capacity_factor)
         rows, perm = permute(x, routing_map, capacity)
-        return rows, perm.counts, (perm, probs, x.shape[0])
+        if self.ep == 1:
+            return rows, perm.counts, (perm, probs, x.shape[0], None)
+        local = self.config.num_experts // self.ep
+        sent = torch.tensor(perm.counts, dtype=torch.int64, device=x.device).view(self.ep, local)
+        arrived = torch.empty_like(sent)
+        dist.all_to_all_single(arrived, sent, group=self.ep_group)  # [source rank, local expert]
+        send, receive = sent.sum(1).tolist(), arrived.sum(1).tolist()
+        rows = _AllToAll.apply(rows, self.ep_group, receive, send)
+        sizes = arrived.flatten().tolist()
+        by_expert = [source * local + e for e in range(local) for source in range(self.ep)]
+        rows = _reorder(rows, sizes, by_expert)
+        return rows, arrived.sum(0).tolist(), (perm, probs, x.shape[0], (sizes, by_expert, send, receive))
 
     def combine(self, y: torch.Tensor, state) -> torch.Tensor:
-        perm, probs, tokens = state
+        perm, probs, tokens, exchange = state
+        if exchange is not None:
+            sizes, by_expert, send, receive = exchange
+            back = sorted(range(len(by_expert)), key=by_expert.__getitem__)
+            y = _reorder(y, [sizes[i] for i in by_expert], back)
+            y = _AllToAll.apply(y, self.ep_group, send, receive)
         return scatter_output(self.ctx, unpermute(y, probs, perm, tokens))
 
 
 DISPATCHERS = {"allgather": AllGatherDispatcher, "alltoall": AllToAllDispatcher}
 
 
-def refuse_expert_parallel(ctx, name: str) -> None:
-    """One line while the expert-parallel axes are not wired into the MoE layer."""
-    size = group_size(getattr(ctx, "ep_group", None))
-    if size > 1:
-        raise ConfigError(f"the {name} dispatcher does not run expert parallelism yet (--expert-model-parallel-size "
-                          f"{size}); issue 21 wires it in after the expert-parallel axes; use size 1")
+def check_expert_parallel(config, ctx) -> None:
+    """One line for what expert parallelism does not run yet (ep from ctx.ep_group; None: 1)."""
+    ep = group_size(getattr(ctx, "ep_group", None))
+    if ep == 1:
+        return
+    if config.num_experts % ep != 0:
+        raise ConfigError(f"--num-experts {config.num_experts} is not divisible by --expert-model-parallel-size {ep}")
+    if config.moe_token_dispatcher_type != "alltoall":
+        raise ConfigError(f"--expert-model-parallel-size {ep} runs with --moe-token-dispatcher-type alltoall only "
+                          "so far (issue 21)")
+    if config.moe_expert_capacity_factor is not None or config.add_bias_linear:
+        raise ConfigError(f"--expert-model-parallel-size {ep} is dropless and bias-free so far (issue 21): drop "
+                          "--moe-expert-capacity-factor and give --disable-bias-linear")
 
 
 def build_dispatcher(config, ctx):
+    check_expert_parallel(config, ctx)
     return DISPATCHERS[config.moe_token_dispatcher_type](config, ctx)

@@ -53,7 +53,7 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int], grouped: b
 
 
 class Experts(nn.Module):
-    """This rank's experts (all E at ep = 1), each an MLP of --moe-ffn-hidden-size with the model's activation,
+    """This rank's experts (all E at ep = 1, the ep rank's E / ep consecutive ones otherwise), each an MLP of --moe-ffn-hidden-size with the model's activation,
     split over tp as the dense MLP is (fc1's outputs, fc2's inputs; etp = tp): the output is a partial sum
     over tp, without fc2's bias, which MoELayer adds once per token as sum_e p_e x bias2[e].
 
@@ -71,6 +71,11 @@ class Experts(nn.Module):
             init(fc1[e])
             output_init(fc2[e])
         _check_split(ffn, ctx.tp_size, "--moe-ffn-hidden-size")
+        ep_group = getattr(ctx, "ep_group", None)
+        if ep_group is not None and torch.distributed.get_world_size(ep_group) > 1:  # this rank's experts only
+            local = experts // torch.distributed.get_world_size(ep_group)
+            first = torch.distributed.get_rank(ep_group) * local
+            fc1, fc2 = fc1[first:first + local], fc2[first:first + local]
         dtype, device, tp = config.torch_dtype, ctx.device, ctx.tp_group
         self.weight1 = _expert_parameter(fc1, dtype, device, tp, 1, parts)
         self.weight2 = _expert_parameter(fc2, dtype, device, tp, 2)

@@ -46,13 +46,13 @@ class MoELayer(nn.Module):
         super().__init__()
         refuse_tensor_parallel(config, ctx)
         self.config, self.ctx = config, ctx
+        self.dispatcher = build_dispatcher(config, ctx)  # first: its checks come before any weight is drawn
         self.router = TopKRouter(config, ctx, init)
         self.experts = Experts(config, ctx, init, output_init)
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size is not None:
             shared = replace(config, ffn_hidden_size=config.moe_shared_expert_intermediate_size)
             self.shared_experts = shared_mlp(shared, ctx, init, output_init)
-        self.dispatcher = build_dispatcher(config, ctx)
         self.aux_loss_scale = 1.0
         self.last_stats: dict = {}
 
