@@ -243,10 +243,12 @@ def test_dense_layers_stay_dense_and_a_gpt_with_experts_trains():
         optimizer.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.1
+    # --num-experts 0 (Megatron's neutral value) is the dense model: the same modules and weights
     dense = GPTModel(replace(BASE, num_experts=None), init_seed=7)
-    reference = GPTModel(ModelConfig(**{**BASE.__dict__, "num_experts": None}), init_seed=7)
-    for a, b in zip(dense.parameters(), reference.parameters()):
-        assert torch.equal(a, b)
+    zero = GPTModel(replace(BASE, num_experts=0), init_seed=7)
+    assert zero.config.num_experts is None and not any(isinstance(m, MoELayer) for m in zero.modules())
+    assert dense.state_dict().keys() == zero.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(dense.state_dict().values(), zero.state_dict().values()))
 
 
 def test_tp2_with_sequence_parallelism_equals_one_process(rank_pools):

@@ -53,7 +53,8 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int], grouped: b
 
 
 class Experts(nn.Module):
-    """This rank's experts (all E at ep = 1, the ep rank's E / ep consecutive ones otherwise), each an MLP of --moe-ffn-hidden-size with the model's activation,
+    """This rank's experts (all E at ep = 1, else its ep rank's E / ep consecutive ones), each an MLP of
+    --moe-ffn-hidden-size with the model's activation,
     split over tp as the dense MLP is (fc1's outputs, fc2's inputs; etp = tp): the output is a partial sum
     over tp, without fc2's bias, which MoELayer adds once per token as sum_e p_e x bias2[e].
 
