@@ -18,6 +18,7 @@ from torch import nn
 from megalith.config import ModelConfig
 from megalith.errors import ConfigError
 from megalith.kernel_choice import KernelChoice, kernels_of
+from megalith.models.moe import MoELayer, moe_layer_pattern
 from megalith.models.norms import build_norm
 from megalith.models.parallel_context import ParallelContext
 from megalith.models.te_layers import fp8_context
@@ -311,8 +312,6 @@ def mlp_class(config: ModelConfig, layer_index: int | None):
     A model whose layers do not know their index (T5 so far) refuses --num-experts in one line."""
     if config.num_experts is None:
         return MLP
-    from megalith.models.moe import MoELayer, moe_layer_pattern
-
     if layer_index is None:
         raise ConfigError("--num-experts is built for GPT and BERT layers only so far (issue 21); drop it here")
     return functools.partial(MoELayer, shared_mlp=MLP) if moe_layer_pattern(config)[layer_index] else MLP
@@ -331,17 +330,17 @@ class TransformerLayer(nn.Module):
                  causal: bool = True, softmax_scale: float | None = None, layer_index: int | None = None) -> None:
         super().__init__()
         self.config, self.ctx = config, ctx
-        MLP = mlp_class(config, layer_index)
+        mlp = mlp_class(config, layer_index)
         if config.post_layer_norm:
             self.self_attention = SelfAttention(config, ctx, init, output_init, causal, softmax_scale)
             self.post_self_attn_layernorm = build_norm(config, ctx)
-            self.mlp = MLP(config, ctx, init, output_init)
+            self.mlp = mlp(config, ctx, init, output_init)
             self.post_mlp_layernorm = build_norm(config, ctx)
             return
         self.input_layernorm = build_norm(config, ctx)
         self.self_attention = SelfAttention(config, ctx, init, output_init, causal, softmax_scale)
         self.pre_mlp_layernorm = build_norm(config, ctx)
-        self.mlp = MLP(config, ctx, init, output_init)
+        self.mlp = mlp(config, ctx, init, output_init)
 
     def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None,
                 attention_bias: torch.Tensor | None = None) -> torch.Tensor:
