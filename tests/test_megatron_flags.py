@@ -60,8 +60,9 @@ def test_a_refused_flag_at_megatrons_default_passes(words):
 
 def test_a_refused_flag_away_from_its_default_is_one_line_naming_it_and_its_owner():
     with pytest.raises(ConfigError) as error:
-        refuse_unsupported(_args("--num-experts 8"))
-    assert str(error.value) == "--num-experts is not supported yet: mixture of experts is issue 21; drop the flag"
+        refuse_unsupported(_args("--moe-router-num-groups 8"))
+    assert str(error.value) == ("--moe-router-num-groups is not supported yet: mixture of experts is issue 21; "
+                                "drop the flag")
     with pytest.raises(ConfigError, match=r"^--use-torch-fsdp2 is not supported yet: ZeRO-2/3 and FSDP are issue 20"):
         refuse_unsupported(_args("--use-torch-fsdp2"))
     with pytest.raises(ConfigError, match=r"^--retro-add-retriever is not supported: Retro .* not planned"):
@@ -75,8 +76,8 @@ def test_a_refused_flag_away_from_its_default_is_one_line_naming_it_and_its_owne
 
 
 def test_refusal_comes_first_in_resolve():
-    with pytest.raises(ConfigError, match="^--num-experts is not supported yet"):
-        resolve_pretrain_config(_args("--num-experts 4 --tensor-model-parallel-size 3"), world_size=2)
+    with pytest.raises(ConfigError, match="^--moe-router-num-groups is not supported yet"):
+        resolve_pretrain_config(_args("--moe-router-num-groups 2 --tensor-model-parallel-size 3"), world_size=2)
 
 
 def test_accepted_flags_are_named_once_in_the_notices():
@@ -103,8 +104,8 @@ def test_verify_and_bench_take_the_table_too(capsys):
     for command in ("verify", "bench-overhead"):
         args = parser.parse_args([command, "--tp-comm-overlap", "--moe-router-topk", "2"])
         assert accepted_given(args) == ["--tp-comm-overlap"]
-    assert main(["verify", "--num-experts", "4"]) == 2
-    assert "--num-experts is not supported yet: mixture of experts is issue 21" in capsys.readouterr().err
+    assert main(["verify", "--moe-router-num-groups", "4"]) == 2
+    assert "--moe-router-num-groups is not supported yet: mixture of experts is issue 21" in capsys.readouterr().err
 
 
 # The flag words of Megatron-LM's example launch scripts (shell variables replaced by values).
@@ -166,8 +167,7 @@ EXAMPLES = {
     "gpt3_175b": (GPT3_175B, [], []),
     "llama3_8b_fp8": (LLAMA3_8B_FP8, [], ["--use-mcore-models", "--tiktoken-pattern",
                                           "--no-create-attention-mask-in-dataloader"]),
-    "mixtral_8x7b": (MIXTRAL_8X7B, ["--num-experts", "--moe-aux-loss-coeff", "--moe-token-dispatcher-type"],
-                   ["--use-mcore-models"]),
+    "mixtral_8x7b": (MIXTRAL_8X7B, [], ["--use-mcore-models"]),
     "bert_340m": (BERT_340M, [], []),
     "t5_220m": (T5_220M, [], []),
 }

@@ -35,6 +35,11 @@ KERNEL_FIELDS = ("kernel_backend", "masked_softmax_fusion", "bias_gelu_fusion", 
                  "cross_entropy_fusion_impl", "fp8_format", "fp8_margin", "fp8_amax_history_len",
                  "fp8_amax_compute_algo", "fp8_param_gather")
 RECOMPUTE_METHODS = ("uniform", "block")
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
+MOE_DISPATCHERS = ("allgather", "alltoall")
+MOE_DROP_POLICIES = ("probs", "position")
+MOE_ROUTER_DTYPES = ("fp32", "fp64")
 
 
 @dataclass(frozen=True)
@@ -138,8 +143,43 @@ class ModelConfig:
     decoder_seq_length: int | None = flag_field(None, "T5: decoder tokens per sample (None: the encoder's)")
     relative_attention_num_buckets: int = flag_field(32, "T5: buckets of relative positions")
     relative_attention_max_distance: int = flag_field(128, "T5: distance beyond which relative positions share a bucket")
+    # Mixture of experts (issue 21; megalith.models.moe). Without --num-experts every field below is ignored.
+    num_experts: int | None = flag_field(None, "experts per MoE layer (None or 0: a dense model)")
+    moe_layer_freq: str = flag_field("1", "which layers are MoE: every Nth from layer 0 (an int), or a 0/1 pattern "
+                                     "with one entry per layer, e.g. [1,0,1,0]")
+    moe_ffn_hidden_size: int | None = flag_field(None, "hidden size of each expert's MLP (None: --ffn-hidden-size)")
+    moe_shared_expert_intermediate_size: int | None = flag_field(None, "hidden size of the shared expert, a dense MLP "
+                                                                 "added to the routed output (None: none)")
+    moe_grouped_gemm: bool = flag_field(False, "one grouped GEMM over a rank's experts (torch._grouped_mm where this "
+                                        "torch, device and dtype support it, else a loop; the same numbers)")
+    moe_router_topk: int = flag_field(2, "experts each token is sent to")
+    moe_router_score_function: str = flag_field("softmax", "routing scores", MOE_SCORE_FUNCTIONS)
+    moe_router_pre_softmax: bool = flag_field(False, "softmax over all experts before the top-k choice (else over the "
+                                              "chosen k)")
+    moe_router_topk_scaling_factor: float | None = flag_field(None, "scale of the chosen routing probabilities")
+    moe_router_dtype: str | None = flag_field(None, "dtype of the routing computation (None: the model's)",
+                                              MOE_ROUTER_DTYPES)
+    moe_router_load_balancing_type: str = flag_field("aux_loss", "router balancing loss: aux_loss (Switch "
+                                                     "Transformer), seq_aux_loss (per sequence) or none",
+                                                     MOE_LOAD_BALANCING_TYPES)
+    moe_aux_loss_coeff: float = flag_field(0.0, "weight of the load-balancing loss")
+    moe_z_loss_coeff: float | None = flag_field(None, "weight of the router z-loss (ST-MoE; None: off)")
+    moe_router_enable_expert_bias: bool = flag_field(False, "aux-loss-free balancing (DeepSeek-V3): a non-gradient "
+                                                     "per-expert bias added for the choice only, updated after each "
+                                                     "step (needs --moe-router-score-function sigmoid)")
+    moe_router_bias_update_rate: float = flag_field(1e-3, "step of that bias update: rate x sign(mean load - load)")
+    moe_token_dispatcher_type: str = flag_field("allgather", "token dispatch", MOE_DISPATCHERS)
+    moe_expert_capacity_factor: float | None = flag_field(None, "expert capacity = ceil(tokens x topk / experts x "
+                                                          "factor); tokens beyond it are dropped (None: dropless; "
+                                                          "needs --moe-token-dispatcher-type alltoall)")
+    moe_token_drop_policy: str = flag_field("probs", "which tokens are dropped beyond capacity: the lowest "
+                                            "probabilities (probs) or the latest (position)", MOE_DROP_POLICIES)
+    moe_pad_expert_input_to_capacity: bool = flag_field(False, "pad every expert's input to its capacity (needs "
+                                                        "--moe-expert-capacity-factor)")
 
     def __post_init__(self) -> None:
+        if self.num_experts == 0:  # Megatron: --num-experts 0 is a dense model
+            object.__setattr__(self, "num_experts", None)
         if self.encoder_seq_length is not None:  # Megatron: --encoder-seq-length is the sequence length
             object.__setattr__(self, "seq_length", self.encoder_seq_length)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
@@ -172,6 +212,12 @@ class ModelConfig:
         self._check_choices()
         self._check_shapes()
         self._check_recompute()
+        if self.num_experts is not None:
+            from megalith.models.moe.config import check_moe
+
+            check_moe(self)
+            if self.moe_ffn_hidden_size is None:
+                object.__setattr__(self, "moe_ffn_hidden_size", self.ffn_hidden_size)
 
     def _check_choices(self) -> None:
         check_choices(self)
@@ -244,6 +290,11 @@ class ModelConfig:
     def has_position_table(self) -> bool:
         """Whether the model adds a learned absolute position table (not with --no-position-embedding)."""
         return self.position_embedding_type == "learned_absolute" and self.position_embedding
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether some layers have an MoE MLP (--num-experts given, not 0)."""
+        return self.num_experts is not None
 
     @property
     def add_bias_linear(self) -> bool:

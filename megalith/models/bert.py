@@ -154,8 +154,8 @@ class BertModel(nn.Module):
         self.embedding = None
         if stage.is_first:
             self.embedding = BertEmbedding(config, ctx, init_generator(init_seed, EMBEDDING_STREAM))
-        layers = {index: TransformerLayer(config, ctx, *layer_inits(config, init_seed, index), causal=False)
-                  for index in stage.layers}
+        layers = {index: TransformerLayer(config, ctx, *layer_inits(config, init_seed, index), causal=False,
+                                           layer_index=index) for index in stage.layers}
         self.encoder = TransformerBlock(config, ctx, layers, final_norm=stage.is_last and not config.post_layer_norm)
         self.lm_head = self.pooler = self.binary_head = self.word_embeddings_for_head = None
         if stage.is_last:

@@ -157,7 +157,7 @@ class GPTModel(nn.Module):
         ctx = with_kernels(config, ctx)  # the record of which implementation runs each piece, resolved once
         self.config, self.ctx, self.stage = config, ctx, stage
         self.embedding = GPTEmbedding(config, ctx, init_generator(init_seed, EMBEDDING_STREAM)) if stage.is_first else None
-        layers = {index: TransformerLayer(config, ctx, *layer_inits(config, init_seed, index)) for index in stage.layers}
+        layers = {index: TransformerLayer(config, ctx, *layer_inits(config, init_seed, index), layer_index=index) for index in stage.layers}
         self.decoder = TransformerBlock(config, ctx, layers, final_norm=stage.is_last)
         self.output_layer = self.word_embeddings_for_head = None
         if stage.is_last and config.untie_embeddings_and_output_weights:

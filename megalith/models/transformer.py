@@ -8,6 +8,7 @@ parallelism). Parameter names follow Megatron-Core (`self_attention.linear_qkv`,
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalith.config import ModelConfig
+from megalith.errors import ConfigError
 from megalith.kernel_choice import KernelChoice, kernels_of
+from megalith.models.moe import MoELayer, moe_layer_pattern
 from megalith.models.norms import build_norm
 from megalith.models.parallel_context import ParallelContext
 from megalith.models.te_layers import fp8_context
@@ -304,28 +307,40 @@ class MLP(nn.Module):
         return self.linear_fc2(h)
 
 
+def mlp_class(config: ModelConfig, layer_index: int | None):
+    """The dense MLP, or the MoE MLP where --num-experts and --moe-layer-freq make global layer `layer_index` MoE.
+    A model whose layers do not know their index (T5 so far) refuses --num-experts in one line."""
+    if config.num_experts is None:
+        return MLP
+    if layer_index is None:
+        raise ConfigError("--num-experts is built for GPT and BERT layers only so far (issue 21); drop it here")
+    return functools.partial(MoELayer, shared_mlp=MLP) if moe_layer_pattern(config)[layer_index] else MLP
+
+
 class TransformerLayer(nn.Module):
     """Pre-norm: x + dropout(attention(norm(x))), then + dropout(mlp(norm(x))).
 
     With `config.post_layer_norm` (the original BERT, Hugging Face's BertModel) the norms follow
     the residual sums instead: norm(x + dropout(attention(x))), then norm(x + dropout(mlp(x)));
     they are then named `post_self_attn_layernorm` and `post_mlp_layernorm` (Megatron-Core's names).
+    `layer_index` (global) picks an MoE MLP for the layers --moe-layer-freq names (megalith.models.moe).
     """
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, init: InitMethod, output_init: InitMethod,
-                 causal: bool = True, softmax_scale: float | None = None) -> None:
+                 causal: bool = True, softmax_scale: float | None = None, layer_index: int | None = None) -> None:
         super().__init__()
         self.config, self.ctx = config, ctx
+        mlp = mlp_class(config, layer_index)
         if config.post_layer_norm:
             self.self_attention = SelfAttention(config, ctx, init, output_init, causal, softmax_scale)
             self.post_self_attn_layernorm = build_norm(config, ctx)
-            self.mlp = MLP(config, ctx, init, output_init)
+            self.mlp = mlp(config, ctx, init, output_init)
             self.post_mlp_layernorm = build_norm(config, ctx)
             return
         self.input_layernorm = build_norm(config, ctx)
         self.self_attention = SelfAttention(config, ctx, init, output_init, causal, softmax_scale)
         self.pre_mlp_layernorm = build_norm(config, ctx)
-        self.mlp = MLP(config, ctx, init, output_init)
+        self.mlp = mlp(config, ctx, init, output_init)
 
     def forward(self, x: torch.Tensor, rotary=None, attention_mask: torch.Tensor | None = None,
                 attention_bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -57,7 +57,7 @@ def layer_activation_bytes(config: ModelConfig, ctx: ParallelContext, micro_batc
     if ctx.rng_tracker is None:  # a copy: the caller's context stays as it was
         ctx = replace(ctx, rng_tracker=model_parallel_rng_tracker(seed, ctx.tp_rank, device=ctx.device or "cpu"))
     init = normal_init(config.init_method_std)
-    layers = {i: TransformerLayer(config, ctx, init, init) for i in range(config.num_layers)}
+    layers = {i: TransformerLayer(config, ctx, init, init, layer_index=i) for i in range(config.num_layers)}
     block = TransformerBlock(config, ctx, layers, final_norm=False).train()
     tokens = config.seq_length // (ctx.tp_size if ctx.sequence_parallel else 1)
     x = torch.randn(tokens, micro_batch_size, config.hidden_size, dtype=config.torch_dtype,

@@ -1,0 +1,94 @@
+"""The MoE MLP: router -> dispatch -> experts -> combine, plus the optional shared expert; it takes the dense
+MLP's place (`mlp`) in the layers --moe-layer-freq picks.
+
+The router's balancing losses are not returned: they join the gradient through AuxLossSideChannel (the idea
+of Megatron-Core's MoEAuxLossAutoScaler), an identity on the layer's output whose backward also gives the
+loss the gradient `aux_loss_scale` (1.0; a training step that divides its loss by the number of
+micro-batches sets the same factor with set_aux_loss_scale)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from megalith.errors import ConfigError
+from megalith.models.moe.dispatch import build_dispatcher
+from megalith.models.moe.experts import Experts
+from megalith.models.moe.router import TopKRouter
+
+
+class AuxLossSideChannel(torch.autograd.Function):
+    """Forward: `output` unchanged. Backward: `output`'s gradient, and `scale` as the gradient of `loss`."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(loss)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(loss, ctx.scale), None
+
+
+class MoELayer(nn.Module):
+    """x [s, b, h] -> [s, b, h]: each token through its top-k experts, weighted by the router's probabilities,
+    plus the shared expert's output when --moe-shared-expert-intermediate-size is given.
+
+    `last_stats` keeps the latest forward's detached numbers (tokens per expert, dropped pairs, the weighted
+    balancing loss) for the logs that issue 21 adds later."""
+
+    def __init__(self, config, ctx, init, output_init, shared_mlp=None) -> None:
+        """`shared_mlp`: the dense MLP class (megalith.models.transformer.MLP), which builds the shared expert."""
+        super().__init__()
+        refuse_tensor_parallel(config, ctx)
+        self.config, self.ctx = config, ctx
+        self.dispatcher = build_dispatcher(config, ctx)  # first: its checks come before any weight is drawn
+        self.router = TopKRouter(config, ctx, init)
+        self.experts = Experts(config, ctx, init, output_init)
+        self.shared_experts = None
+        if config.moe_shared_expert_intermediate_size is not None:
+            shared = replace(config, ffn_hidden_size=config.moe_shared_expert_intermediate_size)
+            self.shared_experts = shared_mlp(shared, ctx, init, output_init)
+        self.aux_loss_scale = 1.0
+        self.last_stats: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, b, h = x.shape
+        tokens = x.reshape(s * b, h)
+        routing = self.router(tokens, b)
+        rows, counts, state = self.dispatcher.dispatch(tokens, routing.probs, routing.routing_map)
+        out = self.dispatcher.combine(self.experts(rows, counts), state)
+        if self.experts.bias2 is not None:  # fc2's bias once per token: sum_e p_e x bias2[e], this rank's tokens
+            out = out + routing.probs.to(out.dtype) @ self.experts.bias2
+        out = out.reshape(s, b, h)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        self.last_stats = routing.stats
+        if routing.loss is not None and torch.is_grad_enabled():
+            out = AuxLossSideChannel.apply(out, routing.loss, self.aux_loss_scale)
+        return out
+
+
+def refuse_tensor_parallel(config, ctx) -> None:
+    """tp > 1 runs with SP only (as Megatron requires), dropless, with the whole-batch balancing loss."""
+    if ctx.tp_size == 1:
+        return
+    size = f"--tensor-model-parallel-size {ctx.tp_size}"
+    if not ctx.sequence_parallel:
+        raise ConfigError(f"MoE layers with {size} need --sequence-parallel (as Megatron); add it")
+    if config.moe_expert_capacity_factor is not None:
+        raise ConfigError(f"--moe-expert-capacity-factor with {size} is not built yet (issue 21); drop one of them")
+    if config.moe_router_load_balancing_type == "seq_aux_loss" and config.moe_aux_loss_coeff > 0:
+        raise ConfigError(f"--moe-router-load-balancing-type seq_aux_loss with {size} is not built yet (issue 21); "
+                          "use aux_loss")
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """Give every MoE layer's balancing loss the gradient `scale` (the factor the main loss is scaled by)."""
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.aux_loss_scale = float(scale)
