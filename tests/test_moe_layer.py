@@ -277,3 +277,37 @@ def test_the_alltoall_dispatcher_over_an_ep_group_equals_one_process(rank_pools,
     for result in rank_pools(4).run(moe_checks.expert_parallel_checks, ep, options)[:ep]:
         assert result.pop("local experts") == 4 // ep
         assert all(error < 1e-5 for error in result.values()), result
+
+
+@pytest.mark.parametrize("layout", ["dp2", "pp2"])
+def test_balancing_losses_and_expert_bias_weigh_each_micro_batch_as_one_process(rank_pools, layout):
+    """The step gives each micro-batch's balancing loss its share 1/(m x dp) of the batch (dp sums
+    gradients) and updates the expert bias from the loads summed over dp: equal to one process,
+    which runs the same micro-batches (4) one after another."""
+    from megalith.config import parse_layout
+    from megalith.models.registry import BUILTIN_MODELS
+    from megalith.verify import VerifySettings, run_verify
+
+    config = replace(ModelConfig(**BUILTIN_MODELS["gpt"].defaults), num_layers=2, num_experts=4, moe_router_topk=2,
+                     moe_aux_loss_coeff=0.05, moe_z_loss_coeff=0.01, moe_router_score_function="sigmoid",
+                     moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.01)
+    settings = VerifySettings("gpt", config, steps=3)
+    (result,) = run_verify(settings, [parse_layout(layout)], pool=rank_pools(2))
+    assert result.passed, result
+
+
+def test_the_step_weighs_each_micro_batch_balancing_loss_by_its_share_of_the_batch():
+    """One process, m micro-batches: every MoE layer's balancing loss gets gradient weight
+    loss_scale / (m x dp), so the step optimises the batch's mean balancing loss (the exactness
+    tests above cannot see this factor: one process and every layout share it)."""
+    from megalith.bench.work import Work
+    from megalith.models.moe import MoELayer
+    from megalith.models.registry import BUILTIN_MODELS
+
+    config = replace(ModelConfig(**BUILTIN_MODELS["gpt"].defaults), num_layers=2, num_experts=4, moe_router_topk=2,
+                     moe_aux_loss_coeff=0.05)
+    for micro_batches in (1, 3):
+        side = Work(config, micro_batch_size=2, micro_batches=micro_batches).megalith_side("tp1", None)
+        side.step(0)
+        scales = {m.aux_loss_scale for chunk in side.runner.chunks for m in chunk.modules() if isinstance(m, MoELayer)}
+        assert scales == {1.0 / micro_batches}

@@ -21,6 +21,7 @@ from torch import nn
 
 from megalith.config import Layout, ModelConfig
 from megalith.config.pretrain import PretrainConfig
+from megalith.models.moe import set_aux_loss_scale, update_expert_biases
 from megalith.models.parallel_context import ParallelContext, StageSpec
 from megalith.models.registry import ModelSpec, get_model_spec
 from megalith.parallel.comm import all_reduce, gradient_of, group_size
@@ -274,7 +275,9 @@ class StepRunner:
         for chunk in self.chunks:
             chunk.train()
         engine_loss, tokens = self._counting(loss_fn)
-        result = self.engine.step(self.actions_for(num_micro_batches), get_micro_batch, engine_loss,
+        actions = self.actions_for(num_micro_batches)
+        self._scale_moe_losses(actions, per_token=tokens is not None)
+        result = self.engine.step(actions, get_micro_batch, engine_loss,
                                   loss_scale=self.optimizer.loss_scale, before_backward=self._before_backward)
         self.finalize_grads()
         if tokens is None:
@@ -283,6 +286,15 @@ class StepRunner:
         for buffer in self.buffers:
             buffer.scale_gradients(1.0 / count)
         return total / count, result
+
+    def _scale_moe_losses(self, actions: list[Action], per_token: bool) -> None:
+        """The MoE balancing losses' gradient weight, as Megatron's MoEAuxLossAutoScaler: each
+        micro-batch's loss is its share 1/(m x dp) of the global batch (dp sums the gradients),
+        times the loss scale; with --calculate-per-token-loss the later division by the step's
+        tokens applies to them as to everything else (Megatron's choice too)."""
+        share = 1.0 if per_token else 1.0 / (len({a.microbatch for a in actions}) * group_size(self.dp_group))
+        for chunk in self.chunks:
+            set_aux_loss_scale(chunk, self.optimizer.loss_scale * share)
 
     def _sum_over_dp(self, value: float) -> float:
         """Each dp rank's loss is its share of the global batch's mean: the sum is the step loss."""
@@ -307,6 +319,9 @@ class StepRunner:
             inspect_grads()
         timers("optimizer", 1).start()
         outcome = self.optimizer.step(lr)
+        if not outcome.skipped:  # DeepSeek-V3's expert-bias balancing follows each update
+            for chunk in self.chunks:
+                update_expert_biases(chunk, [self.dp_group])
         timers("optimizer", 1).stop()
         return StepReport(loss, outcome, result)
 

@@ -149,16 +149,18 @@ class TopKRouter(nn.Module):
         return total
 
 
-def update_expert_biases(model: nn.Module, group=None) -> None:
+def update_expert_biases(model: nn.Module, groups=()) -> None:
     """DeepSeek-V3's aux-free balancing, after each optimizer step: bias += rate x sign(mean load - load) for
-    every router with an expert bias, the loads summed over `group` (the ranks that saw other tokens: dp,
-    and tp under sequence parallelism; None: this process only), then the counts restart."""
+    every router with an expert bias, the loads summed over each of `groups` (the ranks that saw other tokens:
+    dp; none: this process only; under sequence parallelism the router's tp group too), then the counts restart."""
     for module in model.modules():
         if not isinstance(module, TopKRouter) or module.expert_bias is None:
             continue
         counts = module.tokens_per_expert
-        if group is not None:
-            torch.distributed.all_reduce(counts, group=group)
+        tp = [module.ctx.tp_group] if module.ctx.sequence_parallel and module.ctx.tp_size > 1 else []
+        for group in list(groups) + tp:
+            if group is not None and comm.group_size(group) > 1:
+                comm.all_reduce(counts, group)
         offset = counts.mean() - counts
         module.expert_bias += torch.sign(offset) * module.config.moe_router_bias_update_rate
         counts.zero_()
