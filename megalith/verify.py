@@ -132,6 +132,10 @@ def plan(settings: VerifySettings, layout: Layout) -> StepPlan:
     ignored = layout.check_experts(getattr(config, "num_experts", None))  # the field is issue 21's MoE layer
     if ignored:  # a layout token that changes nothing is a mistake in verify's own grammar
         raise ConfigError(f"layout {layout}: {ignored.replace('; ignored', '')}; drop the etp token")
+    if layout.ep > 1:
+        from megalith.config.arguments import EP_NOT_PROVEN
+
+        raise ConfigError(f"layout {layout}: {EP_NOT_PROVEN}; drop the ep token")
     layout.check_model(config)
     size = settings.global_batch_size
     micro_batch_size = settings.micro_batch_size
