@@ -99,8 +99,8 @@ def test_ledger_counts_per_kind_and_operation_and_knows_only_its_groups():
                                 "tp": {"all_reduce": _entry(2, 128)}}
     assert (ledger.bytes(), ledger.calls(), ledger.bytes("tp"), ledger.bytes(op="send")) == (200, 4, 128, 8)
     assert [c.bytes for c in ledger.history] == [100, 28, 64, 8]
-    with pytest.raises(ValueError, match="all_to_all"):
-        ledger.add(tp, "all_to_all", 1)
+    with pytest.raises(ValueError, match="alltoall"):
+        ledger.add(tp, "alltoall", 1)
     ledger.reset()
     assert ledger.as_dict() == {} and ledger.history == []
 

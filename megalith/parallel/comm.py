@@ -114,6 +114,14 @@ class _SumOnWait:
         return True
 
 
+def all_to_all(output: torch.Tensor, tensor: torch.Tensor, group, *, output_split_sizes: list[int] | None = None,
+               input_split_sizes: list[int] | None = None, ledger: CommLedger | None | _Active = ACTIVE):
+    """Rows of `tensor` to every rank of `group` (`input_split_sizes` rows each; None: equal
+    shares), rows from every rank into `output`; counts the input sent (MoE's token dispatch)."""
+    _count(ledger, group, "all_to_all", tensor)
+    return dist.all_to_all_single(output, tensor, output_split_sizes, input_split_sizes, group=group)
+
+
 def _reduce_scatter_by_exchange(output: torch.Tensor, tensor: torch.Tensor, group, async_op: bool):
     """gloo's reduce_scatter is about 3x slower than an all-to-all of the same slices followed by a
     local sum (measured: 2.6 ms vs 1.0 ms for 1 MiB over 2 ranks), so on gloo megalith sends each

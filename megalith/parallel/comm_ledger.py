@@ -14,6 +14,7 @@ issues it, whatever algorithm the backend uses (ring, tree, ...):
     reduce_scatter   the unscattered input (group size x this rank's output)
     broadcast        the tensor broadcast (source and receivers alike)
     send / recv      the tensor sent / received
+    all_to_all       the input this rank sends (its rows for every rank, its own included)
 
 An operation over a group of one rank moves nothing and is not counted. So the analytic
 volumes come out as exact equalities: a tensor-parallel layer's all-reduce of
@@ -37,7 +38,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-OPERATIONS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv")
+OPERATIONS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv", "all_to_all")
 OTHER_KIND = "other"  # a group the ledger was not told about
 
 _ACTIVE: ContextVar["CommLedger | None"] = ContextVar("megalith_comm_ledger", default=None)

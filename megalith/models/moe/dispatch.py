@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 
 from megalith.errors import ConfigError
 from megalith.models.moe.config import expert_capacity
@@ -30,7 +29,7 @@ class Permutation(NamedTuple):
 
 
 def group_size(group) -> int:
-    return 1 if group is None else torch.distributed.get_world_size(group)
+    return comm.group_size(group)
 
 
 def permute(x: torch.Tensor, routing_map: torch.Tensor, capacity: int | None = None):
@@ -104,7 +103,7 @@ class _AllToAll(torch.autograd.Function):
 
 def _exchange(rows: torch.Tensor, group, receive: list[int], send: list[int]) -> torch.Tensor:
     out = rows.new_empty((sum(receive),) + tuple(rows.shape[1:]))
-    dist.all_to_all_single(out, rows.contiguous(), receive, send, group=group)
+    comm.all_to_all(out, rows.contiguous(), group, output_split_sizes=receive, input_split_sizes=send)
     return out
 
 
@@ -141,7 +140,7 @@ class AllToAllDispatcher:
         local = self.config.num_experts // self.ep
         sent = torch.tensor(perm.counts, dtype=torch.int64, device=x.device).view(self.ep, local)
         arrived = torch.empty_like(sent)
-        dist.all_to_all_single(arrived, sent, group=self.ep_group)  # [source rank, local expert]
+        comm.all_to_all(arrived, sent, self.ep_group)  # [source rank, local expert]
         send, receive = sent.sum(1).tolist(), arrived.sum(1).tolist()
         rows = _AllToAll.apply(rows, self.ep_group, receive, send)
         sizes = arrived.flatten().tolist()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megalith.parallel import comm
 from megalith.parallel.layers import _check_split, _slice
 
 
@@ -73,9 +74,9 @@ class Experts(nn.Module):
             output_init(fc2[e])
         _check_split(ffn, ctx.tp_size, "--moe-ffn-hidden-size")
         ep_group = getattr(ctx, "ep_group", None)
-        if ep_group is not None and torch.distributed.get_world_size(ep_group) > 1:  # this rank's experts only
-            local = experts // torch.distributed.get_world_size(ep_group)
-            first = torch.distributed.get_rank(ep_group) * local
+        if comm.group_size(ep_group) > 1:  # this rank's experts only
+            local = experts // comm.group_size(ep_group)
+            first = comm.group_rank(ep_group) * local
             fc1, fc2 = fc1[first:first + local], fc2[first:first + local]
         dtype, device, tp = config.torch_dtype, ctx.device, ctx.tp_group
         self.weight1 = _expert_parameter(fc1, dtype, device, tp, 1, parts)
