@@ -80,3 +80,4 @@ def log_record_errors(reference: list[dict], actual: list[dict],
             raise ValueError(f"{key}: {len(expected)} values in the reference, {len(got)} in the run")
         errors[key] = relative_error(got, expected)
     return errors
+

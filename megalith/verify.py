@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from megalith.config import Layout, ModelConfig, flag_field
+from megalith.config import Layout, ModelConfig, flag_field, parse_layout
 from megalith.config.optimizer import OPTIMIZER_NAMES, OptimizerConfig
 from megalith.errors import ConfigError
 from megalith.models.gpt import PADDED_VOCAB_PARAMETERS, TIED_COPY_ALIASES
@@ -363,3 +363,18 @@ def format_table(results: list[LayoutResult]) -> str:
         rows.append(f"{r.layout:<28} {r.losses[0]:>10.4f} {r.losses[-1]:>10.4f} {r.loss_error:>14.2e} {r.norm_error:>14.2e} "
                     f"{r.grad_error:>14.2e} {r.param_error:>15.2e}  {verdict}")
     return "\n".join(rows)
+
+
+def runner_after_one_step(ctx, settings: VerifySettings, layout_text: str, lr: float = 1e-3):
+    """The StepRunner of `layout_text` on this rank (None where the layout leaves it out) after one
+    training step of `settings`' first global batch: what memory checks count (Adam's moments
+    exist only after a step)."""
+    layout = parse_layout(layout_text)
+    state = ctx.parallel_state(dp=layout.dp)
+    if state is None:
+        return None
+    runner = build_runner(settings, layout, state)
+    micro = plan(settings, layout).batch.micro_batches(global_batch(settings, get_model_spec(settings.model), 0),
+                                                       state.dp_rank)
+    runner.train_step(micro, lambda out, b: sequence_mean_loss(out, b, settings.global_batch_size), lr)
+    return runner

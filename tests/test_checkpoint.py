@@ -44,8 +44,8 @@ LAYOUTS = {
 }
 
 
-def _train(pool, layout: str, log: Path, extra: list[str]) -> list[dict]:
-    flags, world = LAYOUTS[layout]
+def _train(pool, layout: str, log: Path, extra: list[str], layouts: dict = LAYOUTS) -> list[dict]:
+    flags, world = layouts[layout]
     pool.run(pretrain_on_rank, BASE + flags + ["--log-json", str(log)] + extra, world)
     return [json.loads(line) for line in log.read_text().splitlines() if "consumed_samples" in line]
 
@@ -79,10 +79,15 @@ def test_resume_is_bitwise(rank_pools, tmp_path, layout):
 def test_a_checkpoint_reshards_to_another_layout(rank_pools, tmp_path, source, target):
     """Saved under `source` after 3 iterations, continued under `target`: the same losses as
     continuing under `source` (which is bitwise the straight run), to 1e-6."""
-    pool = rank_pools(8)
-    straight = _train(pool, source, tmp_path / "straight.jsonl", [])
-    _train(pool, source, tmp_path / "first.jsonl", ["--save", str(tmp_path / "ckpt"), "--exit-interval", "3"])
-    moved = _train(pool, target, tmp_path / "moved.jsonl", ["--load", str(tmp_path / "ckpt")])
+    assert_continues_under(rank_pools(8), tmp_path, source, target)
+
+
+def assert_continues_under(pool, tmp_path, source: str, target: str, layouts: dict = LAYOUTS) -> None:
+    """3 iterations under `source`, saved, 3 more under `target`: the uninterrupted `source` run's
+    losses and norms to 1e-6."""
+    straight = _train(pool, source, tmp_path / "straight.jsonl", [], layouts)
+    _train(pool, source, tmp_path / "first.jsonl", ["--save", str(tmp_path / "ckpt"), "--exit-interval", "3"], layouts)
+    moved = _train(pool, target, tmp_path / "moved.jsonl", ["--load", str(tmp_path / "ckpt")], layouts)
     assert [r["iteration"] for r in moved] == [4, 5, 6]
     for key in ("lm_loss", "grad_norm"):
         expected = torch.tensor(_values(straight, key, 3), dtype=torch.float64)

@@ -2,15 +2,14 @@
 other (the files hold global tensors, whatever was sharded); bitwise resume when nothing changes.
 Runs are trained, saved and resumed as in tests/test_checkpoint.py."""
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from megalith.testing import pretrain_on_rank, relative_error
+from megalith.testing import relative_error
 from megalith.training.checkpoint_format import CheckpointReader
-from test_checkpoint import BASE, _values
+from test_checkpoint import _train as train
+from test_checkpoint import _values, assert_continues_under
 
 STRATEGY = "--data-parallel-sharding-strategy"
 LAYOUTS = {
@@ -26,9 +25,7 @@ LAYOUTS = {
 
 
 def _train(pool, layout: str, log: Path, extra: list[str]) -> list[dict]:
-    flags, world = LAYOUTS[layout]
-    pool.run(pretrain_on_rank, BASE + flags + ["--log-json", str(log)] + extra, world)
-    return [json.loads(line) for line in log.read_text().splitlines() if "consumed_samples" in line]
+    return train(pool, layout, log, extra, LAYOUTS)
 
 
 @pytest.mark.parametrize("layout", ["dp4.zero3", "dp2.zero2", "dp4.zero3.bf16", "pp2.dp2.zero3"])
@@ -52,14 +49,7 @@ def test_resume_under_zero_is_bitwise(rank_pools, tmp_path, layout):
 def test_a_checkpoint_moves_between_strategies(rank_pools, tmp_path, source, target):
     """Saved under `source` after 3 iterations, continued under `target`: the losses and norms of
     the uninterrupted `source` run, to 1e-6."""
-    pool = rank_pools(8)
-    straight = _train(pool, source, tmp_path / "straight.jsonl", [])
-    _train(pool, source, tmp_path / "first.jsonl", ["--save", str(tmp_path / "ckpt"), "--exit-interval", "3"])
-    moved = _train(pool, target, tmp_path / "moved.jsonl", ["--load", str(tmp_path / "ckpt")])
-    assert [r["iteration"] for r in moved] == [4, 5, 6]
-    for key in ("lm_loss", "grad_norm"):
-        expected = torch.tensor(_values(straight, key, 3), dtype=torch.float64)
-        assert relative_error(torch.tensor(_values(moved, key, 3), dtype=torch.float64), expected) < 1e-6, key
+    assert_continues_under(rank_pools(8), tmp_path, source, target, LAYOUTS)
 
 
 def test_a_zero3_checkpoint_holds_the_global_tensors_of_one_process(rank_pools, tmp_path):

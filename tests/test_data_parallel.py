@@ -17,6 +17,7 @@ from megalith.errors import ConfigError
 from megalith.models.registry import BUILTIN_MODELS, get_model_spec
 from megalith.parallel.data_parallel import DataParallelGrads, _Done
 from megalith.training import optimizer as optimizer_module
+from megalith.verify import runner_after_one_step
 from megalith.verify import (
     VerifySettings,
     _train_on_rank,
@@ -212,15 +213,9 @@ def test_fp16_overflow_skips_the_step_on_every_rank_and_halves_the_scale(rank_po
 
 
 def _memory_per_parameter(ctx, layout_text):
-    layout = parse_layout(layout_text)
-    settings = replace(SETTINGS, steps=1, ddp_bucket_size=10**9)
-    state = ctx.parallel_state(dp=layout.dp)
-    if state is None:
+    runner = runner_after_one_step(ctx, replace(SETTINGS, steps=1, ddp_bucket_size=10**9), layout_text)
+    if runner is None:
         return None
-    runner = build_runner(settings, layout, state)
-    micro = plan(settings, layout).batch.micro_batches(global_batch(settings, get_model_spec("gpt"), 0), state.dp_rank)
-    runner.train_step(micro,
-                      lambda out, b: sequence_mean_loss(out, b, settings.global_batch_size), 1e-3)
     params = sum(p.numel() for p in runner.chunks[0].parameters())
     return {key: value / params for key, value in runner.optimizer.memory_bytes().items()}
 

@@ -76,21 +76,16 @@ def test_both_reports_reach_the_log(rank_pools):
 
 def _persistent_after_one_step(ctx, layout_text):
     from megalith.config import ModelConfig, parse_layout
-    from megalith.models.registry import get_model_spec
     from megalith.training.memory_report import persistent_memory
-    from megalith.training.step import sequence_mean_loss
-    from megalith.verify import VerifySettings, build_runner, global_batch, plan
+    from megalith.verify import VerifySettings, runner_after_one_step
 
     config = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=8, vocab_size=512,
                          hidden_dropout=0.0, attention_dropout=0.0)
     settings = VerifySettings("gpt", config, steps=1, micro_batches=4, micro_batch_size=1, ddp_bucket_size=20_000)
     layout = parse_layout(layout_text)
-    state = ctx.parallel_state(dp=layout.dp)
-    if state is None:
+    runner = runner_after_one_step(ctx, settings, layout_text)
+    if runner is None:
         return None
-    runner = build_runner(settings, layout, state)
-    micro = plan(settings, layout).batch.micro_batches(global_batch(settings, get_model_spec("gpt"), 0), state.dp_rank)
-    runner.train_step(micro, lambda out, b: sequence_mean_loss(out, b, settings.global_batch_size), 1e-3)
     params = sum(p.numel() for chunk in runner.chunks for p in chunk.parameters())
     layers = [sum(p.numel() for p in layer.parameters()) for chunk in runner.chunks
               for layer in chunk.modules() if isinstance(layer, TransformerLayer)]

@@ -16,6 +16,7 @@ from megalith.config.parallel import DistributedConfig, zero_stage
 from megalith.errors import ConfigError
 from megalith.models.registry import BUILTIN_MODELS, get_model_spec
 from megalith.parallel.data_parallel import DataParallelGrads
+from megalith.verify import runner_after_one_step
 from megalith.verify import VerifySettings, build_runner, global_batch, plan, run_verify, sequence_mean_loss, train
 
 BASE = ModelConfig(**BUILTIN_MODELS["gpt"].defaults)
@@ -103,14 +104,9 @@ def test_zero2_with_small_buckets_and_one_bucket(rank_pools, bucket_size):
 
 
 def _memory_per_parameter(ctx, layout_text: str):
-    layout = parse_layout(layout_text)
-    settings = replace(SETTINGS, steps=1, ddp_bucket_size=10**9)
-    state = ctx.parallel_state(dp=layout.dp)
-    if state is None:
+    runner = runner_after_one_step(ctx, replace(SETTINGS, steps=1, ddp_bucket_size=10**9), layout_text)
+    if runner is None:
         return None
-    runner = build_runner(settings, layout, state)
-    micro = plan(settings, layout).batch.micro_batches(global_batch(settings, get_model_spec("gpt"), 0), state.dp_rank)
-    runner.train_step(micro, lambda out, b: sequence_mean_loss(out, b, settings.global_batch_size), 1e-3)
     params = sum(p.numel() for p in runner.chunks[0].parameters())
     return {key: value / params for key, value in runner.memory_bytes().items()}
 
