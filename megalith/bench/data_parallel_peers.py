@@ -67,11 +67,12 @@ class DataParallelSide:
 
 
 def _build(ctx, work: Work, layout: str, peer: str, zero3: bool = False):
+    """(megalith `layout`, the peer) on the dp ranks; ZeRO-3 rows give megalith --overlap-param-gather."""
     state = ctx.parallel_state(dp=2)
     group = dist.new_group([0, 1])  # every pool rank takes part in creating it
     if state is None:
         return None
-    return work.megalith_side(layout, state), DataParallelSide(work, state.dp_rank, group, peer, zero3)
+    return work.megalith_side(layout, state, overlap_param_gather=zero3), DataParallelSide(work, state.dp_rank, group, peer, zero3)
 
 
 def build_ddp(ctx, work: Work):

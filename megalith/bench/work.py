@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from megalith.config import ModelConfig, parse_layout
 from megalith.models.gpt import GPTModel
-from megalith.verify import VerifySettings, build_runner, plan
-from megalith.training.step import sequence_mean_loss
+from megalith.training.loss_scaler import make_loss_scaler
+from megalith.training.step import assemble_runner, sequence_mean_loss
+from megalith.verify import VerifySettings, plan
 
 
 @dataclass(frozen=True)
@@ -40,21 +41,24 @@ class Work:
                               lr_decay_style="constant", weight_decay=0.0, clip_grad=0.0, adam_eps=1e-8,
                               ddp_bucket_size=40_000_000, seed=self.seed)
 
-    def megalith_side(self, layout: str, state) -> "MegalithSide":
-        return MegalithSide(self, layout, state)
+    def megalith_side(self, layout: str, state, overlap_param_gather: bool = False) -> "MegalithSide":
+        return MegalithSide(self, layout, state, overlap_param_gather)
 
     def reference_state_dict(self) -> dict[str, torch.Tensor]:
         return GPTModel(self.config, init_seed=self.seed).state_dict()
 
 
 class MegalithSide:
-    """megalith's step of a layout, built as `megalith verify` builds it."""
+    """megalith's step of a layout, built as `megalith verify` builds it; `overlap_param_gather` is
+    --overlap-param-gather (ZeRO-3: the next layer's all-gather starts during this one's compute)."""
 
-    def __init__(self, work: Work, layout: str, state) -> None:
+    def __init__(self, work: Work, layout: str, state, overlap_param_gather: bool = False) -> None:
         settings = work.verify_settings()
-        parsed = parse_layout(layout)
-        self.work, self.batch_plan = work, plan(settings, parsed).batch
-        self.runner = build_runner(settings, parsed, state)
+        step_plan = replace(plan(settings, parse_layout(layout)), overlap_param_gather=overlap_param_gather)
+        self.work, self.batch_plan = work, step_plan.batch
+        scaler = make_loss_scaler(fp16=False, loss_scale=None, initial_loss_scale=settings.initial_loss_scale,
+                                  hysteresis=settings.hysteresis)
+        self.runner = assemble_runner(step_plan, state, settings.optimizer_config(), scaler)
         self.dp_rank = state.dp_rank if state is not None else 0
         self.device = state.device if state is not None else torch.device("cpu")
 

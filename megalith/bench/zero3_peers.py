@@ -6,6 +6,8 @@ parameters for its forward and again for its backward, and reduce-scatter each m
 gradients into the shard (megalith and DeepSpeed by design; FSDP2 because its side syncs every
 micro-batch, as a ZeRO-3 user who wants sharded gradients must). The peers' sides are those of the
 FSDP2 and DeepSpeed ZeRO-1 rows (`data_parallel_peers`, `deepspeed_peer`) in their ZeRO-3 mode.
+megalith runs with --overlap-param-gather (the next unit's all-gather started during this one's
+compute), as the peers prefetch by default.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def build_deepspeed(ctx, work: Work):
     _deepspeed_world(ctx, 2)
     state = ctx.parallel_state(dp=2)
     deepspeed = import_deepspeed(state.device)
-    return work.megalith_side(LAYOUT, state), DeepSpeedZeroSide(deepspeed, work, state.dp_rank, stage=3)
+    return work.megalith_side(LAYOUT, state, overlap_param_gather=True), DeepSpeedZeroSide(deepspeed, work, state.dp_rank, stage=3)
 
 
 def cases(config, quick: bool, micro_batch_size: int = 4, micro_batches: int = MICRO_BATCHES,
