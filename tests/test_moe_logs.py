@@ -132,7 +132,9 @@ def test_pp2_and_dp2_pretrain_log_every_moe_layer_as_one_process(rank_pools, tmp
     the line's load_balancing_loss is the mean of the per-layer values."""
     pool = rank_pools(2)
     _, reference = _records(pool, tmp_path, "one", [], 1)
-    for name, layout in (("pp2", ["--pipeline-model-parallel-size", "2"]), ("dp2", [])):
+    board = tmp_path / "tensorboard"
+    for name, layout in (("pp2", ["--pipeline-model-parallel-size", "2", "--tensorboard-dir", str(board)]),
+                         ("dp2", [])):
         lines, records = _records(pool, tmp_path, name, layout, 2)
         assert [r["iteration"] for r in records] == [1, 2] and len(lines) == 2
         for line, record, expected in zip(lines, records, reference):
@@ -150,3 +152,12 @@ def test_pp2_and_dp2_pretrain_log_every_moe_layer_as_one_process(rank_pools, tmp
             parsed = parse_log_line(line)
             assert parsed["load_balancing_loss"] == float(f"{record['load_balancing_loss']:.6E}")
             assert parsed["z_loss"] == float(f"{record['z_loss']:.6E}")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(board), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"load_balancing_loss", "z_loss"} <= tags
+    assert {f"moe/{name}_layer_{i}" for i in (0, 2, 3) for name in (
+        "load_balancing_loss", "z_loss", "tokens_per_expert_min", "tokens_per_expert_max", "dropped_fraction")} <= tags
+    assert [e.step for e in events.Scalars("moe/load_balancing_loss_layer_3")] == [1, 2]
