@@ -126,15 +126,16 @@ def _records(pool, tmp_path, name, layout, world):
 
 
 @pytest.mark.slow
-def test_pp2_and_dp2_pretrain_log_every_moe_layer_as_one_process(rank_pools, tmp_path):
+def test_pp2_dp2_and_tp2_pretrain_log_every_moe_layer_as_one_process(rank_pools, tmp_path):
     """pp2 puts layer 0 on stage 0 and layers 2, 3 on stage 1; dp2 splits the step's 4 micro-batches over
-    two ranks. Both log what one process logs (the same micro-batches, weights equal to fp32 rounding), and
+    two ranks; tp2.sp splits each micro-batch's tokens (the aux loss is a share per rank). All log what one
+    process logs (the same micro-batches, weights equal to fp32 rounding), and
     the line's load_balancing_loss is the mean of the per-layer values."""
     pool = rank_pools(2)
     _, reference = _records(pool, tmp_path, "one", [], 1)
     board = tmp_path / "tensorboard"
     for name, layout in (("pp2", ["--pipeline-model-parallel-size", "2", "--tensorboard-dir", str(board)]),
-                         ("dp2", [])):
+                         ("dp2", []), ("tp2.sp", ["--tensor-model-parallel-size", "2", "--sequence-parallel"])):
         lines, records = _records(pool, tmp_path, name, layout, 2)
         assert [r["iteration"] for r in records] == [1, 2] and len(lines) == 2
         for line, record, expected in zip(lines, records, reference):
