@@ -3,6 +3,7 @@ against direct formulas, Megatron's `load_balancing_loss` in the log line, and a
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,24 +33,30 @@ def direct_losses(config, layer, x):
 
 
 def run(config, micro_batches=2, seed=0):
-    """Forward and backward `micro_batches` batches of one process; the stats and the direct values."""
+    """Forward and backward `micro_batches` batches of one process, then one evaluation forward: the stats'
+    summary, the layers, each layer's training inputs, the stats and each layer's forward calls."""
     model = GPTModel(config, init_seed=3)
     layers = moe_layers([model])
     stats = MoEStats(config, layers, (), torch.device("cpu"))
     seen = {index: [] for index in layers}
     for index, layer in layers.items():
-        layer.register_forward_hook(lambda m, args, out, index=index: seen[index].append(args[0].detach()))
+        layer.register_forward_hook(
+            lambda m, args, out, index=index: seen[index].append((torch.is_grad_enabled(), args[0].detach())))
     generator = torch.Generator().manual_seed(seed)
     for _ in range(micro_batches):
         tokens = torch.randint(0, 64, (2, 9), generator=generator)
         model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
     with torch.no_grad():  # evaluation is not counted
         model(tokens[:, :-1], tokens[:, 1:])
-    return stats.reduce(iterations=1), layers, {i: xs[:micro_batches] for i, xs in seen.items()}
+    inputs = {index: [x for grad, x in calls if grad] for index, calls in seen.items()}
+    return SimpleNamespace(summary=stats.reduce(iterations=1), layers=layers, inputs=inputs, stats=stats,
+                           calls={index: len(calls) for index, calls in seen.items()})
 
 
 def test_per_layer_stats_equal_the_direct_formulas_averaged_over_micro_batches():
-    summary, layers, inputs = run(BASE)
+    result = run(BASE)
+    summary, layers, inputs = result.summary, result.layers, result.inputs
+    assert all(len(xs) == 2 for xs in inputs.values())  # the evaluation is left out
     assert [entry["layer"] for entry in summary["layers"]] == [0, 2]
     for entry in summary["layers"]:
         direct = [direct_losses(BASE, layers[entry["layer"]], x) for x in inputs[entry["layer"]]]
@@ -65,17 +72,22 @@ def test_per_layer_stats_equal_the_direct_formulas_averaged_over_micro_batches()
     assert set(tensorboard_scalars(summary)) == {f"moe/{name}_layer_{i}" for i in (0, 2) for name in (
         "load_balancing_loss", "z_loss", "tokens_per_expert_min", "tokens_per_expert_max", "dropped_fraction")}
     # the sums restart after each reduce
-    assert MoEStats.reduce(_stats_of(layers, BASE), 1)["layers"][0]["tokens_per_expert_max"] == 0.0
+    assert result.stats.reduce(1)["layers"][0]["tokens_per_expert_max"] == 0.0
 
 
-def _stats_of(layers, config):
-    return MoEStats(config, layers, (), torch.device("cpu"))
+def test_full_recompute_counts_each_micro_batch_once():
+    """A checkpointed layer's first forward runs without gradients (not counted), its recomputation with."""
+    plain = run(BASE)
+    recomputed = run(replace(BASE, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1))
+    assert recomputed.summary == plain.summary
+    assert plain.calls[0] == 3 and recomputed.calls[0] == 5  # 2 micro-batches (twice each) and the evaluation
 
 
 @pytest.mark.parametrize("coeffs", [(0.05, None), (0.0, 0.01)])
 def test_one_loss_alone_is_its_weighted_value_over_its_coefficient(coeffs):
     config = replace(BASE, moe_aux_loss_coeff=coeffs[0], moe_z_loss_coeff=coeffs[1])
-    summary, layers, inputs = run(config, micro_batches=1)
+    result = run(config, micro_batches=1)
+    summary, layers, inputs = result.summary, result.layers, result.inputs
     for entry in summary["layers"]:
         balance, z, _ = direct_losses(config, layers[entry["layer"]], inputs[entry["layer"]][0])
         name, value = ("load_balancing_loss", balance) if coeffs[0] else ("z_loss", z)
@@ -85,7 +97,8 @@ def test_one_loss_alone_is_its_weighted_value_over_its_coefficient(coeffs):
 
 def test_the_dropped_fraction_counts_pairs_beyond_capacity():
     config = replace(BASE, moe_expert_capacity_factor=0.5, moe_token_dispatcher_type="alltoall")
-    summary, layers, inputs = run(config, micro_batches=1)
+    result = run(config, micro_batches=1)
+    summary, layers, inputs = result.summary, result.layers, result.inputs
     capacity = 4  # ceil(16 tokens x top-2 / 4 experts x 0.5)
     for entry in summary["layers"]:
         counts = direct_losses(config, layers[entry["layer"]], inputs[entry["layer"]][0])[2]

@@ -30,7 +30,7 @@ from megalith.models.moe import MoELayer, moe_layer_pattern
 from megalith.models.moe.router import z_loss
 from megalith.parallel import comm
 
-# buffer columns: then one column per expert (tokens routed)
+# the buffer's columns per MoE layer: these five, then the tokens routed to each expert
 _LB, _Z, _FORWARDS, _DROPPED, _PAIRS = range(5)
 _COLUMNS = 5
 # the log line's fields, in Megatron's order
