@@ -10,7 +10,6 @@ import torch
 
 from megalith.config import ModelConfig
 from megalith.models.gpt import GPTModel
-from megalith.models.moe.router import aux_loss
 from megalith.testing import pretrain_on_rank, relative_error
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line, parse_log_line
 from megalith.training.moe_stats import MoEStats, moe_layers, tensorboard_scalars
@@ -28,7 +27,8 @@ def direct_losses(config, layer, x):
     scores = torch.softmax(logits, -1)
     chosen = torch.topk(scores, config.moe_router_topk, -1).indices
     counts = torch.zeros(config.num_experts).index_add_(0, chosen.flatten(), torch.ones(chosen.numel()))
-    balance = aux_loss(scores, counts, tokens.shape[0], config.moe_router_topk, 1.0)
+    fraction = counts / (config.moe_router_topk * tokens.shape[0])  # f_e: the share of routed pairs
+    balance = config.num_experts * (fraction * scores.mean(0)).sum()  # E x sum_e f_e x P_e
     return float(balance), float(torch.logsumexp(logits, -1).square().mean()), counts
 
 
