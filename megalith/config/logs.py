@@ -29,6 +29,9 @@ class LoggingConfig:
     wandb_save_dir: str | None = flag_field(None, "Weights & Biases local directory")
     timing_log_level: int = flag_field(0, "0: none; 1 and 2: the last rank's forward-backward (with the gradient reduction) and optimizer times per iteration",
                                        TIMING_LOG_LEVELS)
+    moe_per_layer_logging: bool = flag_field(False, "MoE models: each MoE layer's load-balancing loss, z-loss, "
+                                             "tokens per expert (min, max) and dropped fraction in the --log-json "
+                                             "record (\"moe_layers\") and on TensorBoard (moe/NAME_layer_I)")
     log_progress_bar: bool | None = flag_field(None, "tqdm progress bar (None: when stdout is a terminal)")
 
     def __post_init__(self) -> None:

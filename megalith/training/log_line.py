@@ -10,7 +10,10 @@ Megatron prints keeps Megatron's label, number format and order (megatron/traini
      lm loss: 6.543210E+00 | loss scale: 65536.0 | grad norm: 1.234 |
      number of skipped iterations:   0 | number of nan iterations:   0 |
 
-(one line in the log; wrapped here). One field is ours: ` throughput (tokens/s): N |`, right after
+(one line in the log; wrapped here). An MoE model (--num-experts) adds Megatron's
+` load_balancing_loss: 1.234567E-02 |` (and ` z_loss: ... |` with --moe-z-loss-coeff) after the lm loss,
+as Megatron's track_moe_metrics puts them into the same loss dictionary (megalith.training.moe_stats).
+One field is ours: ` throughput (tokens/s): N |`, right after
 the TFLOP/s field, because tokens per second is the number people compare across hardware and
 Megatron does not print it. Parsers that split on `|` and look fields up by label, as Megatron's
 users' scrapers do, skip it. `grad norm` is left out when there is none (as Megatron does).
@@ -50,6 +53,7 @@ class IterationLog:
     skipped_iterations: int
     nan_iterations: int
     timestamp: datetime
+    moe_losses: tuple[tuple[str, float], ...] = ()  # (name, value) in the line's order; () for a dense model
 
 
 def format_log_line(log: IterationLog) -> str:
@@ -66,6 +70,7 @@ def format_log_line(log: IterationLog) -> str:
     ]
     if log.lm_loss is not None:
         parts.append(f" lm loss: {log.lm_loss:.6E} |")
+    parts.extend(f" {name}: {value:.6E} |" for name, value in log.moe_losses)
     parts.append(f" loss scale: {log.loss_scale:.1f} |")
     if log.grad_norm is not None:
         parts.append(f" grad norm: {log.grad_norm:.3f} |")
@@ -83,6 +88,8 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "learning rate": ("learning_rate", float),
     "global batch size": ("global_batch_size", int),
     "lm loss": ("lm_loss", float),
+    "load_balancing_loss": ("load_balancing_loss", float),
+    "z_loss": ("z_loss", float),
     "loss scale": ("loss_scale", float),
     "grad norm": ("grad_norm", float),
     "number of skipped iterations": ("skipped_iterations", int),
@@ -116,7 +123,8 @@ def _number(text: str, kind: type) -> int | float:
 
 def parse_log_line(line: str) -> dict[str, float | int | str]:
     """The fields of one iteration log line, keyed like IterationLog (grad_norm, timestamp,
-    learning_rate, tflops_per_device, tokens_per_s and lm_loss only when the line has them)."""
+    learning_rate, tflops_per_device, tokens_per_s, lm_loss, load_balancing_loss and z_loss only when the
+    line has them)."""
     head = _HEAD.search(line.rstrip("\r\n"))
     if head is None:
         raise _not_a_log_line(line, "no 'iteration N/M |'")
@@ -153,7 +161,7 @@ def parse_log_line(line: str) -> dict[str, float | int | str]:
 
 def as_json_record(log: IterationLog) -> dict:
     """One --log-json record: the same numbers as the line, at full precision."""
-    return {
+    record = {
         "iteration": log.iteration,
         "train_iters": log.train_iters,
         "consumed_samples": log.consumed_samples,
@@ -169,3 +177,5 @@ def as_json_record(log: IterationLog) -> dict:
         "nan_iterations": log.nan_iterations,
         "timestamp": log.timestamp.isoformat(),
     }
+    record.update(log.moe_losses)
+    return record

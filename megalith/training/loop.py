@@ -35,6 +35,7 @@ from megalith.training.housekeeping import RunHousekeeping
 from megalith.training.log_line import IterationLog, as_json_record, format_log_line
 from megalith.training import memory_report
 from megalith.training.lr_schedule import LRScheduler
+from megalith.training.moe_stats import LINE_FIELDS, MoEStats, tensorboard_scalars
 from megalith.training.optimizer import learning_rates
 from megalith.training.progress import NullProgressBar, progress_bar
 from megalith.training.step import StepPlan, assemble_runner, forward_only, sequence_mean_loss, token_sum_loss
@@ -98,6 +99,8 @@ class Trainer:
         self.timers = Timers(config.logging.timing_log_level, state.device)
         # --log-comm-bytes: each training step's communication, counted afresh every iteration
         self.comm_ledger = CommLedger.for_state(state) if config.logging.log_comm_bytes else None
+        # MoE logs: hooks on this rank's MoE layers (None, and nothing hooked, for a dense model)
+        self.moe_stats = MoEStats.attach(self.runner.chunks, config.model, state)
         self.flops = model_flops_per_iteration(
             config.model, config.global_batch_size,
             padded_vocab_size(config.model.vocab_size, state.tp_size, config.model.make_vocab_size_divisible_by))
@@ -197,7 +200,8 @@ class Trainer:
             lines.append(f"notice: {self.optimizer.backend.notice}")
         return lines + [f"notice: {n}" for n in c.notices]
 
-    def log(self, stats: IntervalStats, writers: MetricsWriters, emit) -> None:
+    def log(self, stats: IntervalStats, writers: MetricsWriters, emit, moe: dict | None = None) -> None:
+        """The log line and the writers' record; `moe`: MoEStats.reduce's summary of the interval."""
         elapsed = (time.perf_counter() - stats.started) / max(stats.iterations, 1)
         c, size = self.config, self.current_global_batch_size
         flops = self.flops * size / c.global_batch_size  # the last step's batch (a ramp-up's)
@@ -207,7 +211,8 @@ class Trainer:
             tokens_per_s=size * c.model.seq_length / elapsed, learning_rate=self.scheduler.lr,
             global_batch_size=size, lm_loss=stats.mean_loss,
             loss_scale=self.optimizer.loss_scale, grad_norm=stats.grad_norm, skipped_iterations=stats.skipped,
-            nan_iterations=stats.nan, timestamp=datetime.now())
+            nan_iterations=stats.nan, timestamp=datetime.now(),
+            moe_losses=tuple((name, moe[name]) for name in LINE_FIELDS if moe and name in moe))
         emit(format_log_line(entry))
         # this (last) rank's times per iteration; gathering them would need every rank to log
         timing = self.timers.format(["forward-backward", "optimizer"], reset=True, normalizer=max(stats.iterations, 1))
@@ -218,6 +223,9 @@ class Trainer:
             record["memory"] = memory_report.persistent_memory(self.runner)
         if self.comm_ledger is not None:  # this rank's, of the last iteration (as the grad norm is)
             record["comm"] = self.comm_ledger.as_dict()
+        if moe is not None and c.logging.moe_per_layer_logging:
+            record["moe_layers"] = moe["layers"]
+            writers.write_tensorboard(tensorboard_scalars(moe), self.iteration)
         writers.write(record, self.iteration)
 
     def train(self) -> list[float]:
@@ -257,10 +265,12 @@ class Trainer:
                 stats.add(loss, outcome.skipped, outcome.grad_norm)
                 bar.update(1)
                 if self.iteration % c.training.log_interval == 0:
+                    # a collective of every rank: the MoE layers live on every stage
+                    moe = self.moe_stats.reduce(stats.iterations) if self.moe_stats is not None else None
                     if self.is_last_rank:
                         writers.write_tensorboard(house.tensorboard_scalars(self.timers, stats.iterations),
                                                   self.iteration)
-                        self.log(stats, writers, emit)
+                        self.log(stats, writers, emit, moe)
                         logged.append(stats.mean_loss)
                     stats = IntervalStats()
                 if self.iteration == first_iteration:  # what the first step really took (Megatron's report_memory)

@@ -20,7 +20,6 @@ MOE_FLAGS = (
     flag("--moe-router-force-load-balancing", "true", False, "random routing for benchmarks", MOE),
     flag("--moe-router-padding-for-fp8", "true", False, "pad each expert's tokens for fp8 GEMMs", MOE),
     flag("--moe-input-jitter-eps", "float", None, "multiplicative jitter on the router input", MOE),
-    flag("--moe-per-layer-logging", "true", False, "log the MoE losses per layer", MOE),
     flag("--moe-enable-deepep", "true", False, "DeepEP dispatch kernels (flex dispatcher)", MOE),
     flag("--moe-deepep-num-sms", "int", 20, "SMs given to DeepEP", MOE),
     flag("--moe-permute-fusion", "true", False, "fused token permutation", MOE),
