@@ -353,17 +353,15 @@ def test_verify_refuses_expert_tokens_without_experts(capsys):
     assert "--expert-model-parallel-size 2 needs a mixture-of-experts model" in capsys.readouterr().err
 
 
-def test_expert_parallelism_is_refused_until_proven_end_to_end(tmp_path):
-    """The pieces are proven (these tables, the toy's gradient routing, the alltoall dispatcher in
-    test_moe_layer.py); verify under ep and checkpoints of expert shards are not, so ep > 1 is one line."""
+def test_expert_parallelism_resolves_in_pretrain_and_verify():
+    """verify proves ep layouts exact (tests/test_moe_verify_ep.py), so pretrain and verify take ep > 1; what
+    is not proven is refused there in one line."""
     from megalith.config import ModelConfig, parse_layout
     from megalith.config.arguments import parse_pretrain_args
     from megalith.verify import VerifySettings, plan
 
     moe = ["--mock-data", "--num-experts", "4", "--moe-token-dispatcher-type", "alltoall", "--disable-bias-linear",
            "--expert-model-parallel-size", "2"]
-    assert_one_line_error(lambda: parse_pretrain_args(moe, 2),
-                          "--expert-model-parallel-size 2: expert parallelism's groups, dispatcher")
+    assert parse_pretrain_args(moe, 2).layout.ep == 2
     config = ModelConfig(num_experts=4, moe_token_dispatcher_type="alltoall", disable_bias_linear=True)
-    assert_one_line_error(lambda: plan(VerifySettings("gpt", config), parse_layout("dp2.ep2")),
-                          "layout ep2.dp2: expert parallelism's groups")
+    assert plan(VerifySettings("gpt", config), parse_layout("dp2.ep2")).layout.ep == 2

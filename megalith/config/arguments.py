@@ -117,19 +117,12 @@ def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit:
         from megalith.training.data import check_data_tokenizer
 
         check_data_tokenizer(config)
-    if config.layout.ep > 1:
-        raise ConfigError(f"--expert-model-parallel-size {config.layout.ep}: {EP_NOT_PROVEN}; use "
-                          "--expert-model-parallel-size 1")
     if config.checkpointing.load:  # the checkpoint fits the model (reads its metadata only)
         from megalith.training.checkpoint import check_load_target
 
         check_load_target(config)
     notice = compat_notice(args)  # Megatron's GPU tuning knobs: accepted, named once
     return replace(config, notices=config.notices + (notice,)) if notice else config
-
-
-EP_NOT_PROVEN = ("expert parallelism's groups, dispatcher and gradient routing are built and tested piece by piece, "
-                 "but not yet proven exact end to end (verify under ep, checkpoints of expert shards: issue 21)")
 
 
 def checkpoint_model_args(load: str | None, given: set[str]) -> dict:

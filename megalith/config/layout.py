@@ -154,7 +154,9 @@ class Layout:
                         dp=self.dp, ep=self.ep, etp=self.etp)
 
     def check_model(self, config: ModelConfig) -> None:
-        """Every shape that tensor (and sequence) parallelism splits must split evenly."""
+        """Every shape that tensor (and sequence) parallelism splits must split evenly; the MoE layers'
+        rules (check_moe)."""
+        self.check_moe(config)
         tp, heads, groups = self.tp, config.num_attention_heads, config.num_query_groups
         check_divides(tp, heads * config.kv_channels, "hidden size")
         check_divides(tp, heads, "number of attention heads")
@@ -168,6 +170,33 @@ class Layout:
                 raise ConfigError(
                     f"{what} {length} is not divisible by --tensor-model-parallel-size {tp} under "
                     f"--sequence-parallel; use a {flag_name} that is a multiple of {tp} or drop --sequence-parallel")
+
+    def check_moe(self, config: ModelConfig) -> None:
+        """What the MoE layers cannot run under this layout, one line each (nothing without --num-experts).
+        Each refusal is a combination that is not proven exact against one process (issue 21)."""
+        experts = config.num_experts
+        if not experts:
+            return
+        self.check_experts(experts)
+        tp, ep, etp = self.tp, self.ep, self.expert_tp
+        size = f"--tensor-model-parallel-size {tp}"
+        if tp > 1 and not self.sequence_parallel:
+            raise ConfigError(f"MoE layers with {size} need --sequence-parallel (as Megatron); add it")
+        check_divides(etp, config.moe_ffn_hidden_size, "--moe-ffn-hidden-size",
+                      "--expert-tensor-parallel-size (default: the tensor-parallel size)")
+        if config.moe_expert_capacity_factor is not None and (tp > 1 or etp > 1):
+            raise ConfigError(f"--moe-expert-capacity-factor with {size} and --expert-tensor-parallel-size {etp} is "
+                              "not built yet (issue 21: each rank would drop by its share of the tokens); drop "
+                              "the capacity factor or use tp 1 and etp 1")
+        if config.moe_router_load_balancing_type == "seq_aux_loss" and config.moe_aux_loss_coeff > 0 and tp > 1:
+            raise ConfigError(f"--moe-router-load-balancing-type seq_aux_loss with {size} is not built yet (issue "
+                              "21); use aux_loss")
+        if etp != tp and tp > 1 and etp > 1:
+            raise ConfigError(f"--expert-tensor-parallel-size {etp} with {size} is not built yet (issue 21); use "
+                              f"--expert-tensor-parallel-size {tp} (the default) or 1")
+        if config.add_bias_linear and etp > 1 and (ep > 1 or etp != tp):
+            raise ConfigError(f"expert biases with --expert-model-parallel-size {ep} and --expert-tensor-parallel-size "
+                              f"{etp} are not built yet (issue 21); give --disable-bias-linear or use etp 1")
 
     def apply_to(self, config: ModelConfig) -> ModelConfig:
         """The model config under this layout: a recompute token sets the granularity (full keeps

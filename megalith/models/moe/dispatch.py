@@ -1,11 +1,13 @@
 """Token dispatch: tokens to their experts' rows and the experts' outputs back, weighted by the routing
-probabilities. Both of Megatron's dispatchers are here; at expert-parallel size 1 each is a local permutation
-(expert-major, tokens in order within an expert), so they give bitwise-equal results.
+probabilities. Both of Megatron's dispatchers are here. Each gives its experts the same rows in the same order
+(expert-major; within an expert by source rank, then token), so they give bitwise-equal results at ep 1, and
+at ep 2 with top-2 (each token's sum then has at most two terms, whatever the order of addition).
 
-allgather: gathers every token over tp x ep and keeps the rows of this rank's experts (Megatron's
-MoEAllGatherTokenDispatcher). alltoall: sends each token to the ep rank of its expert and sorts what arrives
-by local expert (MoEAlltoAllTokenDispatcher); the one that supports capacity and padding, and the one that
-runs expert parallelism (ctx.ep_group of size > 1, dropless) so far."""
+allgather: gathers every token over etp x ep and keeps the rows of this rank's experts (Megatron's
+MoEAllGatherTokenDispatcher), dropless. alltoall: sends each token to the ep rank of its expert and sorts what
+arrives by local expert (MoEAlltoAllTokenDispatcher); the one that supports capacity and padding. Under expert
+tensor parallelism both first gather the tokens over etp (tp under SP), so each etp rank runs its slice of
+the experts on the same rows. Which layouts run is checked before any group exists (Layout.check_moe)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from typing import NamedTuple
 
 import torch
 
-from megalith.errors import ConfigError
 from megalith.models.moe.config import expert_capacity
 from megalith.parallel import comm
 
@@ -52,40 +53,58 @@ def unpermute(y: torch.Tensor, probs: torch.Tensor, perm: Permutation, num_token
     return y.new_zeros(num_tokens, y.shape[1]).index_add(0, perm.tokens, rows * weights)
 
 
-def gather_tokens(ctx, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
-    """Under SP (tp > 1): every tp rank's tokens, probabilities and routing (dim 0, in rank order), so each
-    rank runs its tp slice of the experts on all of them; gradients come back reduce-scattered."""
-    if ctx.tp_size == 1:
+def expert_tp_group(ctx):
+    """The group each expert is tensor-parallel over: etp (the tp group unless --expert-tensor-parallel-size
+    sets another; a context without etp_group: tp)."""
+    group = getattr(ctx, "etp_group", None)
+    return ctx.tp_group if group is None else group
+
+
+def gather_tokens(group, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
+    """Every rank of `group`'s tokens, probabilities and routing (dim 0, in rank order; nothing for one rank).
+    Gradients come back reduce-scattered: each rank's experts see all of them and hold a partial result."""
+    size = group_size(group)
+    if size == 1:
         return x, probs, routing_map
-    group = ctx.tp_group
-    gathered = torch.empty((ctx.tp_size,) + tuple(routing_map.shape), dtype=torch.uint8, device=routing_map.device)
+    gathered = torch.empty((size,) + tuple(routing_map.shape), dtype=torch.uint8, device=routing_map.device)
     comm.all_gather_into(gathered.view(-1), routing_map.to(torch.uint8).contiguous().view(-1), group)
     return (comm.gather_from_sequence_parallel(x, group), comm.gather_from_sequence_parallel(probs, group),
             gathered.flatten(0, 1).bool())
 
 
-def scatter_output(ctx, out: torch.Tensor) -> torch.Tensor:
-    """Sum the experts' partial outputs over tp, each rank keeping its tokens (the inverse of gather_tokens)."""
-    return out if ctx.tp_size == 1 else comm.reduce_scatter_to_sequence_parallel(out, ctx.tp_group)
+def scatter_output(group, out: torch.Tensor) -> torch.Tensor:
+    """Sum the ranks' partial outputs over `group`, each keeping its own tokens (the inverse of gather_tokens)."""
+    return out if group_size(group) == 1 else comm.reduce_scatter_to_sequence_parallel(out, group)
 
 
 class AllGatherDispatcher:
-    """Megatron's allgather dispatcher at ep = 1: the tokens gathered over tp (under SP; nothing at tp = 1),
-    then a local permutation."""
+    """Megatron's allgather dispatcher: every token gathered over etp (tp under SP), then over ep (so over
+    etp x ep, in that group's rank order); each rank permutes the pairs of its own experts, and the partial
+    outputs are reduce-scattered back over ep, then etp. At ep = etp = 1 a local permutation."""
 
     supports_capacity = False
 
     def __init__(self, config, ctx) -> None:
         self.config, self.ctx = config, ctx
+        self.etp_group, self.ep_group = expert_tp_group(ctx), getattr(ctx, "ep_group", None)
+        self.ep = group_size(self.ep_group)
+        local = config.num_experts // self.ep
+        first = comm.group_rank(self.ep_group) * local if self.ep > 1 else 0
+        self.mine = slice(first, first + local)
 
     def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
-        x, probs, routing_map = gather_tokens(self.ctx, x, probs, routing_map)
+        x, probs, routing_map = gather_tokens(self.etp_group, x, probs, routing_map)
+        if self.ep > 1:
+            x, probs, routing_map = gather_tokens(self.ep_group, x, probs, routing_map)
+            probs, routing_map = probs[:, self.mine], routing_map[:, self.mine]
         rows, perm = permute(x, routing_map)
         return rows, perm.counts, (perm, probs, x.shape[0])
 
     def combine(self, y: torch.Tensor, state) -> torch.Tensor:
         perm, probs, tokens = state
-        return scatter_output(self.ctx, unpermute(y, probs, perm, tokens))
+        out = scatter_output(self.ep_group, unpermute(y, probs, perm, tokens)) if self.ep > 1 else \
+            unpermute(y, probs, perm, tokens)
+        return scatter_output(self.etp_group, out)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -113,23 +132,20 @@ def _reorder(rows: torch.Tensor, sizes: list[int], order: list[int]) -> torch.Te
 
 
 class AllToAllDispatcher:
-    """Megatron's alltoall dispatcher: the expert-major permutation (with capacity padding when asked), an
-    all-to-all over the ep group (each rank's rows to the rank of their experts; nothing at ep = 1), the
-    gather over the expert-tp group (tp, under SP) and the sort of what arrives from [source rank][local
+    """Megatron's alltoall dispatcher: the gather over the expert-tp group (etp; tp under SP), the
+    expert-major permutation (with capacity padding when asked), an all-to-all over the ep group (each rank's rows to
+    the rank of their experts; nothing at ep = 1) and the sort of what arrives from [source rank][local
     expert] to [local expert][source rank] (the identity at ep = 1)."""
 
     supports_capacity = True
 
     def __init__(self, config, ctx) -> None:
         self.config, self.ctx = config, ctx
-        self.ep_group = getattr(ctx, "ep_group", None)
+        self.etp_group, self.ep_group = expert_tp_group(ctx), getattr(ctx, "ep_group", None)
         self.ep = group_size(self.ep_group)
-        if self.ep > 1 and ctx.tp_size > 1:
-            raise ConfigError("expert parallelism together with tensor parallelism is not built yet (issue 21); "
-                              "use --tensor-model-parallel-size 1 with --expert-model-parallel-size > 1")
 
     def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
-        x, probs, routing_map = gather_tokens(self.ctx, x, probs, routing_map)
+        x, probs, routing_map = gather_tokens(self.etp_group, x, probs, routing_map)
         config, capacity = self.config, None
         if config.moe_pad_expert_input_to_capacity:
             capacity = expert_capacity(x.shape[0], config.num_experts, config.moe_router_topk,
@@ -155,27 +171,11 @@ class AllToAllDispatcher:
             back = sorted(range(len(by_expert)), key=by_expert.__getitem__)
             y = _reorder(y, [sizes[i] for i in by_expert], back)
             y = _AllToAll.apply(y, self.ep_group, send, receive)
-        return scatter_output(self.ctx, unpermute(y, probs, perm, tokens))
+        return scatter_output(self.etp_group, unpermute(y, probs, perm, tokens))
 
 
 DISPATCHERS = {"allgather": AllGatherDispatcher, "alltoall": AllToAllDispatcher}
 
 
-def check_expert_parallel(config, ctx) -> None:
-    """One line for what expert parallelism does not run yet (ep from ctx.ep_group; None: 1)."""
-    ep = group_size(getattr(ctx, "ep_group", None))
-    if ep == 1:
-        return
-    if config.num_experts % ep != 0:
-        raise ConfigError(f"--num-experts {config.num_experts} is not divisible by --expert-model-parallel-size {ep}")
-    if config.moe_token_dispatcher_type != "alltoall":
-        raise ConfigError(f"--expert-model-parallel-size {ep} runs with --moe-token-dispatcher-type alltoall only "
-                          "so far (issue 21)")
-    if config.moe_expert_capacity_factor is not None or config.add_bias_linear:
-        raise ConfigError(f"--expert-model-parallel-size {ep} is dropless and bias-free so far (issue 21): drop "
-                          "--moe-expert-capacity-factor and give --disable-bias-linear")
-
-
 def build_dispatcher(config, ctx):
-    check_expert_parallel(config, ctx)
     return DISPATCHERS[config.moe_token_dispatcher_type](config, ctx)

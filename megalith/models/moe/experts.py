@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megalith.models.moe.dispatch import expert_tp_group
 from megalith.parallel import comm
 from megalith.parallel.layers import _check_split, _slice
 
@@ -56,8 +57,9 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int], grouped: b
 class Experts(nn.Module):
     """This rank's experts (all E at ep = 1, else its ep rank's E / ep consecutive ones), each an MLP of
     --moe-ffn-hidden-size with the model's activation,
-    split over tp as the dense MLP is (fc1's outputs, fc2's inputs; etp = tp): the output is a partial sum
-    over tp, without fc2's bias, which MoELayer adds once per token as sum_e p_e x bias2[e].
+    split over etp (tp unless --expert-tensor-parallel-size says otherwise) as the dense MLP is split over tp
+    (fc1's outputs, fc2's inputs): the output is a partial sum over etp. fc2's bias: at ep 1 with etp = tp,
+    MoELayer adds it once per token as sum_e p_e x bias2[e]; otherwise (etp 1) it is added here on the rows.
 
     Initialised as one process would: expert e's fc1 drawn with the layer's init, then its fc2 with the output
     init, expert by expert."""
@@ -72,26 +74,46 @@ class Experts(nn.Module):
         for e in range(experts):
             init(fc1[e])
             output_init(fc2[e])
-        _check_split(ffn, ctx.tp_size, "--moe-ffn-hidden-size")
+        tp = expert_tp_group(ctx)
+        _check_split(ffn, comm.group_size(tp), "--moe-ffn-hidden-size")
         ep_group = getattr(ctx, "ep_group", None)
+        first, local = 0, experts
         if comm.group_size(ep_group) > 1:  # this rank's experts only
             local = experts // comm.group_size(ep_group)
             first = comm.group_rank(ep_group) * local
-            fc1, fc2 = fc1[first:first + local], fc2[first:first + local]
-        dtype, device, tp = config.torch_dtype, ctx.device, ctx.tp_group
-        self.weight1 = _expert_parameter(fc1, dtype, device, tp, 1, parts)
-        self.weight2 = _expert_parameter(fc2, dtype, device, tp, 2)
+        mine = slice(first, first + local)
+        dtype, device = config.torch_dtype, ctx.device
+        self.weight1 = _expert_parameter(fc1[mine], dtype, device, tp, 1, parts)
+        self.weight2 = _expert_parameter(fc2[mine], dtype, device, tp, 2)
         self.bias1 = self.bias2 = None
+        # fc2's bias: on each expert's rows here when no one else adds it (bias_on_rows), else by MoELayer
+        self.bias_on_rows = bias_on_rows(ctx)
         if config.add_bias_linear:
-            self.bias1 = _expert_parameter(torch.zeros(experts, parts * ffn), dtype, device, tp, 1, parts)
-            self.bias2 = _expert_parameter(torch.zeros(experts, h), dtype, device)
-            self.bias2.sequence_parallel = ctx.sequence_parallel and ctx.tp_size > 1  # added on local tokens
+            self.bias1 = _expert_parameter(torch.zeros(local, parts * ffn), dtype, device, tp, 1, parts)
+            self.bias2 = _expert_parameter(torch.zeros(local, h), dtype, device)
+            # MoELayer adds it on each rank's own tokens: under SP its gradient is summed over tp (etp = tp)
+            self.bias2.sequence_parallel = ctx.sequence_parallel and ctx.tp_size > 1 and not self.bias_on_rows
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [N, h]: `counts[e]` consecutive rows for expert e -> [N, h] (a partial sum over tp, no fc2 bias)."""
         grouped = self.config.moe_grouped_gemm
         h = _matmul(x, self.weight1, counts, grouped)
         if self.bias1 is not None:
-            h = h + torch.repeat_interleave(self.bias1, torch.tensor(counts, device=x.device), dim=0,
-                                            output_size=x.shape[0])
-        return _matmul(activation(self.config, h), self.weight2, counts, grouped)
+            h = h + _per_row(self.bias1, counts, x.shape[0])
+        out = _matmul(activation(self.config, h), self.weight2, counts, grouped)
+        if self.bias2 is not None and self.bias_on_rows:
+            out = out + _per_row(self.bias2, counts, x.shape[0])
+        return out
+
+
+def _per_row(bias: torch.Tensor, counts: list[int], rows: int) -> torch.Tensor:
+    """bias [experts, n] repeated over each expert's `counts` rows -> [rows, n]."""
+    return torch.repeat_interleave(bias, torch.tensor(counts, device=bias.device), dim=0, output_size=rows)
+
+
+def bias_on_rows(ctx) -> bool:
+    """Whether fc2's bias is added on each expert's rows (and weighted by the combine), as when experts are
+    not split over tp: under ep (or an etp other than tp) MoELayer holds neither every expert's bias nor
+    the tp group its gradient would be summed over. Layout.check_moe refuses biases with such an etp > 1."""
+    ep = comm.group_size(getattr(ctx, "ep_group", None))
+    return ep > 1 or comm.group_size(expert_tp_group(ctx)) != ctx.tp_size

@@ -13,10 +13,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from megalith.errors import ConfigError
-from megalith.models.moe.dispatch import build_dispatcher
+from megalith.config.layout import Layout
+from megalith.models.moe.dispatch import build_dispatcher, expert_tp_group
 from megalith.models.moe.experts import Experts
 from megalith.models.moe.router import TopKRouter
+from megalith.parallel import comm
 
 
 class AuxLossSideChannel(torch.autograd.Function):
@@ -44,7 +45,7 @@ class MoELayer(nn.Module):
     def __init__(self, config, ctx, init, output_init, shared_mlp=None) -> None:
         """`shared_mlp`: the dense MLP class (megalith.models.transformer.MLP), which builds the shared expert."""
         super().__init__()
-        refuse_tensor_parallel(config, ctx)
+        check_layer_layout(config, ctx)
         self.config, self.ctx = config, ctx
         self.dispatcher = build_dispatcher(config, ctx)  # first: its checks come before any weight is drawn
         self.router = TopKRouter(config, ctx, init)
@@ -62,7 +63,7 @@ class MoELayer(nn.Module):
         routing = self.router(tokens, b)
         rows, counts, state = self.dispatcher.dispatch(tokens, routing.probs, routing.routing_map)
         out = self.dispatcher.combine(self.experts(rows, counts), state)
-        if self.experts.bias2 is not None:  # fc2's bias once per token: sum_e p_e x bias2[e], this rank's tokens
+        if self.experts.bias2 is not None and not self.experts.bias_on_rows:  # fc2's bias once per token: sum_e p_e x bias2[e], this rank's tokens
             out = out + routing.probs.to(out.dtype) @ self.experts.bias2
         out = out.reshape(s, b, h)
         if self.shared_experts is not None:
@@ -73,18 +74,12 @@ class MoELayer(nn.Module):
         return out
 
 
-def refuse_tensor_parallel(config, ctx) -> None:
-    """tp > 1 runs with SP only (as Megatron requires), dropless, with the whole-batch balancing loss."""
-    if ctx.tp_size == 1:
-        return
-    size = f"--tensor-model-parallel-size {ctx.tp_size}"
-    if not ctx.sequence_parallel:
-        raise ConfigError(f"MoE layers with {size} need --sequence-parallel (as Megatron); add it")
-    if config.moe_expert_capacity_factor is not None:
-        raise ConfigError(f"--moe-expert-capacity-factor with {size} is not built yet (issue 21); drop one of them")
-    if config.moe_router_load_balancing_type == "seq_aux_loss" and config.moe_aux_loss_coeff > 0:
-        raise ConfigError(f"--moe-router-load-balancing-type seq_aux_loss with {size} is not built yet (issue 21); "
-                          "use aux_loss")
+def check_layer_layout(config, ctx) -> None:
+    """The layout rules of Layout.check_moe (pretrain and verify check them before any group is built),
+    again from the groups in `ctx`, for a layer built by hand."""
+    etp = comm.group_size(expert_tp_group(ctx))
+    ep, tp = comm.group_size(getattr(ctx, "ep_group", None)), ctx.tp_size
+    Layout(tp=tp, ep=ep, etp=etp, sequence_parallel=ctx.sequence_parallel).check_moe(config)
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
