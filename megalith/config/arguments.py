@@ -117,9 +117,6 @@ def resolve_pretrain_config(args: argparse.Namespace, world_size: int, explicit:
         from megalith.training.data import check_data_tokenizer
 
         check_data_tokenizer(config)
-    if config.layout.ep > 1:
-        raise ConfigError(f"--expert-model-parallel-size {config.layout.ep}: {EP_NOT_PROVEN}; use "
-                          "--expert-model-parallel-size 1")
     if config.checkpointing.load:  # the checkpoint fits the model (reads its metadata only)
         from megalith.training.checkpoint import check_load_target
 
