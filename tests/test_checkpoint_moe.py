@@ -21,6 +21,8 @@ MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-t
        "--disable-bias-linear", "--moe-aux-loss-coeff", "0.01"]
 EP, STRATEGY = "--expert-model-parallel-size", "--data-parallel-sharding-strategy"
 SP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+BIAS = ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate",
+        "0.05"]
 LAYOUTS = {
     "dp1": (MOE, 1),
     "ep2": (MOE + [EP, "2"], 2),
@@ -30,6 +32,8 @@ LAYOUTS = {
     "dp4.ep2.zero3": (MOE + [EP, "2", STRATEGY, "optim_grads_params"], 4),
     "dp4.ep2.zero3.bf16": (MOE + [EP, "2", STRATEGY, "optim_grads_params", "--bf16"], 4),
     "tp2.sp.dp2.zero1": (MOE + SP2 + ["--use-distributed-optimizer"], 4),
+    "dp1.bias": (MOE + BIAS, 1),
+    "ep2.bias": (MOE + BIAS + [EP, "2"], 2),  # the router's expert_bias, a buffer training updates
 }
 
 
@@ -60,13 +64,15 @@ def test_an_ep2_checkpoint_continues_under_ep4_then_one_process(rank_pools, tmp_
     ("dp4.ep2.zero1", "ep4"),  # expert fragments summed over edp 2, read back by four ep ranks
     ("dp4.ep2.zero3", "dp1"),  # sharded expert parameters too
     ("tp2.sp.dp2.zero1", "ep2"),  # etp 2 with ZeRO-1 -> ep 2
+    ("ep2.bias", "dp1.bias"),
 ])
 def test_an_moe_checkpoint_moves_between_expert_layouts(rank_pools, tmp_path, source, target):
     assert_continues_under(rank_pools(8), tmp_path, source, target, LAYOUTS)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["ep2", "dp4.ep2.zero1", "dp4.ep2.zero3.bf16", "tp2.sp"])
+@pytest.mark.parametrize("layout", ["ep2", "dp4.ep2.zero1", "dp4.ep2.zero3.bf16", "tp2.sp",
+                                    "ep2.bias"])
 def test_resume_of_an_moe_run_is_bitwise(rank_pools, tmp_path, layout):
     pool = rank_pools(8)
     straight = _train(pool, layout, tmp_path / "straight.jsonl", [])

@@ -7,7 +7,8 @@ Written (megalith.training.checkpoint_format has the layout on disk):
   parameters (`expert_parallel`) differ across ep ranks, which are dp ranks of the dense
   factorization: each expert-tensor x expert x pipeline rank's are written by its expert-data-
   parallel rank 0 into a file of their own, as pieces of the global [E, ...] tensors (ep splits
-  dim 0, etp their tensor-parallel dim);
+  dim 0, etp their tensor-parallel dim); and persistent buffers (the router's expert_bias, which
+  training updates), whole;
 - the optimizer: per parameter, the fp32 main weight (when the model is bf16/fp16) and every
   per-element state (Adam's moments, SGD's momentum). Under ZeRO (any stage) each dp rank holds
   fragments of them; they are summed over dp (an expert's over edp, which ZeRO shards them
@@ -115,6 +116,10 @@ class Checkpointer:
         self.vocab_size = config.model.vocab_size
         self.params = {name: param for chunk in runner.chunks for name, param in chunk.named_parameters()}
         self.experts = {name for name, param in self.params.items() if is_expert(param)}
+        # persistent buffers (the router's expert_bias, which training updates): replicated, stored whole
+        self.buffers = {name: value for chunk in runner.chunks
+                        for name, value in chunk.state_dict(keep_vars=True).items()
+                        if not isinstance(value, torch.nn.Parameter)}
 
     def _coordinates(self, name: str) -> tuple[int, int, int, int]:
         """(tp rank, tp size, ep rank, ep size) that split parameter `name`: the expert axes' (etp, ep)
@@ -196,6 +201,10 @@ class Checkpointer:
             for kind, shard in optimizer.items():
                 if name in shard:
                     tensors[f"optimizer/{kind}/{model_name(name)[len('model/'):]}"] = (shard[name], *geometry)
+        if not experts:
+            for name, value in self.buffers.items():
+                shape = tuple(value.shape)
+                tensors[f"buffer/{name}"] = (value, shape, pieces(shape, Placement(None), 0, 1))
         s = self.state
         file_name = expert_file_name(s.etp_rank, s.ep_rank, s.pp_rank) if experts else shard_file_name(s.tp_rank,
                                                                                                       s.pp_rank)
@@ -307,6 +316,9 @@ class Checkpointer:
 
     @torch.no_grad()
     def _load_model(self, reader: CheckpointReader) -> None:
+        for name, value in self.buffers.items():  # a checkpoint written before buffers were saved keeps them
+            if f"buffer/{name}" in reader:
+                value.copy_(reader.read(f"buffer/{name}").to(value.dtype))
         if not self._sharded_parameters:
             for name, param in self.params.items():
                 param.copy_(self._local(reader, name, model_name(name)).to(param.dtype))
