@@ -165,9 +165,10 @@ def test_checkpoint_files_and_metadata(models, tmp_path):
     assert sorted(os.listdir(directory)) == ["metadata.json"] + files
     meta = json.load(open(os.path.join(directory, "metadata.json")))
     assert meta == {
-        "format_version": 1, "iteration": 0, "consumed_samples": 0, "valid_batches": 0, "model": "gpt",
+        "format_version": 2, "iteration": 0, "consumed_samples": 0, "valid_batches": 0, "model": "gpt",
         "model_config": asdict(config),
-        "layout": {"world_size": 4, "tp": 2, "pp": 2, "vpp": 2, "dp": 1, "zero1": False, "zero": 0, "params_dtype": "fp32"},
+        "layout": {"world_size": 4, "tp": 2, "pp": 2, "vpp": 2, "dp": 1, "ep": 1, "etp": 2, "zero1": False, "zero": 0,
+                   "params_dtype": "fp32"},
         "has_optimizer": False, "optimizer": None, "scheduler": None, "loss_scaler": None, "config": None,
         "source": "hf:llama",
     }

@@ -3,10 +3,16 @@
 Written (megalith.training.checkpoint_format has the layout on disk):
 
 - the model: each tensor-parallel x pipeline rank's parameters, by its data-parallel rank 0, as
-  pieces of the global tensors (the tied head copy is the embedding, stored once);
+  pieces of the global tensors (the tied head copy is the embedding, stored once). Expert
+  parameters (`expert_parallel`) differ across ep ranks, which are dp ranks of the dense
+  factorization: each expert-tensor x expert x pipeline rank's are written by its expert-data-
+  parallel rank 0 into a file of their own, as pieces of the global [E, ...] tensors (ep splits
+  dim 0, etp their tensor-parallel dim); and persistent buffers (the router's expert_bias, which
+  training updates), whole;
 - the optimizer: per parameter, the fp32 main weight (when the model is bf16/fp16) and every
   per-element state (Adam's moments, SGD's momentum). Under ZeRO (any stage) each dp rank holds
-  fragments of them; they are summed over dp into whole shards first (Megatron's legacy
+  fragments of them; they are summed over dp (an expert's over edp, which ZeRO shards them
+  over) into whole shards first (Megatron's legacy
   distributed optimizer checkpoint gathers to dp rank 0 too), so the files depend neither on dp
   nor on the sharding strategy. ZeRO-3's parameters are fragments too and are assembled the same
   way; loading scatters each rank's fragments back into its shards;
@@ -34,11 +40,12 @@ from megalith import device as device_policy
 from megalith.config.model import KERNEL_FIELDS
 from megalith.models.gpt import PADDED_VOCAB_PARAMETERS, TIED_COPY_ALIASES
 from megalith.parallel.comm import all_reduce, max_over_job
+from megalith.parallel.data_parallel import is_expert
 from megalith.training.checkpoint_format import (
-    FORMAT_VERSION, METADATA_FILE, RANK_LAYOUT_KEYS, CheckpointError, CheckpointReader, Placement, global_shape,
-    iteration_dir_name, layout_record,
-    load_tensors, pieces, read_local, read_tracker, rng_file_name, save_pieces, save_tensors, shard_file_name,
-    write_tracker,
+    FORMAT_VERSION, METADATA_FILE, RANK_LAYOUT_KEYS, CheckpointError, CheckpointReader, Placement, expert_file_name,
+    global_shape, iteration_dir_name, layout_record,
+    load_tensors, pieces, read_local, read_tracker, rng_file_name, save_pieces, save_tensors, saved_layout,
+    shard_file_name, write_tracker,
 )
 
 # ModelConfig fields that may differ between the run that saved and the run that loads.
@@ -59,7 +66,7 @@ def model_name(name: str) -> str:
 def placement_of(name: str, param: torch.Tensor, vocab_size: int) -> Placement:
     padded = name.endswith(PADDED_VOCAB_PARAMETERS)
     return Placement(getattr(param, "tensor_parallel_dim", None), getattr(param, "tensor_parallel_stride", 1),
-                     vocab_size if padded else None)
+                     vocab_size if padded else None, experts=is_expert(param))
 
 
 def _any_rank_failed(failed: bool, state) -> bool:
@@ -108,13 +115,27 @@ class Checkpointer:
         self.runner, self.state, self.config, self.log = runner, state, config, log
         self.vocab_size = config.model.vocab_size
         self.params = {name: param for chunk in runner.chunks for name, param in chunk.named_parameters()}
+        self.experts = {name for name, param in self.params.items() if is_expert(param)}
+        # persistent buffers (the router's expert_bias, which training updates): replicated, stored whole
+        self.buffers = {name: value for chunk in runner.chunks
+                        for name, value in chunk.state_dict(keep_vars=True).items()
+                        if not isinstance(value, torch.nn.Parameter)}
+
+    def _coordinates(self, name: str) -> tuple[int, int, int, int]:
+        """(tp rank, tp size, ep rank, ep size) that split parameter `name`: the expert axes' (etp, ep)
+        for an expert parameter, else tp's (and no ep)."""
+        s = self.state
+        if name in self.experts:
+            return s.etp_rank, s.etp_size, s.ep_rank, s.ep_size
+        return s.tp_rank, s.tp_size, 0, 1
 
     # --- saving -------------------------------------------------------------------------------
 
     def _whole_from_fragments(self, values: dict[str, list[tuple[object, torch.Tensor]]], dtype: torch.dtype,
                               sharded: bool) -> dict[str, dict[str, torch.Tensor]]:
         """{kind: {param name: whole local (tp) tensor}} from each fragment's values, summed over dp
-        when the fragments are shards (every element has one owner: the sum is exact in any dtype).
+        (an expert parameter's over edp) when the fragments are shards (every element has one
+        owner: the sum is exact in any dtype).
 
         `values[kind]` lists (fragment, flat value). Every dp rank builds the same keys in the same
         order (zeros where it owns no fragment), so the sums over dp line up."""
@@ -125,10 +146,12 @@ class Checkpointer:
             for fragment, value in entries:
                 flat = value.detach().to(dtype).reshape(-1)
                 wholes[kind][fragment.name][fragment.offset:fragment.offset + flat.numel()] = flat
-        if sharded and self.state.dp_size > 1:
+        if sharded:
             for kind in values:
                 for name in sorted(self.params):
-                    all_reduce(wholes[kind][name], self.state.dp_group)
+                    expert = name in self.experts
+                    if (self.state.edp_size if expert else self.state.dp_size) > 1:
+                        all_reduce(wholes[kind][name], self.state.edp_group if expert else self.state.dp_group)
         return {kind: {name: flat.view(self.params[name].shape) for name, flat in whole.items()}
                 for kind, whole in wholes.items()}
 
@@ -164,20 +187,28 @@ class Checkpointer:
                 return float(value["step"])
         return None
 
-    def _write_shard(self, directory: str, model: dict, optimizer: dict) -> None:
-        tp_rank, tp_size = self.state.tp_rank, self.state.tp_size
+    def _write_shard(self, directory: str, model: dict, optimizer: dict, experts: bool) -> None:
+        """This rank's dense parameters (`experts` False) or expert parameters, with their optimizer state."""
         tensors = {}
         for name, param in self.params.items():
-            if getattr(param, "is_tied_copy", False):
+            if getattr(param, "is_tied_copy", False) or (name in self.experts) != experts:
                 continue
             placement = placement_of(name, param, self.vocab_size)
-            geometry = (global_shape(tuple(param.shape), placement, tp_size),
-                        pieces(tuple(param.shape), placement, tp_rank, tp_size))
+            tp_rank, tp_size, ep_rank, ep_size = self._coordinates(name)
+            geometry = (global_shape(tuple(param.shape), placement, tp_size, ep_size),
+                        pieces(tuple(param.shape), placement, tp_rank, tp_size, ep_rank, ep_size))
             tensors[model_name(name)] = (model[name], *geometry)
             for kind, shard in optimizer.items():
                 if name in shard:
                     tensors[f"optimizer/{kind}/{model_name(name)[len('model/'):]}"] = (shard[name], *geometry)
-        save_pieces(os.path.join(directory, shard_file_name(tp_rank, self.state.pp_rank)), tensors)
+        if not experts:
+            for name, value in self.buffers.items():
+                shape = tuple(value.shape)
+                tensors[f"buffer/{name}"] = (value, shape, pieces(shape, Placement(None), 0, 1))
+        s = self.state
+        file_name = expert_file_name(s.etp_rank, s.ep_rank, s.pp_rank) if experts else shard_file_name(s.tp_rank,
+                                                                                                      s.pp_rank)
+        save_pieces(os.path.join(directory, file_name), tensors)
 
     def _rng_states(self) -> dict[str, torch.Tensor]:
         states = {"torch_cpu": torch.get_rng_state()}
@@ -225,7 +256,9 @@ class Checkpointer:
         model = self._model_tensors()  # collective over dp under ZeRO-3
         try:
             if state.dp_rank == 0:
-                self._write_shard(temporary, model, optimizer)
+                self._write_shard(temporary, model, optimizer, experts=False)
+            if self.experts and state.edp_rank == 0:  # one writer per (etp, ep, pp) coordinate
+                self._write_shard(temporary, model, optimizer, experts=True)
             if not saving.no_save_rng:
                 save_tensors(os.path.join(temporary, rng_file_name(state.rank)), self._rng_states())
             if state.rank == 0:
@@ -279,10 +312,13 @@ class Checkpointer:
     def _local(self, reader: CheckpointReader, name: str, global_name: str) -> torch.Tensor:
         param = self.params[name]
         placement = placement_of(name, param, self.vocab_size)
-        return read_local(reader, global_name, tuple(param.shape), placement, self.state.tp_rank, self.state.tp_size)
+        return read_local(reader, global_name, tuple(param.shape), placement, *self._coordinates(name))
 
     @torch.no_grad()
     def _load_model(self, reader: CheckpointReader) -> None:
+        for name, value in self.buffers.items():  # a checkpoint written before buffers were saved keeps them
+            if f"buffer/{name}" in reader:
+                value.copy_(reader.read(f"buffer/{name}").to(value.dtype))
         if not self._sharded_parameters:
             for name, param in self.params.items():
                 param.copy_(self._local(reader, name, model_name(name)).to(param.dtype))
@@ -330,7 +366,7 @@ class Checkpointer:
         if not os.path.isdir(os.path.join(directory, os.path.dirname(rng_file_name(0)))):
             self.log(f"notice: {directory} holds no random states ({meta.get('source')}); this run's are kept")
             return
-        saved = meta.get("layout") or {}
+        saved = saved_layout(meta)
         ours = layout_record(self.config.layout)
         if any(saved.get(key) != ours[key] for key in RANK_LAYOUT_KEYS):
             if self.state.rank == self.state.grid.world_size - 1:
