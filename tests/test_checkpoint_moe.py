@@ -32,6 +32,7 @@ LAYOUTS = {
     "dp4.ep2.zero3": (MOE + [EP, "2", STRATEGY, "optim_grads_params"], 4),
     "dp4.ep2.zero3.bf16": (MOE + [EP, "2", STRATEGY, "optim_grads_params", "--bf16"], 4),
     "tp2.sp.dp2.zero1": (MOE + SP2 + ["--use-distributed-optimizer"], 4),
+    "pp2.ep2": (MOE + [EP, "2", "--pipeline-model-parallel-size", "2"], 4),  # each stage's experts split over ep
     "dp1.bias": (MOE + BIAS, 1),
     "ep2.bias": (MOE + BIAS + [EP, "2"], 2),  # the router's expert_bias, a buffer training updates
 }
@@ -65,6 +66,7 @@ def test_an_ep2_checkpoint_continues_under_ep4_then_one_process(rank_pools, tmp_
     ("dp4.ep2.zero3", "dp1"),  # sharded expert parameters too
     ("tp2.sp.dp2.zero1", "ep2"),  # etp 2 with ZeRO-1 -> ep 2
     ("ep2.bias", "dp1.bias"),
+    ("pp2.ep2", "ep4"),
 ])
 def test_an_moe_checkpoint_moves_between_expert_layouts(rank_pools, tmp_path, source, target):
     assert_continues_under(rank_pools(8), tmp_path, source, target, LAYOUTS)
