@@ -218,3 +218,17 @@ def test_the_gate_needs_a_shared_expert():
     with pytest.raises(ConfigError) as error:
         replace(SHARED, moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=True)
     assert "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size" in _one_line(error)
+
+
+@pytest.mark.slow
+def test_the_gated_shared_expert_under_tp2_sp_equals_one_process(rank_pools):
+    """The gate's weight is replicated and its gradient summed over tp under SP, as the router's."""
+    from megalith.config import parse_layout
+    from megalith.models.registry import BUILTIN_MODELS
+    from megalith.verify import VerifySettings, run_verify
+
+    config = replace(ModelConfig(**BUILTIN_MODELS["gpt"].defaults), num_layers=2, num_experts=4, moe_router_topk=2,
+                     moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True, moe_layer_freq="[1,0]",
+                     swiglu=True)
+    (result,) = run_verify(VerifySettings("gpt", config, steps=2), [parse_layout("tp2.sp")], pool=rank_pools(2))
+    assert result.passed, result
