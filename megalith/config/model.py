@@ -150,6 +150,9 @@ class ModelConfig:
     moe_ffn_hidden_size: int | None = flag_field(None, "hidden size of each expert's MLP (None: --ffn-hidden-size)")
     moe_shared_expert_intermediate_size: int | None = flag_field(None, "hidden size of the shared expert, a dense MLP "
                                                                  "added to the routed output (None: none)")
+    moe_shared_expert_gate: bool = flag_field(False, "multiply the shared expert's output by sigmoid(x . w), w [1, h] "
+                                              "learned per layer (Qwen2-MoE's shared_expert_gate; needs "
+                                              "--moe-shared-expert-intermediate-size)")
     moe_grouped_gemm: bool = flag_field(False, "one grouped GEMM over a rank's experts (torch._grouped_mm where this "
                                         "torch, device and dtype support it, else a loop; the same numbers)")
     moe_router_topk: int = flag_field(2, "experts each token is sent to")

@@ -1,8 +1,8 @@
 """The Hugging Face families `megalith convert` knows, and how it picks one.
 
 Importing picks by config.json's `model_type`; exporting by the megalith model the checkpoint
-was written for, then the first of that model's families its config fits (GPT: GPT-2 before
-Llama). To add a family, write a module that defines an `HFFamily` (see mapping) and add it
+was written for, then the first of that model's families its config fits (GPT: GPT-2, Llama,
+Mixtral, then Qwen2-MoE). To add a family, write a module that defines an `HFFamily` (see mapping) and add it
 to FAMILIES below; command needs no change.
 """
 
@@ -12,9 +12,10 @@ from megalith.config import ModelConfig
 from megalith.convert.bert import BERT
 from megalith.convert.gpt import GPT2, LLAMA
 from megalith.convert.mapping import ConvertError, HFFamily
+from megalith.convert.moe import MIXTRAL, QWEN2_MOE
 from megalith.convert.t5 import T5
 
-FAMILIES: tuple[HFFamily, ...] = (GPT2, LLAMA, BERT, T5)
+FAMILIES: tuple[HFFamily, ...] = (GPT2, LLAMA, MIXTRAL, QWEN2_MOE, BERT, T5)
 
 
 def _known(families=FAMILIES) -> str:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from megalith.config import ModelConfig
+from megalith.models.moe import moe_layer_pattern
 from megalith.convert.mapping import (
     HFFamily, LogitPairs, Tensors, TensorTaker, fuse_qkv, placement, refuse, split_qkv, stage_of,
 )
@@ -54,17 +55,18 @@ def gpt2_config(hf: dict, names: Collection[str] = ()) -> ModelConfig:
     )
 
 
-def _rope_theta(hf: dict) -> int:
+def rope_theta(hf: dict, family: str = "llama") -> int:
+    """rotary_base of a Llama-like config.json (transformers 4's rope_theta or 5's rope_parameters)."""
     if hf.get("rope_scaling"):
-        refuse("llama", f"rope_scaling {hf['rope_scaling']}")
+        refuse(family, f"rope_scaling {hf['rope_scaling']}")
     params = hf.get("rope_parameters") or {}
     if params.get("rope_type", "default") != "default":
-        refuse("llama", f"rope_parameters.rope_type {params['rope_type']!r}")
+        refuse(family, f"rope_parameters.rope_type {params['rope_type']!r}")
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        refuse("llama", "partial_rotary_factor below 1")
+        refuse(family, "partial_rotary_factor below 1")
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     if float(theta) != int(theta):
-        refuse("llama", f"rope_theta {theta} (megalith's rotary_base is an integer)")
+        refuse(family, f"rope_theta {theta} (megalith's rotary_base is an integer)")
     return int(theta)
 
 
@@ -84,7 +86,7 @@ def llama_config(hf: dict, names: Collection[str] = ()) -> ModelConfig:
         kv_channels=hf.get("head_dim") or hidden // heads, seq_length=positions,
         max_position_embeddings=positions, vocab_size=hf.get("vocab_size", 32000),
         norm_epsilon=hf.get("rms_norm_eps", 1e-6), normalization="RMSNorm", position_embedding_type="rope",
-        rotary_base=_rope_theta(hf), swiglu=True, disable_bias_linear=True,
+        rotary_base=rope_theta(hf), swiglu=True, disable_bias_linear=True,
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         init_method_std=hf.get("initializer_range", 0.02), hidden_dropout=0.0, attention_dropout=0.0,
     )
@@ -98,7 +100,7 @@ def gpt2_misfits(config: ModelConfig) -> list[str]:
         ("grouped-query attention", config.num_query_groups != config.num_attention_heads),
         ("kv_channels x heads != hidden size", config.kv_channels * config.num_attention_heads != config.hidden_size),
         ("no position table (--no-position-embedding)", not config.position_embedding),
-        ("--qk-layernorm", config.qk_layernorm),
+        ("--qk-layernorm", config.qk_layernorm), ("MoE layers (--num-experts)", config.is_moe),
     ) if bad]
 
 
@@ -109,6 +111,7 @@ def llama_misfits(config: ModelConfig) -> list[str]:
         ("linear biases", config.add_bias_linear or config.add_qkv_bias),
         ("--qk-layernorm", config.qk_layernorm),
         (f"--rotary-percent {config.rotary_percent:g} (Llama rotates whole heads)", config.rotary_percent < 1.0),
+        ("MoE layers (--num-experts)", config.is_moe),
     ) if bad]
 
 
@@ -157,7 +160,7 @@ def gpt_parameter_names(config: ModelConfig) -> list[str]:
     norm = ["weight"] + (["bias"] if config.normalization == "LayerNorm" else [])
     linear = ["weight"] + (["bias"] if config.add_bias_linear else [])
     qkv = ["weight"] + (["bias"] if config.add_bias_linear or config.add_qkv_bias else [])
-    names = ["embedding.word_embeddings.weight"]
+    names, pattern = ["embedding.word_embeddings.weight"], moe_layer_pattern(config)
     if config.has_position_table:
         names.append("embedding.position_embeddings.weight")
     for i in range(config.num_layers):
@@ -168,18 +171,34 @@ def gpt_parameter_names(config: ModelConfig) -> list[str]:
         if config.qk_layernorm:
             names += [f"{prefix}self_attention.{qk}_layernorm.{p}" for qk in "qk" for p in norm]
         names += [f"{prefix}pre_mlp_layernorm.{p}" for p in norm]
-        names += [f"{prefix}mlp.linear_fc1.{p}" for p in linear]
-        names += [f"{prefix}mlp.linear_fc2.{p}" for p in linear]
+        names += moe_parameter_names(config, prefix) if pattern[i] else dense_mlp_names(f"{prefix}mlp.", linear)
     names += [f"decoder.final_layernorm.{p}" for p in norm]
     if config.untie_embeddings_and_output_weights:
         names.append("output_layer.weight")
     return names
 
 
+def dense_mlp_names(prefix: str, linear: list[str]) -> list[str]:
+    return [f"{prefix}linear_fc1.{p}" for p in linear] + [f"{prefix}linear_fc2.{p}" for p in linear]
+
+
+def moe_parameter_names(config: ModelConfig, prefix: str) -> list[str]:
+    """An MoE layer's MLP parameters (megalith.models.moe: router, stacked experts, the shared expert)."""
+    names = [f"{prefix}mlp.router.weight", f"{prefix}mlp.experts.weight1", f"{prefix}mlp.experts.weight2"]
+    if config.add_bias_linear:
+        names += [f"{prefix}mlp.experts.bias1", f"{prefix}mlp.experts.bias2"]
+    if config.moe_shared_expert_intermediate_size is not None:
+        if config.moe_shared_expert_gate:  # the gate's own parameter comes before the MLP's it took over
+            names.append(f"{prefix}mlp.shared_experts.gate_weight")
+        linear = ["weight"] + (["bias"] if config.add_bias_linear else [])
+        names += dense_mlp_names(f"{prefix}mlp.shared_experts.", linear)
+    return names
+
+
 # --- tensors ----------------------------------------------------------------------------------
 
 
-def _hf_names(config: ModelConfig, model_type: str) -> dict[str, str]:
+def dense_hf_names(config: ModelConfig, model_type: str) -> dict[str, str]:
     """megalith name -> HF name for the tensors that map one to one (GPT-2's transposed)."""
     if model_type == "gpt2":
         pairs = {"embedding.word_embeddings.weight": "transformer.wte.weight",
@@ -208,7 +227,7 @@ def _transposed(megalith_name: str, model_type: str) -> bool:
         ".linear_proj." in megalith_name or ".mlp." in megalith_name)
 
 
-def normalize_hf_names(tensors: Tensors, model_type: str) -> Tensors:
+def normalizedense_hf_names(tensors: Tensors, model_type: str) -> Tensors:
     """Drop non-weight buffers; give original GPT-2 checkpoints (no `transformer.` prefix) the prefix."""
     out = {key: value for key, value in tensors.items() if not IGNORED_HF_KEYS.search(key)}
     if model_type == "gpt2" and not any(key.startswith("transformer.") for key in out):
@@ -216,27 +235,47 @@ def normalize_hf_names(tensors: Tensors, model_type: str) -> Tensors:
     return out
 
 
+def take_dense(take: TensorTaker, name: str, config: ModelConfig, model_type: str, names: dict[str, str]):
+    """The global tensor of one dense parameter `name` (not an MoE layer's MLP) from the HF tensors."""
+    if name in names:
+        tensor = take(names[name])
+        return tensor.t().contiguous() if _transposed(name, model_type) else tensor
+    index, kind = name.split(".")[2], name.rsplit(".", 1)[1]
+    if ".linear_qkv" in name and model_type == "gpt2":
+        fused = take(f"transformer.h.{index}.attn.c_attn.{kind}")
+        fused = fused.t() if kind == "weight" else fused
+        return fuse_qkv(*fused.chunk(3, dim=0), config.num_query_groups)
+    if ".linear_qkv" in name:
+        parts = (take(f"model.layers.{index}.self_attn.{p}_proj.{kind}") for p in "qkv")
+        return fuse_qkv(*parts, config.num_query_groups)
+    mlp = f"model.layers.{index}.mlp"  # Llama's fc1: [gate; up]
+    return torch.cat([take(f"{mlp}.gate_proj.{kind}"), take(f"{mlp}.up_proj.{kind}")])
+
+
+def give_dense(out: Tensors, name: str, tensor: torch.Tensor, config: ModelConfig, model_type: str,
+               names: dict[str, str]) -> None:
+    """Put one dense parameter's global tensor into the HF state dict `out` (take_dense's inverse)."""
+    if name in names:
+        out[names[name]] = tensor.t().contiguous() if _transposed(name, model_type) else tensor.contiguous()
+        return
+    index, kind = name.split(".")[2], name.rsplit(".", 1)[1]
+    if ".linear_qkv" in name and model_type == "gpt2":
+        fused = torch.cat(split_qkv(tensor, config))
+        out[f"transformer.h.{index}.attn.c_attn.{kind}"] = fused.t().contiguous() if kind == "weight" else fused
+    elif ".linear_qkv" in name:
+        for part, value in zip("qkv", split_qkv(tensor, config)):
+            out[f"model.layers.{index}.self_attn.{part}_proj.{kind}"] = value
+    else:  # Llama's fc1: [gate; up]
+        gate, up = tensor.chunk(2)
+        out[f"model.layers.{index}.mlp.gate_proj.{kind}"] = gate.contiguous()
+        out[f"model.layers.{index}.mlp.up_proj.{kind}"] = up.contiguous()
+
+
 def hf_to_global(tensors: Tensors, config: ModelConfig, model_type: str) -> Tensors:
     """HF state dict -> megalith's global tensors (fp32), checking that every tensor is used."""
-    take = TensorTaker(normalize_hf_names(tensors, model_type), "GPT")
-    names = _hf_names(config, model_type)
-    out = {}
-    for name in gpt_parameter_names(config):
-        if name in names:
-            tensor = take(names[name])
-            out[name] = tensor.t().contiguous() if _transposed(name, model_type) else tensor
-            continue
-        index, kind = name.split(".")[2], name.rsplit(".", 1)[1]
-        if ".linear_qkv" in name and model_type == "gpt2":
-            fused = take(f"transformer.h.{index}.attn.c_attn.{kind}")
-            fused = fused.t() if kind == "weight" else fused
-            out[name] = fuse_qkv(*fused.chunk(3, dim=0), config.num_query_groups)
-        elif ".linear_qkv" in name:
-            parts = (take(f"model.layers.{index}.self_attn.{p}_proj.{kind}") for p in "qkv")
-            out[name] = fuse_qkv(*parts, config.num_query_groups)
-        else:  # Llama's fc1: [gate; up]
-            mlp = f"model.layers.{index}.mlp"
-            out[name] = torch.cat([take(f"{mlp}.gate_proj.{kind}"), take(f"{mlp}.up_proj.{kind}")])
+    take = TensorTaker(normalizedense_hf_names(tensors, model_type), "GPT")
+    names = dense_hf_names(config, model_type)
+    out = {name: take_dense(take, name, config, model_type, names) for name in gpt_parameter_names(config)}
     if not config.untie_embeddings_and_output_weights:
         take.tied("lm_head.weight", out["embedding.word_embeddings.weight"],
                   "set tie_word_embeddings false in config.json")
@@ -246,24 +285,10 @@ def hf_to_global(tensors: Tensors, config: ModelConfig, model_type: str) -> Tens
 
 def global_to_hf(tensors: Tensors, config: ModelConfig, model_type: str) -> Tensors:
     """megalith's global tensors -> the HF state dict of `model_type` (tied head left out)."""
-    names = _hf_names(config, model_type)
+    names = dense_hf_names(config, model_type)
     out = {}
     for name in gpt_parameter_names(config):
-        tensor = tensors[name]
-        if name in names:
-            out[names[name]] = tensor.t().contiguous() if _transposed(name, model_type) else tensor.contiguous()
-            continue
-        index, kind = name.split(".")[2], name.rsplit(".", 1)[1]
-        if ".linear_qkv" in name and model_type == "gpt2":
-            fused = torch.cat(split_qkv(tensor, config))
-            out[f"transformer.h.{index}.attn.c_attn.{kind}"] = fused.t().contiguous() if kind == "weight" else fused
-        elif ".linear_qkv" in name:
-            for part, value in zip("qkv", split_qkv(tensor, config)):
-                out[f"model.layers.{index}.self_attn.{part}_proj.{kind}"] = value
-        else:  # Llama's fc1: [gate; up]
-            gate, up = tensor.chunk(2)
-            out[f"model.layers.{index}.mlp.gate_proj.{kind}"] = gate.contiguous()
-            out[f"model.layers.{index}.mlp.up_proj.{kind}"] = up.contiguous()
+        give_dense(out, name, tensors[name], config, model_type, names)
     return out
 
 

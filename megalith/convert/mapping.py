@@ -82,11 +82,15 @@ def placement(name: str, config: ModelConfig) -> Placement:
         return Placement(0, 1, config.vocab_size)
     if ".linear_qkv." in name:
         return Placement(0)
+    if name.endswith((".experts.weight1", ".experts.bias1")):  # [E, parts x F, ...]: F split over tp (etp = tp)
+        return Placement(1, 2 if config.swiglu else 1)
+    if name.endswith(".experts.weight2"):  # [E, h, F]
+        return Placement(2)
     if ".linear_fc1." in name:
         return Placement(0, 2 if config.swiglu else 1)
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return Placement(1)
-    return Placement(None)  # norms, row-parallel biases, positions, token types, BERT's heads: replicated
+    return Placement(None)  # norms, row-parallel biases, positions, token types, BERT's heads, routers, gates
 
 
 LAYER = re.compile(r"(?:decoder|encoder)\.layers\.(\d+)\.")

@@ -45,6 +45,9 @@ def check_moe(config) -> None:
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"--{name.replace('_', '-')} {value} must be a positive integer")
+    if config.moe_shared_expert_gate and config.moe_shared_expert_intermediate_size is None:
+        raise ConfigError("--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size (the shared expert "
+                          "it gates)")
     if config.moe_aux_loss_coeff < 0 or (config.moe_z_loss_coeff or 0.0) < 0:
         raise ConfigError("--moe-aux-loss-coeff and --moe-z-loss-coeff must not be negative")
     if config.moe_router_topk_scaling_factor is not None and config.moe_router_topk_scaling_factor <= 0:

@@ -8,8 +8,6 @@ micro-batches sets the same factor with set_aux_loss_scale)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
@@ -17,6 +15,7 @@ from megalith.config.layout import Layout
 from megalith.models.moe.dispatch import build_dispatcher, expert_tp_group
 from megalith.models.moe.experts import Experts
 from megalith.models.moe.router import TopKRouter
+from megalith.models.moe.shared import build_shared_expert
 from megalith.parallel import comm
 
 
@@ -50,10 +49,7 @@ class MoELayer(nn.Module):
         self.dispatcher = build_dispatcher(config, ctx)  # first: its checks come before any weight is drawn
         self.router = TopKRouter(config, ctx, init)
         self.experts = Experts(config, ctx, init, output_init)
-        self.shared_experts = None
-        if config.moe_shared_expert_intermediate_size is not None:
-            shared = replace(config, ffn_hidden_size=config.moe_shared_expert_intermediate_size)
-            self.shared_experts = shared_mlp(shared, ctx, init, output_init)
+        self.shared_experts = build_shared_expert(config, ctx, init, output_init, shared_mlp)
         self.aux_loss_scale = 1.0
         self.last_stats: dict = {}
 
