@@ -110,7 +110,9 @@ def hf_to_megalith(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, vpp_laye
     hf = read_hf_config(hf_dir)
     family = family_for_hf(hf)
     config = _model_spec(family).resolved(family.config_from_hf(hf, hf_weight_names(hf_dir)))
-    layout = Layout(tp=tp, pp=pp, vpp=_virtual_stages(config, family, pp, vpp_layers))
+    # the files do not depend on SP; MoE layers at tp > 1 run only with it, so the target is checked with it
+    layout = Layout(tp=tp, pp=pp, vpp=_virtual_stages(config, family, pp, vpp_layers),
+                    sequence_parallel=tp > 1 and bool(getattr(config, "num_experts", None)))
     layout.check_model(config)
     split_layers(config.num_layers, pp, layout.vpp)  # a bad split fails before any tensor is read
     tensors = family.hf_to_global(load_hf_weights(hf_dir), config)
