@@ -69,10 +69,11 @@ def test_expert_grads_reduced_over_dp_instead_of_edp_fail(rank_pools):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["dp2.ep2", "tp2.dp2.sp.ep2"])
+@pytest.mark.parametrize("layout", ["dp2.ep2", "dp4.ep4"])
 def test_the_two_dispatchers_are_bitwise_equal_under_ep(rank_pools, layout):
     """allgather (tokens over etp x ep, keep this rank's experts' rows) and alltoall give the experts the same
-    rows in the same order; with top-2 each token's sums have two terms, so the runs are bitwise equal."""
+    rows in the same order; with top-2 each token's sums have at most two nonzero terms, so the runs are
+    bitwise equal (under etp > 1 they sum the etp partials in another order: tp2.dp2.sp.ep2 above)."""
     runs = []
     for dispatcher in ("alltoall", "allgather"):
         settings = _settings(moe_token_dispatcher_type=dispatcher)
@@ -143,3 +144,35 @@ def test_pretrain_with_ep2_on_two_ranks_equals_one_process(rank_pools, tmp_path)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     errors = log_record_errors(records["one"], records["ep2"], keys=("lm_loss", "grad_norm"))
     assert max(errors.values()) < 1e-5, errors
+
+
+def _alltoall_bytes_under_tp2_sp_ep2(rank_ctx) -> dict:
+    """tp2.dp2.sp.ep2 (etp = tp): one MoE layer's forward; the bytes each rank sends over ep, in calls."""
+    from megalith.models.moe import MoELayer
+    from megalith.models.parallel_context import ParallelContext
+    from megalith.parallel.comm_ledger import CommLedger, counting
+    from megalith.parallel.layers import normal_init
+
+    state = rank_ctx.parallel_state(tp=2, dp=2, ep=2)
+    config = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=8, seq_length=8,
+                         vocab_size=64, num_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+                         disable_bias_linear=True)
+    ctx = ParallelContext(state.tp_group, True, ep_group=state.ep_group, etp_group=state.etp_group)
+    layer = MoELayer(config, ctx, normal_init(0.2, torch.Generator().manual_seed(5)), normal_init(0.2))
+    x = torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(state.rank))  # s/tp x b local tokens
+    ledger = CommLedger({state.ep_group: "ep"}, record_calls=True)
+    with counting(ledger):
+        layer(x)
+    calls = [call.bytes for call in ledger.history if call.kind == "ep" and call.op == "all_to_all"]
+    return {"calls": calls, "formula": config.moe_router_topk * 8 * 16 * 4}
+
+
+@pytest.mark.slow
+def test_only_a_ranks_own_tokens_cross_the_alltoall_under_tensor_parallelism(rank_pools):
+    """Megatron's order: the all-to-all of the local tokens, then the gather over etp (not the reverse,
+    which would send etp times the rows)."""
+    results = rank_pools(4).run(_alltoall_bytes_under_tp2_sp_ep2)
+    for result in results:
+        _, dispatch, _ = result["calls"]  # the per-expert counts, this rank's rows out, the rows it got back
+        assert dispatch == result["formula"], result
+    assert sum(r["calls"][2] for r in results) == sum(r["calls"][1] for r in results), results

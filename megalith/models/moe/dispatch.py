@@ -1,13 +1,15 @@
 """Token dispatch: tokens to their experts' rows and the experts' outputs back, weighted by the routing
 probabilities. Both of Megatron's dispatchers are here. Each gives its experts the same rows in the same order
-(expert-major; within an expert by source rank, then token), so they give bitwise-equal results at ep 1, and
-at ep 2 with top-2 (each token's sum then has at most two terms, whatever the order of addition).
+(expert-major; within an expert by ep rank, etp rank, then token). At etp 1 they are bitwise equal: at ep 1
+the same local permutation; under ep with top-2 each token's sums have at most two nonzero terms, exact in
+any order. Under etp > 1 alltoall sums the etp partials per row, allgather per token: equal to rounding.
 
 allgather: gathers every token over etp x ep and keeps the rows of this rank's experts (Megatron's
 MoEAllGatherTokenDispatcher), dropless. alltoall: sends each token to the ep rank of its expert and sorts what
 arrives by local expert (MoEAlltoAllTokenDispatcher); the one that supports capacity and padding. Under expert
-tensor parallelism both first gather the tokens over etp (tp under SP), so each etp rank runs its slice of
-the experts on the same rows. Which layouts run is checked before any group exists (Layout.check_moe)."""
+tensor parallelism each etp rank runs its slice of the experts on the same rows: allgather gathers the
+tokens over etp first; alltoall gathers the rows that arrived, so only a rank's own tokens cross the ep
+all-to-all. Which layouts run is checked before any group exists (Layout.check_moe)."""
 
 from __future__ import annotations
 
@@ -131,47 +133,107 @@ def _reorder(rows: torch.Tensor, sizes: list[int], order: list[int]) -> torch.Te
     return torch.cat([chunks[i] for i in order], dim=0)
 
 
+def _gather_v(rows: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+    """Every rank's rows (rank r holds sizes[r]) in rank order, by one all-to-all of this rank's rows."""
+    size = group_size(group)
+    out = rows.new_empty((sum(sizes),) + tuple(rows.shape[1:]))
+    comm.all_to_all(out, rows.contiguous().repeat((size,) + (1,) * (rows.dim() - 1)), group,
+                    output_split_sizes=sizes, input_split_sizes=[rows.shape[0]] * size)
+    return out
+
+
+def _reduce_scatter_v(rows: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+    """This rank's block of rows (sizes[rank] of them) summed over the group, in rank order."""
+    size, mine = group_size(group), sizes[comm.group_rank(group)]
+    out = rows.new_empty((size * mine,) + tuple(rows.shape[1:]))
+    comm.all_to_all(out, rows.contiguous(), group, output_split_sizes=[mine] * size, input_split_sizes=sizes)
+    parts = out.unflatten(0, (size, mine))
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+class _GatherV(torch.autograd.Function):
+    """Rows of variable count from every etp rank; backward: each rank's gradient slices summed."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+        ctx.group, ctx.sizes = group, sizes
+        return _gather_v(rows, group, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _reduce_scatter_v(grad, ctx.group, ctx.sizes), None, None
+
+
+class _ReduceScatterV(torch.autograd.Function):
+    """The inverse of _GatherV: partial rows summed over the etp ranks, each keeping its own block."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+        ctx.group, ctx.sizes = group, sizes
+        return _reduce_scatter_v(rows, group, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _gather_v(grad, ctx.group, ctx.sizes), None, None
+
+
 class AllToAllDispatcher:
-    """Megatron's alltoall dispatcher: the gather over the expert-tp group (etp; tp under SP), the
-    expert-major permutation (with capacity padding when asked), an all-to-all over the ep group (each rank's rows to
-    the rank of their experts; nothing at ep = 1) and the sort of what arrives from [source rank][local
-    expert] to [local expert][source rank] (the identity at ep = 1)."""
+    """Megatron's alltoall dispatcher: the expert-major permutation of this rank's tokens (with capacity
+    padding when asked), an all-to-all over the ep group (each rank's rows to the rank of their experts), a
+    gather of what arrived over the expert-tp group (etp; tp under SP), and the sort of the rows from
+    [etp rank][source rank][local expert] to [local expert][source rank][etp rank] (the allgather
+    dispatcher's order). Combine undoes it: the experts' partial rows are reduce-scattered over etp before
+    they go back. Only this rank's tokens cross the all-to-all: top-k x tokens x h per direction."""
 
     supports_capacity = True
 
     def __init__(self, config, ctx) -> None:
         self.config, self.ctx = config, ctx
         self.etp_group, self.ep_group = expert_tp_group(ctx), getattr(ctx, "ep_group", None)
-        self.ep = group_size(self.ep_group)
+        self.ep, self.etp = group_size(self.ep_group), group_size(self.etp_group)
 
     def dispatch(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor):
-        x, probs, routing_map = gather_tokens(self.etp_group, x, probs, routing_map)
         config, capacity = self.config, None
         if config.moe_pad_expert_input_to_capacity:
             capacity = expert_capacity(x.shape[0], config.num_experts, config.moe_router_topk,
                                        config.moe_expert_capacity_factor)
         rows, perm = permute(x, routing_map, capacity)
-        if self.ep == 1:
+        if self.ep == 1 and self.etp == 1:
             return rows, perm.counts, (perm, probs, x.shape[0], None)
-        local = self.config.num_experts // self.ep
-        sent = torch.tensor(perm.counts, dtype=torch.int64, device=x.device).view(self.ep, local)
-        arrived = torch.empty_like(sent)
-        comm.all_to_all(arrived, sent, self.ep_group)  # [source rank, local expert]
-        send, receive = sent.sum(1).tolist(), arrived.sum(1).tolist()
-        rows = _AllToAll.apply(rows, self.ep_group, receive, send)
-        sizes = arrived.flatten().tolist()
-        by_expert = [source * local + e for e in range(local) for source in range(self.ep)]
-        rows = _reorder(rows, sizes, by_expert)
-        return rows, arrived.sum(0).tolist(), (perm, probs, x.shape[0], (sizes, by_expert, send, receive))
+        local = config.num_experts // self.ep
+        arrived = torch.tensor(perm.counts, dtype=torch.int64, device=x.device).view(self.ep, local)
+        sent = None
+        if self.ep > 1:  # arrived: [source rank, local expert]
+            sent, arrived = arrived, torch.empty_like(arrived)
+            comm.all_to_all(arrived, sent, self.ep_group)
+            sent = (sent.sum(1).tolist(), arrived.sum(1).tolist())
+            rows = _AllToAll.apply(rows, self.ep_group, sent[1], sent[0])
+        every, etp_sizes = arrived.unsqueeze(0), None  # [etp rank, source rank, local expert]
+        if self.etp > 1:
+            every = torch.empty((self.etp,) + tuple(arrived.shape), dtype=arrived.dtype, device=arrived.device)
+            comm.all_gather_into(every.view(-1), arrived.contiguous().view(-1), self.etp_group)
+            etp_sizes = every.sum((1, 2)).tolist()
+            rows = _GatherV.apply(rows, self.etp_group, etp_sizes)
+        sizes = every.flatten().tolist()
+        order = [(j * self.ep + source) * local + e for e in range(local) for source in range(self.ep)
+                 for j in range(self.etp)]
+        rows = _reorder(rows, sizes, order)
+        return rows, every.sum((0, 1)).tolist(), (perm, probs, x.shape[0], (sizes, order, sent, etp_sizes))
 
     def combine(self, y: torch.Tensor, state) -> torch.Tensor:
         perm, probs, tokens, exchange = state
         if exchange is not None:
-            sizes, by_expert, send, receive = exchange
-            back = sorted(range(len(by_expert)), key=by_expert.__getitem__)
-            y = _reorder(y, [sizes[i] for i in by_expert], back)
-            y = _AllToAll.apply(y, self.ep_group, send, receive)
-        return scatter_output(self.etp_group, unpermute(y, probs, perm, tokens))
+            sizes, order, sent, etp_sizes = exchange
+            back = sorted(range(len(order)), key=order.__getitem__)
+            y = _reorder(y, [sizes[i] for i in order], back)
+            if etp_sizes is not None:
+                y = _ReduceScatterV.apply(y, self.etp_group, etp_sizes)
+            if sent is not None:
+                y = _AllToAll.apply(y, self.ep_group, sent[0], sent[1])
+        return unpermute(y, probs, perm, tokens)
 
 
 DISPATCHERS = {"allgather": AllGatherDispatcher, "alltoall": AllToAllDispatcher}
