@@ -22,7 +22,7 @@ from typing import Collection
 import torch
 
 from megalith.config import ModelConfig
-from megalith.convert import gpt
+import megalith.convert.gpt as gpt
 from megalith.convert.mapping import HFFamily, Tensors, TensorTaker, placement, refuse, stage_of
 from megalith.models.moe import moe_layer_pattern
 
