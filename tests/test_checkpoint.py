@@ -94,6 +94,16 @@ def assert_continues_under(pool, tmp_path, source: str, target: str, layouts: di
         assert relative_error(torch.tensor(_values(moved, key, 3), dtype=torch.float64), expected) < 1e-6, key
 
 
+def assert_resumes_bitwise(pool, tmp_path, layout: str, layouts: dict = LAYOUTS) -> None:
+    """6 iterations straight == 3, save, load under the same layout, 3 more: identical numbers."""
+    straight = _train(pool, layout, tmp_path / "straight.jsonl", [], layouts)
+    _train(pool, layout, tmp_path / "first.jsonl", ["--save", str(tmp_path / "ckpt"), "--exit-interval", "3"], layouts)
+    resumed = _train(pool, layout, tmp_path / "resumed.jsonl", ["--load", str(tmp_path / "ckpt")], layouts)
+    assert [r["iteration"] for r in resumed] == [4, 5, 6]
+    for key in ("lm_loss", "grad_norm", "lr"):
+        assert _values(resumed, key, 3) == _values(straight, key, 3), key  # rtol = atol = 0
+
+
 def test_a_checkpoint_holds_global_tensors_whatever_the_layout(rank_pools, tmp_path):
     pool = rank_pools(8)
     for layout in ("tp2.pp2.dp2.zero1", "dp2.zero1"):

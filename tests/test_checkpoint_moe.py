@@ -15,7 +15,7 @@ from megalith.training.checkpoint_format import (
     CheckpointError, CheckpointReader, Placement, global_shape, pieces, read_local, save_pieces, saved_layout,
 )
 from test_checkpoint import _train as train
-from test_checkpoint import _values, assert_continues_under
+from test_checkpoint import _values, assert_continues_under, assert_resumes_bitwise
 
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
        "--disable-bias-linear", "--moe-aux-loss-coeff", "0.01"]
@@ -76,13 +76,7 @@ def test_an_moe_checkpoint_moves_between_expert_layouts(rank_pools, tmp_path, so
 @pytest.mark.parametrize("layout", ["ep2", "dp4.ep2.zero1", "dp4.ep2.zero3.bf16", "tp2.sp",
                                     "ep2.bias"])
 def test_resume_of_an_moe_run_is_bitwise(rank_pools, tmp_path, layout):
-    pool = rank_pools(8)
-    straight = _train(pool, layout, tmp_path / "straight.jsonl", [])
-    _train(pool, layout, tmp_path / "first.jsonl", ["--save", str(tmp_path / "ckpt"), "--exit-interval", "3"])
-    resumed = _train(pool, layout, tmp_path / "resumed.jsonl", ["--load", str(tmp_path / "ckpt")])
-    assert [r["iteration"] for r in resumed] == [4, 5, 6]
-    for key in ("lm_loss", "grad_norm", "lr"):
-        assert _values(resumed, key, 3) == _values(straight, key, 3), key  # rtol = atol = 0
+    assert_resumes_bitwise(rank_pools(8), tmp_path, layout, LAYOUTS)
 
 
 @pytest.mark.slow

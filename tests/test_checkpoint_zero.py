@@ -9,7 +9,7 @@ import pytest
 from megalith.testing import relative_error
 from megalith.training.checkpoint_format import CheckpointReader
 from test_checkpoint import _train as train
-from test_checkpoint import _values, assert_continues_under
+from test_checkpoint import assert_continues_under, assert_resumes_bitwise
 
 STRATEGY = "--data-parallel-sharding-strategy"
 LAYOUTS = {
@@ -31,13 +31,7 @@ def _train(pool, layout: str, log: Path, extra: list[str]) -> list[dict]:
 @pytest.mark.parametrize("layout", ["dp4.zero3", "dp2.zero2", "dp4.zero3.bf16", "pp2.dp2.zero3"])
 def test_resume_under_zero_is_bitwise(rank_pools, tmp_path, layout):
     """6 iterations straight == 3, save, load under the same layout, 3 more: identical numbers."""
-    pool = rank_pools(8)
-    straight = _train(pool, layout, tmp_path / "straight.jsonl", [])
-    _train(pool, layout, tmp_path / "first.jsonl", ["--save", str(tmp_path / "ckpt"), "--exit-interval", "3"])
-    resumed = _train(pool, layout, tmp_path / "resumed.jsonl", ["--load", str(tmp_path / "ckpt")])
-    assert [r["iteration"] for r in resumed] == [4, 5, 6]
-    for key in ("lm_loss", "grad_norm", "lr"):
-        assert _values(resumed, key, 3) == _values(straight, key, 3), key  # rtol = atol = 0
+    assert_resumes_bitwise(rank_pools(8), tmp_path, layout, LAYOUTS)
 
 
 @pytest.mark.parametrize("source, target", [
