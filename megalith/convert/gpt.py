@@ -227,7 +227,7 @@ def _transposed(megalith_name: str, model_type: str) -> bool:
         ".linear_proj." in megalith_name or ".mlp." in megalith_name)
 
 
-def normalizedense_hf_names(tensors: Tensors, model_type: str) -> Tensors:
+def normalize_hf_names(tensors: Tensors, model_type: str) -> Tensors:
     """Drop non-weight buffers; give original GPT-2 checkpoints (no `transformer.` prefix) the prefix."""
     out = {key: value for key, value in tensors.items() if not IGNORED_HF_KEYS.search(key)}
     if model_type == "gpt2" and not any(key.startswith("transformer.") for key in out):
@@ -273,7 +273,7 @@ def give_dense(out: Tensors, name: str, tensor: torch.Tensor, config: ModelConfi
 
 def hf_to_global(tensors: Tensors, config: ModelConfig, model_type: str) -> Tensors:
     """HF state dict -> megalith's global tensors (fp32), checking that every tensor is used."""
-    take = TensorTaker(normalizedense_hf_names(tensors, model_type), "GPT")
+    take = TensorTaker(normalize_hf_names(tensors, model_type), "GPT")
     names = dense_hf_names(config, model_type)
     out = {name: take_dense(take, name, config, model_type, names) for name in gpt_parameter_names(config)}
     if not config.untie_embeddings_and_output_weights:

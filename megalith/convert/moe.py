@@ -169,7 +169,7 @@ def _take_experts(take: TensorTaker, tensors: Tensors, layer: str, hf_names: dic
 
 def hf_to_global(tensors: Tensors, config: ModelConfig, hf_names: dict, family: str) -> Tensors:
     """HF state dict -> megalith's global tensors (fp32), checking that every tensor is used."""
-    tensors = gpt.normalizedense_hf_names(tensors, "llama")
+    tensors = gpt.normalize_hf_names(tensors, "llama")
     take = TensorTaker(tensors, family)
     names = gpt.dense_hf_names(config, "llama")
     out = {}
