@@ -243,14 +243,9 @@ class ShardGroups:
         return stacked.flatten(0, 1)  # ep rank r holds experts [r E/ep, (r+1) E/ep)
 
 
-def _groups(groups) -> ShardGroups:
-    """A ShardGroups, or a bare tp group (the dense models' callers)."""
-    return groups if isinstance(groups, ShardGroups) else ShardGroups(tp=groups)
-
-
-def full_gradients(runner: StepRunner, vocab_size: int, groups=None) -> dict[str, torch.Tensor]:
+def full_gradients(runner: StepRunner, vocab_size: int, groups: ShardGroups) -> dict[str, torch.Tensor]:
     """The reduced gradients as one process would hold them, unscaled (collectives over dp, tp, etp and ep)."""
-    scale, groups = runner.optimizer.loss_scale, _groups(groups)
+    scale = runner.optimizer.loss_scale
     full = {}
     for index, chunk in enumerate(runner.chunks):
         grads = {}
@@ -262,9 +257,9 @@ def full_gradients(runner: StepRunner, vocab_size: int, groups=None) -> dict[str
     return full
 
 
-def full_tensors(chunks, vocab_size: int, groups=None) -> dict[str, torch.Tensor]:
+def full_tensors(chunks, vocab_size: int, groups: ShardGroups) -> dict[str, torch.Tensor]:
     """This rank's parameters as one process would hold them (collectives over tp, etp and ep)."""
-    groups, full = _groups(groups), {}
+    full = {}
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             tensor = groups.gather(param).float()
