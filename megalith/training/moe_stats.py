@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from megalith.models.moe import MoELayer, moe_layer_pattern
-from megalith.models.moe.router import z_loss
 from megalith.parallel import comm
 
 # the buffer's columns per MoE layer: these five, then the tokens routed to each expert
@@ -79,34 +78,26 @@ class MoEStats:
     def _hook(self, row: int):
         def record(layer: MoELayer, inputs, output) -> None:
             if torch.is_grad_enabled():
-                self.add(row, layer, inputs[0])
+                self.add(row, layer)
         return record
 
-    def split_losses(self, layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The layer's latest (load-balancing, z) losses without their coefficients, from its weighted sum in
-        `last_stats["loss"]`; with both on, the z part is recomputed from the layer's input as the router does."""
-        loss = layer.last_stats.get("loss")
-        if loss is None:
+    def split_losses(self, layer: MoELayer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The layer's latest (load-balancing, z) losses without their coefficients, from the weighted parts
+        the router keeps in `last_stats` (the z-loss coefficient is divided by tp there, as Megatron does)."""
+        stats = layer.last_stats
+        if stats.get("loss") is None:
             return None, None
+        balance, z = stats["balance_loss"], stats["z_loss"]
         tp = layer.router.ctx.tp_size
-        if not self.z_coeff:
-            return loss / self.aux_coeff, None
-        if not self.aux_coeff:
-            return None, loss / (self.z_coeff / tp)
-        router = layer.router
-        with torch.no_grad():
-            tokens = x.reshape(-1, x.shape[-1])
-            dtype = router.dtype or tokens.dtype
-            logits = torch.nn.functional.linear(tokens.to(dtype), router.weight.to(dtype))
-            weighted_z = z_loss(logits, self.z_coeff / tp)
-        return (loss - weighted_z) / self.aux_coeff, weighted_z / (self.z_coeff / tp)
+        return (None if balance is None else balance / self.aux_coeff,
+                None if z is None else z / (self.z_coeff / tp))
 
-    def add(self, row: int, layer: MoELayer, x: torch.Tensor) -> None:
-        """Add one forward's stats of `layer` (input `x`) to buffer row `row`."""
+    def add(self, row: int, layer: MoELayer) -> None:
+        """Add one forward's stats of `layer` to buffer row `row`."""
         stats = layer.last_stats
         counts = stats["tokens_per_expert"].to(self.buffer.dtype)
         line = self.buffer[row]
-        balance, z = self.split_losses(layer, x)
+        balance, z = self.split_losses(layer)
         if balance is not None:
             line[_LB] += balance.detach().to(self.buffer.dtype) * layer.router.ctx.tp_size  # shares: x tp / tp ranks
         if z is not None:

@@ -117,16 +117,19 @@ class TopKRouter(nn.Module):
             probs = probs * routing_map
         if self.tokens_per_expert is not None and torch.is_grad_enabled():
             self.tokens_per_expert += routing_map.sum(0)
-        loss = self._losses(logits, batch)
+        balance, z = self._losses(logits, batch)
+        loss = balance if z is None else z if balance is None else balance + z
         stats = {"tokens_per_expert": routing_map.sum(0).detach(),
                  "dropped": (before.sum() - routing_map.sum()).detach()}
-        if loss is not None:
+        if loss is not None:  # the weighted sum, and each weighted part for the logs
             stats["loss"] = loss.detach()
+            stats["balance_loss"] = None if balance is None else balance.detach()
+            stats["z_loss"] = None if z is None else z.detach()
         return Routing(probs, routing_map, loss, stats)
 
-    def _losses(self, logits: torch.Tensor, batch: int) -> torch.Tensor | None:
-        """The weighted balancing loss plus z-loss (None when neither is on)."""
-        config, total = self.config, None
+    def _losses(self, logits: torch.Tensor, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The weighted balancing loss and the weighted z-loss (each None when it is off)."""
+        config, total, z = self.config, None, None
         kind, coeff = config.moe_router_load_balancing_type, config.moe_aux_loss_coeff
         if kind != "none" and coeff > 0:
             if config.moe_router_score_function == "softmax":
@@ -145,8 +148,7 @@ class TopKRouter(nn.Module):
                 total = seq_aux_loss(scores, routing_map, batch, config.moe_router_topk, coeff)
         if config.moe_z_loss_coeff:
             z = z_loss(logits, config.moe_z_loss_coeff / self.ctx.tp_size)
-            total = z if total is None else total + z
-        return total
+        return total, z
 
 
 def update_expert_biases(model: nn.Module, groups=()) -> None:
